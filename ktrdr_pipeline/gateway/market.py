@@ -1,0 +1,355 @@
+"""Deterministic synthetic market data for the simulator.
+
+The model is generated top-down so every bar size agrees exactly:
+
+1. **Session levels.** Per instrument, one random walk of session closes over the whole
+   schedule (seeded by ``seed`` and the contract id), anchored so the close at
+   :data:`~ktrdr_pipeline.gateway.universe.REFERENCE_DATE` is the instrument's base price.
+2. **Minute bars.** Per session, a Brownian bridge from the session's open level to its
+   close level gives every minute's open/high/low/close, volume, trade count and WAP over
+   the instrument's *all-hours* session. Regular-hours data is the subset of those minutes.
+3. **Second bars** are generated on demand inside one minute, conditioned on that minute:
+   their first open, last close, highest high, lowest low, total volume and trade count
+   equal the minute's exactly.
+
+Bars of one minute and longer aggregate minute bars; bars under a minute aggregate second
+bars. So a 1-hour bar equals the aggregate of its 1-minute bars, and overlapping requests
+return identical bars. Only the bar in progress (at the simulator's clock) is partial: it
+aggregates the seconds completed so far and converges to the final bar as time passes.
+
+Each session and each minute has its own random stream, so generation is lazy and costs
+well under a millisecond per session; caches are bounded LRUs so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from .. import calendars
+from ..ib.limits import BAR_SIZE_SECONDS, DAILY_BAR_SECONDS
+from .universe import REFERENCE_DATE, Instrument
+
+# Column order of a bar block: start epoch, open, high, low, close, volume, trade count, WAP.
+T, O, H, L, C, V, N, W = range(8)  # noqa: E741
+NO_VOLUME = -1.0
+
+
+class LRU:
+    """A small bounded mapping; old entries fall out so memory stays flat."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._data: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        try:
+            self._data.move_to_end(key)
+            return self._data[key]
+        except KeyError:
+            return None
+
+    def put(self, key, value) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar as served: ``start`` is the bar's start (UTC) or, for daily and larger
+    bars, the session date."""
+
+    start: datetime | date
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    wap: float
+    count: int
+
+
+def _round_tick(x: np.ndarray, tick: float) -> np.ndarray:
+    return np.round(np.round(x / tick) * tick, 10)
+
+
+class MarketModel:
+    """Synthetic prices for every instrument of a universe, deterministic per seed."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+        self._levels: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._minutes = LRU(256)
+        self._daily = LRU(200_000)
+
+    # -- levels -----------------------------------------------------------------------
+    def _session_levels(self, inst: Instrument) -> tuple[np.ndarray, np.ndarray]:
+        """Log open and close level of every session in the instrument's schedule."""
+        cached = self._levels.get(inst.con_id)
+        if cached is not None:
+            return cached
+        sch = calendars.schedule(inst.profile.name)
+        n = len(sch.dates)
+        rng = np.random.default_rng([self.seed, inst.con_id, 0])
+        sigma_d = inst.annual_vol / math.sqrt(252)
+        day_ret = rng.normal(0.0, sigma_d, n)
+        gaps = rng.normal(0.0, sigma_d * 0.15, n)
+        log_close = np.cumsum(day_ret)
+        ref = int(np.searchsorted(sch.dates, np.datetime64(REFERENCE_DATE, "D")))
+        ref = min(ref, n - 1)
+        log_close += math.log(inst.base_price) - log_close[ref]
+        log_open = np.empty(n)
+        log_open[0] = log_close[0] - day_ret[0] + gaps[0]
+        log_open[1:] = log_close[:-1] + gaps[1:]
+        self._levels[inst.con_id] = (log_open, log_close)
+        return log_open, log_close
+
+    # -- minutes ----------------------------------------------------------------------
+    def session_minutes(self, inst: Instrument, idx: int) -> np.ndarray:
+        """All-hours minute bars of session ``idx``: an (n, 8) float array."""
+        key = (inst.con_id, idx)
+        block = self._minutes.get(key)
+        if block is not None:
+            return block
+        sch = calendars.schedule(inst.profile.name)
+        start, end = int(sch.all_open[idx]), int(sch.all_close[idx])
+        n = max(0, (end - start) // 60)
+        log_open, log_close = self._session_levels(inst)
+        rng = np.random.default_rng([self.seed, inst.con_id, 1, idx])
+        k = np.arange(1, n + 1)
+        walk = np.cumsum(rng.normal(0.0, 1.0, n))
+        bridge = walk - (k / n) * walk[-1]
+        sigma_m = 0.8 * inst.annual_vol / math.sqrt(252) / math.sqrt(max(n, 1))
+        lo_, lc_ = log_open[idx], log_close[idx]
+        path = lo_ + (lc_ - lo_) * (k / n) + sigma_m * bridge
+        tick = inst.tick
+        closes = _round_tick(np.exp(path), tick)
+        opens = np.empty(n)
+        opens[0] = _round_tick(np.array([math.exp(lo_)]), tick)[0]
+        opens[1:] = closes[:-1]
+        px = np.maximum(opens, closes)
+        wick = np.abs(rng.normal(0.0, sigma_m * 0.6, (2, n))) * px
+        highs = _round_tick(np.maximum(opens, closes) + wick[0], tick)
+        lows = np.maximum(_round_tick(np.minimum(opens, closes) - wick[1], tick), tick)
+        lows = np.minimum(lows, np.minimum(opens, closes))
+        # Volume is U-shaped over the session and thin outside regular hours.
+        t = start + 60 * (k - 1)
+        frac = (k - 0.5) / n
+        shape = 0.6 + 1.6 * (frac - 0.5) ** 2 * 4 / 4
+        if inst.sec_type == "STK":
+            rth = (t >= sch.rth_open[idx]) & (t < sch.rth_close[idx])
+            shape = np.where(rth, shape, 0.05)
+        volume = rng.poisson(np.maximum(inst.volume_per_minute * shape, 0.0)).astype(float)
+        counts = np.where(volume > 0, np.ceil(volume / max(inst.trade_size, 1)), 0.0)
+        wap = np.round((highs + lows + closes) / 3.0, 6)
+        block = np.column_stack([t.astype(float), opens, highs, lows, closes, volume, counts, wap])
+        block.setflags(write=False)
+        self._minutes.put(key, block)
+        return block
+
+    def minute_seconds(self, inst: Instrument, idx: int, minute: np.ndarray) -> np.ndarray:
+        """The 60 one-second bars of one minute bar, conditioned on it exactly."""
+        t0 = int(minute[T])
+        rng = np.random.default_rng([self.seed, inst.con_id, 2, idx, t0])
+        o, h, lo, c, v, n = (minute[O], minute[H], minute[L], minute[C], int(minute[V]),
+                             int(minute[N]))
+        tick = inst.tick
+        steps = rng.normal(0.0, 1.0, 60)
+        walk = np.concatenate([[0.0], np.cumsum(steps)])
+        bridge = walk - np.linspace(0, 1, 61) * walk[-1]
+        scale = max(h - lo, tick) / 4.0
+        x = o + (c - o) * np.linspace(0, 1, 61) + scale * bridge
+        x = np.clip(_round_tick(x, tick), lo, h)
+        x[0], x[-1] = o, c
+        so, sc = x[:-1], x[1:]
+        sh, sl = np.maximum(so, sc), np.minimum(so, sc)
+        sh[int(np.argmax(sh))] = h
+        sl[int(np.argmin(sl))] = lo
+        if v > 0:
+            sv = rng.multinomial(v, np.full(60, 1 / 60)).astype(float)
+            sn = rng.multinomial(n, sv / v).astype(float) if n > 0 else np.zeros(60)
+        else:
+            sv, sn = np.zeros(60), np.zeros(60)
+        sw = np.round((sh + sl + sc) / 3.0, 6)
+        ts = t0 + np.arange(60, dtype=float)
+        return np.column_stack([ts, so, sh, sl, sc, sv, sn, sw])
+
+    # -- aggregation --------------------------------------------------------------------
+    @staticmethod
+    def aggregate(block: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Reduce consecutive rows sharing a label into one bar labelled by it."""
+        if len(block) == 0:
+            return block.reshape(0, 8)
+        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+        ends = np.r_[starts[1:], len(block)] - 1
+        out = np.empty((len(starts), 8))
+        out[:, T] = labels[starts]
+        out[:, O] = block[starts, O]
+        out[:, H] = np.maximum.reduceat(block[:, H], starts)
+        out[:, L] = np.minimum.reduceat(block[:, L], starts)
+        out[:, C] = block[ends, C]
+        out[:, V] = np.add.reduceat(block[:, V], starts)
+        out[:, N] = np.add.reduceat(block[:, N], starts)
+        pv = np.add.reduceat(block[:, W] * block[:, V], starts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, W] = np.where(out[:, V] > 0, pv / np.where(out[:, V] > 0, out[:, V], 1),
+                                 out[:, C])
+        return out
+
+    def _session_rows(self, inst: Instrument, idx: int, use_rth: bool, now: float,
+                      seconds: bool) -> np.ndarray:
+        """Minute (or second) rows of one session up to ``now``, the last one partial."""
+        sch = calendars.schedule(inst.profile.name)
+        minutes = self.session_minutes(inst, idx)
+        lo, hi = sch.bounds(use_rth)
+        t = minutes[:, T]
+        keep = (t >= lo[idx]) & (t < hi[idx]) & (t < now)
+        rows = minutes[keep]
+        if len(rows) == 0:
+            return rows
+        last = rows[-1]
+        if last[T] + 60 <= now and not seconds:
+            return rows
+        if seconds:
+            blocks = [self.minute_seconds(inst, idx, m) for m in rows]
+            secs = np.concatenate(blocks)
+            return secs[secs[:, T] < now]
+        partial = self.minute_seconds(inst, idx, last)
+        partial = partial[partial[:, T] < now]
+        agg = self.aggregate(partial, np.full(len(partial), last[T]))
+        return np.concatenate([rows[:-1], agg])
+
+    def daily_row(self, inst: Instrument, idx: int, use_rth: bool, now: float) -> np.ndarray | None:
+        """The aggregate of one session (None when it has no bars before ``now``)."""
+        sch = calendars.schedule(inst.profile.name)
+        complete = sch.all_close[idx] <= now
+        key = (inst.con_id, idx, use_rth)
+        if complete:
+            row = self._daily.get(key)
+            if row is not None:
+                return row
+        rows = self._session_rows(inst, idx, use_rth, now, seconds=False)
+        if len(rows) == 0:
+            return None
+        row = self.aggregate(rows, np.zeros(len(rows)))[0]
+        if complete:
+            self._daily.put(key, row)
+        return row
+
+    # -- the public query -------------------------------------------------------------
+    def bars(self, inst: Instrument, bar_size: str, start: datetime, end: datetime,
+             use_rth: bool, now: datetime) -> np.ndarray:
+        """Bars whose start lies in [start, end), up to ``now`` (the last may be partial).
+
+        Returns an (n, 8) array; for daily and larger bars column T holds the epoch of the
+        session date at 00:00 UTC. Data exists only from the instrument's head timestamp
+        and, for futures, up to the expiry's session.
+        """
+        size = BAR_SIZE_SECONDS[bar_size]
+        profile = inst.profile
+        now_s = now.timestamp()
+        s = max(start, inst.head)
+        e = min(end, now + timedelta(seconds=1))
+        expiry = inst.expiry_date
+        if expiry is not None and inst.sec_type == "FUT":
+            e = min(e, datetime(expiry.year, expiry.month, expiry.day, tzinfo=UTC)
+                    + timedelta(days=1))
+        if s >= e:
+            return np.empty((0, 8))
+        sch = calendars.schedule(profile.name)
+        if size >= DAILY_BAR_SECONDS:
+            return self._daily_bars(inst, bar_size, s, e, use_rth, now_s)
+        i, j = calendars.session_index_range(profile, s, e, use_rth)
+        out = []
+        tz = ZoneInfo(profile.tz)
+        for idx in range(i, j):
+            rows = self._session_rows(inst, idx, use_rth, now_s, seconds=size < 60)
+            if len(rows) == 0:
+                continue
+            lo = sch.bounds(use_rth)[0][idx]
+            labels = self._labels(rows[:, T], size, lo, tz)
+            bars = self.aggregate(rows, labels)
+            out.append(bars)
+        if not out:
+            return np.empty((0, 8))
+        allbars = np.concatenate(out)
+        keep = (allbars[:, T] >= s.timestamp()) & (allbars[:, T] < e.timestamp())
+        return allbars[keep]
+
+    @staticmethod
+    def _labels(t: np.ndarray, size: int, session_open: int, tz: ZoneInfo) -> np.ndarray:
+        """Bar start for each row: bars align to multiples of the size from local
+        midnight; the first bar of a session starts at the open."""
+        if size <= 60 or 86400 % size != 0:
+            base = 0.0
+        else:
+            first = datetime.fromtimestamp(float(t[0]), UTC).astimezone(tz)
+            midnight = first.replace(hour=0, minute=0, second=0, microsecond=0)
+            base = midnight.timestamp()
+        lab = base + np.floor((t - base) / size) * size
+        return np.maximum(lab, float(session_open))
+
+    def _daily_bars(self, inst: Instrument, bar_size: str, s: datetime, e: datetime,
+                    use_rth: bool, now_s: float) -> np.ndarray:
+        profile = inst.profile
+        sch = calendars.schedule(profile.name)
+        i, j = calendars.session_index_range(profile, s, e, use_rth)
+        rows, days = [], []
+        for idx in range(i, j):
+            row = self.daily_row(inst, idx, use_rth, now_s)
+            if row is None:
+                continue
+            rows.append(row)
+            days.append(sch.dates[idx])
+        if not rows:
+            return np.empty((0, 8))
+        block = np.array(rows)
+        day_arr = np.array(days, dtype="datetime64[D]")
+        block[:, T] = day_arr.astype("datetime64[s]").astype(np.int64)
+        if bar_size == "1 day":
+            return block
+        if bar_size == "1 week":
+            # Label a week by its first session; weeks start on Monday.
+            week = (day_arr - ((day_arr.astype(np.int64) - 4) % 7).astype("timedelta64[D]"))
+            labels = week.astype("datetime64[s]").astype(np.int64).astype(float)
+        else:  # 1 month
+            labels = day_arr.astype("datetime64[M]").astype("datetime64[s]").astype(
+                np.int64).astype(float)
+        agg = self.aggregate(block, labels)
+        firsts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+        agg[:, T] = block[firsts, T]
+        return agg
+
+    # -- prices for snapshots ----------------------------------------------------------
+    def last_price(self, inst: Instrument, now: datetime) -> float:
+        """The last traded price at ``now`` (the previous close when the market is shut)."""
+        profile = inst.profile
+        look_back = now - timedelta(days=10)
+        bars = self.bars(inst, "1 min", look_back, now + timedelta(minutes=1), False, now)
+        if len(bars):
+            return float(bars[-1, C])
+        _, log_close = self._session_levels(inst)
+        i, _ = calendars.session_index_range(profile, now, now + timedelta(seconds=1), False)
+        return float(math.exp(log_close[max(i - 1, 0)]))
+
+
+def to_bars(block: np.ndarray, daily: bool) -> list[Bar]:
+    """Rows of a bar block as :class:`Bar` values."""
+    result = []
+    for r in block:
+        start: datetime | date = datetime.fromtimestamp(float(r[T]), UTC)
+        if daily:
+            start = start.date()
+        result.append(Bar(start, float(r[O]), float(r[H]), float(r[L]), float(r[C]),
+                          float(r[V]), float(r[W]), int(r[N])))
+    return result

@@ -1,0 +1,1 @@
+"""Talking to Interactive Brokers: limits, pacing, connection, fetch, contracts."""

@@ -1,0 +1,210 @@
+"""IB's rules in one place: bar sizes, request durations, pacing limits, error codes.
+
+Both the client side (planner, pacing governor, fetcher) and the gateway simulator read
+these facts from here, so the two can never disagree. Source: ``shared/ib-facts.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+# --- bar sizes ---------------------------------------------------------------------------
+
+#: Every bar size string IB accepts, mapped to the bar's length in seconds.
+#: ``1 month`` is calendar-based; its nominal 31 days is only used for ordering.
+BAR_SIZE_SECONDS: dict[str, int] = {
+    "1 secs": 1,
+    "5 secs": 5,
+    "10 secs": 10,
+    "15 secs": 15,
+    "30 secs": 30,
+    "1 min": 60,
+    "2 mins": 120,
+    "3 mins": 180,
+    "5 mins": 300,
+    "10 mins": 600,
+    "15 mins": 900,
+    "20 mins": 1200,
+    "30 mins": 1800,
+    "1 hour": 3600,
+    "2 hours": 7200,
+    "3 hours": 10800,
+    "4 hours": 14400,
+    "8 hours": 28800,
+    "1 day": 86400,
+    "1 week": 7 * 86400,
+    "1 month": 31 * 86400,
+}
+
+#: Bars of this length or shorter fall under the hard pacing rules and the 6-month limit.
+SMALL_BAR_MAX_SECONDS = 30
+
+#: Bars at or above this size are keyed by session date, not by time.
+DAILY_BAR_SECONDS = 86400
+
+#: Maximum duration per request, this project's policy (the conservative table IB used
+#: to publish). Sizes the table does not list take the limit of their nearest listed
+#: neighbour with the same number of bars or fewer.
+MAX_DURATION: dict[str, timedelta] = {
+    "1 secs": timedelta(seconds=1800),
+    "5 secs": timedelta(seconds=7200),
+    "10 secs": timedelta(seconds=14400),
+    "15 secs": timedelta(seconds=14400),
+    "30 secs": timedelta(seconds=28800),
+    "1 min": timedelta(days=1),
+    "2 mins": timedelta(days=2),
+    "3 mins": timedelta(weeks=1),
+    "5 mins": timedelta(weeks=1),
+    "10 mins": timedelta(weeks=1),
+    "15 mins": timedelta(weeks=2),
+    "20 mins": timedelta(weeks=2),
+    "30 mins": timedelta(days=31),
+    "1 hour": timedelta(days=31),
+    "2 hours": timedelta(days=31),
+    "3 hours": timedelta(days=31),
+    "4 hours": timedelta(days=31),
+    "8 hours": timedelta(days=31),
+    "1 day": timedelta(days=366),
+    "1 week": timedelta(days=731),
+    "1 month": timedelta(days=366),
+}
+
+#: IB keeps bars of 30 secs or less for about six months.
+SMALL_BAR_HISTORY = timedelta(days=182)
+
+
+def is_small_bar(bar_size: str) -> bool:
+    """True for bar sizes under the hard pacing rules (30 secs or less)."""
+    return BAR_SIZE_SECONDS[bar_size] <= SMALL_BAR_MAX_SECONDS
+
+
+def is_daily_or_larger(bar_size: str) -> bool:
+    return BAR_SIZE_SECONDS[bar_size] >= DAILY_BAR_SECONDS
+
+
+# --- durations ---------------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"^(\d+) ([SDWMY])$")
+
+#: Seconds per duration unit. Months and years take their longest calendar length so a
+#: request of ``1 M`` covers any calendar month and ``1 Y`` any year.
+DURATION_UNIT_SECONDS = {"S": 1, "D": 86400, "W": 7 * 86400, "M": 31 * 86400, "Y": 366 * 86400}
+
+
+class DurationError(ValueError):
+    """A duration string IB would reject with error 321."""
+
+
+@dataclass(frozen=True)
+class Duration:
+    count: int
+    unit: str
+
+    def __str__(self) -> str:
+        return f"{self.count} {self.unit}"
+
+    @property
+    def span(self) -> timedelta:
+        return timedelta(seconds=self.count * DURATION_UNIT_SECONDS[self.unit])
+
+
+def parse_duration(text: str) -> Duration:
+    """Parse ``'<n> S|D|W|M|Y'`` as IB does, including its unit-size rules."""
+    m = _DURATION_RE.match(text.strip())
+    if not m:
+        raise DurationError(
+            f"Invalid duration {text!r}: expected '<integer> <unit>' with unit S, D, W, M or Y"
+        )
+    count, unit = int(m.group(1)), m.group(2)
+    if count <= 0:
+        raise DurationError(f"Invalid duration {text!r}: the count must be positive")
+    if unit == "S" and count > 86400:
+        raise DurationError(f"Invalid duration {text!r}: durations over 86400 S must be in days")
+    if unit == "D" and count > 365:
+        raise DurationError(f"Invalid duration {text!r}: durations over 365 D must be in years")
+    return Duration(count, unit)
+
+
+def duration_for(span: timedelta) -> Duration:
+    """The shortest IB duration string covering ``span`` (seconds up to a day, then days)."""
+    seconds = int(span.total_seconds() + 0.999999)
+    if seconds <= 0:
+        raise DurationError(f"cannot express a non-positive span {span} as an IB duration")
+    if seconds <= 86400:
+        return Duration(seconds, "S")
+    days = -(-seconds // 86400)
+    if days <= 365:
+        return Duration(days, "D")
+    return Duration(-(-days // 365), "Y")
+
+
+# --- pacing ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PacingLimits:
+    """The hard pacing rules for small bars and head-timestamp requests (§1).
+
+    ``time_scale`` shrinks every window (tests and benchmarks only); counts stay the same.
+    """
+
+    time_scale: float = 1.0
+    identical_window_s: float = 15.0
+    same_contract_window_s: float = 2.0
+    same_contract_max: int = 5  # "fewer than 6 within 2 s"
+    global_window_s: float = 600.0
+    global_max: int = 60
+    bid_ask_weight: int = 2
+
+    @property
+    def identical_window(self) -> float:
+        return self.identical_window_s * self.time_scale
+
+    @property
+    def same_contract_window(self) -> float:
+        return self.same_contract_window_s * self.time_scale
+
+    @property
+    def global_window(self) -> float:
+        return self.global_window_s * self.time_scale
+
+
+#: At most this many historical requests (any bar size, head timestamps included) open.
+MAX_OPEN_HISTORICAL_REQUESTS = 50
+
+# --- error codes -------------------------------------------------------------------------
+
+HMDS_PREFIX = "Historical Market Data Service error message:"
+ERR_HMDS = 162
+ERR_NO_SECURITY = 200
+ERR_VALIDATION = 321
+ERR_PROCESSING = 322
+ERR_CLIENT_ID_IN_USE = 326
+ERR_NOT_SUBSCRIBED = 354
+ERR_NO_QUERY = 366
+ERR_CONNECTIVITY_LOST = 1100
+ERR_RESTORED_DATA_LOST = 1101
+ERR_RESTORED_DATA_MAINTAINED = 1102
+
+MSG_PACING_VIOLATION = HMDS_PREFIX + "Historical data request pacing violation"
+MSG_NO_DATA = HMDS_PREFIX + "HMDS query returned no data"
+MSG_QUERY_CANCELLED = HMDS_PREFIX + "API historical data query cancelled"
+MSG_NO_SECURITY = "No security definition has been found for the request"
+MSG_AMBIGUOUS = "The contract description specified is ambiguous"
+MSG_CLIENT_ID_IN_USE = (
+    "Unable to connect as the client id is already in use. Retry with a unique client id."
+)
+MSG_TOO_MANY_OPEN = (
+    "Error processing request.-'bA' : cause - Only 50 simultaneous API historical data "
+    "requests allowed."
+)
+MSG_PROCESSING = "Error processing request.-'bA' : cause - Historical data request failed"
+MSG_CONNECTIVITY_LOST = "Connectivity between IB and Trader Workstation has been lost."
+MSG_RESTORED_DATA_MAINTAINED = (
+    "Connectivity between IB and Trader Workstation has been restored - data maintained."
+)
+
+#: Error codes a loader retries with backoff (pacing is a 162 recognised by its text).
+RETRYABLE_CODES = frozenset({ERR_PROCESSING, ERR_NO_QUERY, 502, 504, 1100, 2103, 2105})

@@ -1,0 +1,538 @@
+"""Plan IB historical-data requests: which requests cover a range's trading hours.
+
+Pure functions only (no I/O, no IB): given an hours profile, a bar size and a UTC range,
+:func:`plan_requests` returns the fewest :class:`HistoricalRequest` objects whose spans
+cover every trading second of the range, each within this project's maximum duration per
+request (``ib.limits.MAX_DURATION``). :func:`trading_intervals` and
+:func:`missing_intervals` are the building blocks a loader also uses for gap analysis.
+
+Semantics of one IB request (``shared/ib-facts.md`` §2): it returns the bars whose start
+``t`` satisfies ``end - span <= t < end``, where ``span`` is the duration's wall-clock
+length (``limits.DURATION_UNIT_SECONDS``). Bar timestamps are whole seconds, so all the
+arithmetic here is done in integer epoch seconds; a bound with a fractional second is
+rounded *up*, which keeps exactly the same whole-second bar starts inside ``[start, end)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .calendars import PROFILES, SCHEDULE_START, HoursProfile, schedule
+from .ib.limits import (
+    BAR_SIZE_SECONDS,
+    MAX_DURATION,
+    SMALL_BAR_HISTORY,
+    duration_for,
+    is_daily_or_larger,
+    is_small_bar,
+    parse_duration,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Every ``whatToShow`` value the planner accepts.
+WHAT_TO_SHOW: tuple[str, ...] = (
+    "TRADES",
+    "MIDPOINT",
+    "BID",
+    "ASK",
+    "BID_ASK",
+    "ADJUSTED_LAST",
+    "HISTORICAL_VOLATILITY",
+    "OPTION_IMPLIED_VOLATILITY",
+)
+
+#: What IB serves for forex (§2: FX TRADES answers 162 "no data").
+_FX_WHAT_TO_SHOW = frozenset({"MIDPOINT", "BID", "ASK", "BID_ASK"})
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+
+Interval = tuple[datetime, datetime]
+
+
+# --- conversions -------------------------------------------------------------------------
+
+
+def _require_aware(name: str, t: datetime) -> None:
+    if not isinstance(t, datetime):
+        raise TypeError(f"{name} must be a datetime, got {type(t).__name__}")
+    if t.tzinfo is None or t.utcoffset() is None:
+        raise ValueError(
+            f"{name}={t!r} is a naive datetime: pass timezone-aware datetimes (UTC inside)"
+        )
+
+
+def _ceil_seconds(t: datetime) -> int:
+    """Epoch seconds of ``t``, rounded up (exact integer arithmetic, no float)."""
+    seconds, rest = divmod(t - _EPOCH, _SECOND)
+    return int(seconds) + (1 if rest else 0)
+
+
+def _utc(seconds: int) -> datetime:
+    return _EPOCH + timedelta(seconds=int(seconds))
+
+
+def _resolve_profile(profile: HoursProfile | str) -> HoursProfile:
+    if isinstance(profile, HoursProfile):
+        return profile
+    try:
+        return PROFILES[profile]
+    except KeyError:
+        raise ValueError(
+            f"unknown hours profile {profile!r}; known: {', '.join(sorted(PROFILES))}"
+        ) from None
+
+
+# --- the request -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistoricalRequest:
+    """One ``reqHistoricalData`` call.
+
+    ``start`` is informational (``end`` minus the duration's span: where IB's answer
+    begins). ``covers`` is the trading time this request is responsible for; across a plan
+    the ``covers`` ranges do not overlap and together hold all the planned trading time
+    (they may contain closed hours between sessions). Both default from ``end`` and
+    ``duration`` when the request is built by hand.
+    """
+
+    end: datetime
+    duration: str
+    bar_size: str
+    what_to_show: str
+    use_rth: bool
+    start: datetime = None  # type: ignore[assignment]  # filled in __post_init__
+    covers: Interval = None  # type: ignore[assignment]  # filled in __post_init__
+
+    def __post_init__(self) -> None:
+        _require_aware("end", self.end)
+        _check_bar_size(self.bar_size)
+        _check_what_to_show(self.what_to_show)
+        span = parse_duration(self.duration).span  # DurationError is a ValueError
+        object.__setattr__(self, "end", self.end.astimezone(UTC))
+        if self.start is None:
+            object.__setattr__(self, "start", self.end - span)
+        else:
+            _require_aware("start", self.start)
+            object.__setattr__(self, "start", self.start.astimezone(UTC))
+        if self.covers is None:
+            object.__setattr__(self, "covers", (self.start, self.end))
+        else:
+            lo, hi = self.covers
+            _require_aware("covers[0]", lo)
+            _require_aware("covers[1]", hi)
+            object.__setattr__(self, "covers", (lo.astimezone(UTC), hi.astimezone(UTC)))
+
+    @property
+    def span(self) -> timedelta:
+        """The wall-clock length of ``duration``."""
+        return parse_duration(self.duration).span
+
+    def ib_end_string(self) -> str:
+        """``endDateTime`` in IB's UTC form ``YYYYMMDD-HH:MM:SS``.
+
+        Seconds are truncated; the planner only produces whole-second ends.
+        """
+        return self.end.strftime("%Y%m%d-%H:%M:%S")
+
+    def ib_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``ib_async.IB.reqHistoricalDataAsync`` (contract aside)."""
+        return {
+            "endDateTime": self.ib_end_string(),
+            "durationStr": self.duration,
+            "barSizeSetting": self.bar_size,
+            "whatToShow": self.what_to_show,
+            "useRTH": self.use_rth,
+        }
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+def _check_bar_size(bar_size: str) -> None:
+    if bar_size not in BAR_SIZE_SECONDS:
+        raise ValueError(
+            f"unknown bar size {bar_size!r}; allowed: {', '.join(map(repr, BAR_SIZE_SECONDS))}"
+        )
+
+
+def _check_what_to_show(what_to_show: str) -> None:
+    if what_to_show not in WHAT_TO_SHOW:
+        raise ValueError(
+            f"unknown whatToShow {what_to_show!r}; allowed: {', '.join(WHAT_TO_SHOW)}"
+        )
+
+
+# --- trading intervals -------------------------------------------------------------------
+
+
+def _clamp_bounds(
+    start: datetime, end: datetime, head_timestamp: datetime | None, now: datetime | None
+) -> tuple[int, int]:
+    _require_aware("start", start)
+    _require_aware("end", end)
+    lo, hi = _ceil_seconds(start), _ceil_seconds(end)
+    if head_timestamp is not None:
+        _require_aware("head_timestamp", head_timestamp)
+        lo = max(lo, _ceil_seconds(head_timestamp))
+    if now is not None:
+        _require_aware("now", now)
+        hi = min(hi, _ceil_seconds(now))
+    return lo, hi
+
+
+def _sessions(
+    profile: HoursProfile, lo: int, hi: int, use_rth: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label dates, opens and closes (epoch s, unclipped) of the sessions overlapping [lo, hi)."""
+    sch = schedule(profile.name)
+    opens, closes = sch.bounds(use_rth)
+    if lo < hi:
+        first_open, last_close = int(opens[0]), int(closes[-1])
+        if lo < first_open or hi > last_close:
+            logger.warning(
+                "range %s..%s reaches outside the %s schedule (%s..%s): no sessions there",
+                _utc(lo),
+                _utc(hi),
+                profile.name,
+                SCHEDULE_START,
+                _utc(last_close),
+            )
+    i = int(np.searchsorted(closes, lo, side="right"))
+    j = max(i, int(np.searchsorted(opens, hi, side="left")))
+    o, c, d = opens[i:j], closes[i:j], sch.dates[i:j]
+    keep = c > o  # e.g. futures liquid hours cut away by an early close
+    return d[keep], o[keep], c[keep]
+
+
+def _trading_arrays(
+    profile: HoursProfile, lo: int, hi: int, use_rth: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merged trading intervals clipped to [lo, hi), as epoch-second arrays."""
+    if lo >= hi:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    _, o, c = _sessions(profile, lo, hi, use_rth)
+    o = np.maximum(o, lo)
+    c = np.minimum(c, hi)
+    keep = c > o
+    o, c = o[keep], c[keep]
+    if o.size == 0:
+        return o, c
+    # Sessions that abut (24/5 FX days, Globex evenings) merge into one interval.
+    new_group = np.ones(o.size, dtype=bool)
+    new_group[1:] = o[1:] > c[:-1]
+    starts = o[new_group]
+    last_of_group = np.append(np.flatnonzero(new_group)[1:] - 1, o.size - 1)
+    return starts.astype(np.int64), c[last_of_group].astype(np.int64)
+
+
+def trading_intervals(
+    profile: HoursProfile | str,
+    start: datetime,
+    end: datetime,
+    use_rth: bool,
+    head_timestamp: datetime | None = None,
+    now: datetime | None = None,
+) -> list[Interval]:
+    """The profile's trading time inside [start, end), as sorted, disjoint UTC intervals.
+
+    Sessions are clipped to ``[max(start, head_timestamp), min(end, now))``; sessions that
+    touch (close == next open) are merged into one interval. ``use_rth`` picks regular
+    or all hours.
+    """
+    lo, hi = _clamp_bounds(start, end, head_timestamp, now)
+    starts, ends = _trading_arrays(_resolve_profile(profile), lo, hi, use_rth)
+    return [(_utc(a), _utc(b)) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+# --- planning ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def max_span_seconds(bar_size: str) -> int:
+    """The longest span (whole seconds) whose ``duration_for`` still fits ``MAX_DURATION``.
+
+    Usually ``MAX_DURATION[bar_size]`` itself, but ``duration_for`` rounds up (to days,
+    then years of 366 days), so e.g. a 366-day span becomes ``2 Y`` and does not fit the
+    1-year limit; this finds the largest span that does. ``duration_for`` is monotonic,
+    so the spans that fit form a prefix and a bisection finds its end.
+    """
+    _check_bar_size(bar_size)
+    limit = MAX_DURATION[bar_size]
+
+    def fits(seconds: int) -> bool:
+        return duration_for(timedelta(seconds=seconds)).span <= limit
+
+    hi = int(limit.total_seconds())
+    if fits(hi):
+        return hi
+    lo = 1  # a 1-second span is "1 S", which fits every limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _request(
+    end: int,
+    first: int,
+    covers: tuple[int, int],
+    bar_size: str,
+    what_to_show: str,
+    use_rth: bool,
+) -> HistoricalRequest:
+    duration = duration_for(timedelta(seconds=end - first))
+    if duration.span > MAX_DURATION[bar_size]:  # guarded by max_span_seconds; never expected
+        raise AssertionError(f"planned {duration} exceeds the {bar_size} maximum")
+    end_dt = _utc(end)
+    return HistoricalRequest(
+        end=end_dt,
+        duration=str(duration),
+        bar_size=bar_size,
+        what_to_show=what_to_show,
+        use_rth=use_rth,
+        start=end_dt - duration.span,
+        covers=(_utc(covers[0]), _utc(covers[1])),
+    )
+
+
+def _plan_intraday(
+    starts: np.ndarray,
+    ends: np.ndarray,
+    bar_size: str,
+    what_to_show: str,
+    use_rth: bool,
+) -> list[HistoricalRequest]:
+    """Greedy cover of the trading time by windows of the maximum span.
+
+    Each request starts at the first trading second not yet covered and reaches as far as
+    the maximum span allows; that is the classic optimal greedy for covering points on a
+    line with fixed-length windows, so the count is minimal. A window that ends in closed
+    hours ends at the close of the last interval it reaches (packing whole sessions); one
+    that ends inside an interval cuts it there, at a multiple of the bar size from the
+    window's first second (long sessions become chunks of exactly the maximum span).
+    """
+    bar = BAR_SIZE_SECONDS[bar_size]
+    span = max(bar, max_span_seconds(bar_size) // bar * bar)
+    starts_l, ends_l = starts.tolist(), ends.tolist()
+    requests: list[HistoricalRequest] = []
+    i, n = 0, len(starts_l)
+    first = starts_l[0] if n else 0
+    while i < n:
+        reach = first + span
+        k = int(np.searchsorted(starts, reach, side="left")) - 1  # last interval reached
+        to = min(reach, ends_l[k])
+        requests.append(_request(to, first, (first, to), bar_size, what_to_show, use_rth))
+        if to == ends_l[k]:
+            i = k + 1
+            if i < n:
+                first = starts_l[i]
+        else:
+            i, first = k, to
+    return requests
+
+
+def _unit_keys(dates: np.ndarray, bar_size: str) -> list[Any]:
+    """Sessions sharing a key belong to one bar (a week's or a month's sessions)."""
+    days: list[date] = [pd.Timestamp(d).date() for d in dates]
+    if bar_size == "1 week":
+        return [d.isocalendar()[:2] for d in days]
+    if bar_size == "1 month":
+        return [(d.year, d.month) for d in days]
+    return days
+
+
+def _plan_daily(
+    profile: HoursProfile,
+    lo: int,
+    hi: int,
+    now: int | None,
+    bar_size: str,
+    what_to_show: str,
+    use_rth: bool,
+) -> list[HistoricalRequest]:
+    """Greedy packing of whole sessions (whole weeks / months for those bar sizes).
+
+    A daily bar is stamped with its session, so each request ends at the close of its last
+    session (or ``now`` if that is earlier) and its span reaches back to the open of its
+    first session even when the range's start clipped that session.
+    """
+    dates, opens, closes = _sessions(profile, lo, hi, use_rth)
+    if dates.size == 0:
+        return []
+    ends = closes if now is None else np.minimum(closes, now)
+    c_open, c_close = np.maximum(opens, lo), np.minimum(closes, hi)  # covered (clipped) time
+    keys = _unit_keys(dates, bar_size)
+    # Units: runs of consecutive sessions with one key -> [first index, last index].
+    unit_first = [0] + [k for k in range(1, len(keys)) if keys[k] != keys[k - 1]]
+    unit_last = [k - 1 for k in unit_first[1:]] + [len(keys) - 1]
+    span = max_span_seconds(bar_size)
+    requests: list[HistoricalRequest] = []
+    u, n_units = 0, len(unit_first)
+    while u < n_units:
+        s0 = unit_first[u]
+        first = int(opens[s0])
+        v = u
+        while v + 1 < n_units and int(ends[unit_last[v + 1]]) - first <= span:
+            v += 1
+        s1 = unit_last[v]
+        if int(ends[s1]) - first > span:  # one unit alone too long; cannot happen for IB sizes
+            raise AssertionError(f"a single {bar_size} bar spans more than one request")
+        covers = (int(c_open[s0]), int(c_close[s1]))
+        requests.append(
+            _request(int(ends[s1]), first, covers, bar_size, what_to_show, use_rth)
+        )
+        u = v + 1
+    return requests
+
+
+def plan_requests(
+    profile: HoursProfile | str,
+    bar_size: str,
+    start: datetime,
+    end: datetime,
+    what_to_show: str,
+    use_rth: bool,
+    head_timestamp: datetime | None = None,
+    now: datetime | None = None,
+) -> list[HistoricalRequest]:
+    """The fewest requests covering the trading hours of [start, end), oldest first.
+
+    The range is clamped to ``head_timestamp`` (nothing earlier) and ``now`` (nothing
+    later); for small bars (30 secs or less) also to ``now - SMALL_BAR_HISTORY`` when
+    ``now`` is given, since IB keeps no older small bars. Weekends, holidays and closed
+    hours come from the profile's calendar (``use_rth``: regular vs all hours). Every
+    request's duration fits ``MAX_DURATION[bar_size]``; the ``covers`` ranges of the plan
+    are disjoint and hold exactly the trading time of :func:`trading_intervals`.
+
+    Raises ``ValueError`` for an unknown bar size or whatToShow, naive datetimes, or
+    ``start >= end``. A range left empty by the clamps gives an empty plan.
+    """
+    _check_bar_size(bar_size)
+    _check_what_to_show(what_to_show)
+    _require_aware("start", start)
+    _require_aware("end", end)
+    if start >= end:
+        raise ValueError(f"start {start.isoformat()} must be before end {end.isoformat()}")
+    prof = _resolve_profile(profile)
+    if prof.name == "fx" and what_to_show not in _FX_WHAT_TO_SHOW:
+        logger.warning(
+            "whatToShow %s is not served for forex (IB answers 162 no data); use one of %s",
+            what_to_show,
+            ", ".join(sorted(_FX_WHAT_TO_SHOW)),
+        )
+    if now is not None and is_small_bar(bar_size):
+        _require_aware("now", now)
+        start = max(start, now - SMALL_BAR_HISTORY)
+    lo, hi = _clamp_bounds(start, end, head_timestamp, now)
+    if lo >= hi:
+        return []
+    if is_daily_or_larger(bar_size):
+        now_s = None if now is None else _ceil_seconds(now)
+        plan = _plan_daily(prof, lo, hi, now_s, bar_size, what_to_show, use_rth)
+    else:
+        starts, ends = _trading_arrays(prof, lo, hi, use_rth)
+        plan = _plan_intraday(starts, ends, bar_size, what_to_show, use_rth)
+    logger.debug(
+        "planned %d %s %s request(s) for %s..%s (rth=%s)",
+        len(plan),
+        bar_size,
+        what_to_show,
+        _utc(lo),
+        _utc(hi),
+        use_rth,
+    )
+    return plan
+
+
+# --- gap analysis ------------------------------------------------------------------------
+
+
+def _epoch_seconds(values: Any) -> np.ndarray:
+    """Bar start times as int64 epoch seconds (floored).
+
+    Accepts datetimes, ``datetime64`` arrays, pandas ``DatetimeIndex``/``Series`` (naive
+    values are taken as UTC) or integer arrays of epoch seconds.
+    """
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    if isinstance(values, np.ndarray) and values.dtype.kind == "M":
+        return values.astype("datetime64[s]").astype(np.int64)
+    if not isinstance(values, pd.DatetimeIndex | pd.Series):
+        values = list(values)
+        if not values:
+            return np.empty(0, dtype=np.int64)
+    index = pd.DatetimeIndex(values)
+    if index.tz is not None:
+        index = index.tz_convert("UTC").tz_localize(None)
+    return index.values.astype("datetime64[s]").astype(np.int64)
+
+
+def missing_intervals(
+    intervals: Sequence[Interval],
+    stored_bar_starts: Any,
+    bar_seconds: int,
+) -> list[Interval]:
+    """The parts of ``intervals`` that hold no stored bar: the gaps a loader must fetch.
+
+    Each interval ``[a, b)`` is cut into slots ``[a + k*bar, a + (k+1)*bar)`` (the last one
+    ends at ``b``); a slot is filled when some stored bar starts inside it. Runs of empty
+    slots come back as maximal intervals, oldest first: leading, inner and trailing gaps
+    and wholly empty intervals. ``intervals`` must be sorted and disjoint (as
+    :func:`trading_intervals` returns them). Work is vectorised: O(bars + intervals).
+
+    Daily and larger bars are stamped by session date rather than by time; compare those
+    by date instead.
+    """
+    if bar_seconds <= 0:
+        raise ValueError(f"bar_seconds must be positive, got {bar_seconds}")
+    pairs = []
+    for lo_dt, hi_dt in intervals:
+        _require_aware("interval start", lo_dt)
+        _require_aware("interval end", hi_dt)
+        lo, hi = _ceil_seconds(lo_dt), _ceil_seconds(hi_dt)
+        if lo < hi:
+            pairs.append((lo, hi))
+    if not pairs:
+        return []
+    a = np.array([p[0] for p in pairs], dtype=np.int64)
+    b = np.array([p[1] for p in pairs], dtype=np.int64)
+    if np.any(a[1:] < b[:-1]):
+        raise ValueError("intervals must be sorted and must not overlap")
+    bar = int(bar_seconds)
+    n_slots = -(-(b - a) // bar)
+
+    t = np.sort(_epoch_seconds(stored_bar_starts))
+    iv = np.searchsorted(a, t, side="right") - 1
+    inside = iv >= 0
+    inside[inside] &= t[inside] < b[iv[inside]]
+    t, iv = t[inside], iv[inside]
+    slot = (t - a[iv]) // bar
+
+    # Sentinel slots -1 and n before and after every interval turn leading and trailing
+    # gaps into ordinary "jumps" between consecutive filled slots.
+    m = a.size
+    ivs = np.concatenate([iv, np.arange(m), np.arange(m)])
+    slots = np.concatenate([slot, np.full(m, -1, dtype=np.int64), n_slots])
+    order = np.lexsort((slots, ivs))
+    ivs, slots = ivs[order], slots[order]
+    jump = (ivs[1:] == ivs[:-1]) & (slots[1:] - slots[:-1] > 1)
+    where = np.flatnonzero(jump)
+    gi = ivs[where]
+    gap_lo = a[gi] + (slots[where] + 1) * bar
+    gap_hi = np.minimum(a[gi] + slots[where + 1] * bar, b[gi])
+    return [(_utc(x), _utc(y)) for x, y in zip(gap_lo.tolist(), gap_hi.tolist(), strict=True)]

@@ -1,0 +1,74 @@
+"""Settings read from the environment, validated with errors that name the variable.
+
+Every setting is documented in `.env.example`. Values are read when `Settings.from_env()`
+is called (at start of the CLI, a Dagster resource, or a test), never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A setting from the environment is missing or malformed."""
+
+
+def _int_setting(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer from {lo} to {hi}, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name} must be an integer from {lo} to {hi}, got {value}")
+    return value
+
+
+def _float_setting(env: Mapping[str, str], name: str, default: float, lo: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be a number > {lo}, got {raw!r}") from None
+    if not value > lo:
+        raise SettingsError(f"{name} must be a number > {lo}, got {value}")
+    return value
+
+
+def validate_port(value: int, name: str = "port") -> int:
+    """Return ``value`` if it is a TCP port (1–65535), else raise naming ``name``."""
+    if not isinstance(value, int) or not 1 <= value <= 65535:
+        raise SettingsError(f"{name} must be an integer from 1 to 65535, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where IB is and where data lives."""
+
+    ib_host: str = "127.0.0.1"
+    ib_port: int = 4002
+    ib_client_id: int = 1
+    data_dir: Path = Path("./data")
+    pacing_time_scale: float = 1.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        host = (env.get("IB_HOST") or "127.0.0.1").strip()
+        if not host or any(c.isspace() for c in host):
+            raise SettingsError(f"IB_HOST must be a host name or address, got {host!r}")
+        return cls(
+            ib_host=host,
+            ib_port=_int_setting(env, "IB_PORT", 4002, 1, 65535),
+            ib_client_id=_int_setting(env, "IB_CLIENT_ID", 1, 0, 2**31 - 1),
+            data_dir=Path(env.get("KTRDR_DATA_DIR") or "./data"),
+            pacing_time_scale=_float_setting(env, "KTRDR_PACING_TIME_SCALE", 1.0, 0.0),
+        )
