@@ -16,6 +16,7 @@ so finding the sessions of a range costs microseconds.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -77,12 +78,20 @@ class Schedule:
 
 
 def _epoch(values: pd.Series | pd.DatetimeIndex) -> np.ndarray:
+    if isinstance(values, pd.Series):
+        values = values.array
     return (pd.DatetimeIndex(values).as_unit("s").asi8).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=8)
 def _calendar(name: str) -> xcals.ExchangeCalendar:
-    return xcals.get_calendar(name, start=SCHEDULE_START)
+    with warnings.catch_warnings():
+        # exchange_calendars reads Series.values, which pandas 3 deprecates for tz-aware data
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if hasattr(pd.errors, "Pandas4Warning"):
+            warnings.simplefilter("ignore", pd.errors.Pandas4Warning)
+        return xcals.get_calendar(name, start=SCHEDULE_START)
 
 
 @functools.lru_cache(maxsize=8)
@@ -181,7 +190,7 @@ def session_at(profile: HoursProfile, t: datetime, use_rth: bool) -> Session | N
     return None
 
 
-def hours_string(profile: HoursProfile, around: datetime, use_rth: bool, days: int = 7) -> str:
+def hours_string(profile: HoursProfile, around: datetime, use_rth: bool, days: int = 10) -> str:
     """IB's ``tradingHours``/``liquidHours`` format in the profile's time zone.
 
     ``20250324:0930-20250324:1600;20250329:CLOSED;…`` for the session dates from

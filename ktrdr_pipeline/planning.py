@@ -168,9 +168,7 @@ def _check_bar_size(bar_size: str) -> None:
 
 def _check_what_to_show(what_to_show: str) -> None:
     if what_to_show not in WHAT_TO_SHOW:
-        raise ValueError(
-            f"unknown whatToShow {what_to_show!r}; allowed: {', '.join(WHAT_TO_SHOW)}"
-        )
+        raise ValueError(f"unknown whatToShow {what_to_show!r}; allowed: {', '.join(WHAT_TO_SHOW)}")
 
 
 # --- trading intervals -------------------------------------------------------------------
@@ -310,6 +308,28 @@ def _request(
     )
 
 
+def _backward_starts(starts: np.ndarray, ends: np.ndarray, span: int) -> np.ndarray:
+    """Starts (ascending) of the windows a right-to-left greedy cover places.
+
+    The right-to-left greedy is optimal for every suffix of the trading time, so the
+    fewest requests covering the trading time from a trading second ``x`` on is
+    ``1 + (number of these starts > x)``.
+    """
+    out: list[int] = []
+    starts_l, ends_l = starts.tolist(), ends.tolist()
+    j = len(starts_l) - 1
+    edge = ends_l[j]
+    while True:
+        left = edge - span
+        out.append(left)
+        while j >= 0 and starts_l[j] >= left:
+            j -= 1
+        if j < 0:
+            break
+        edge = min(ends_l[j], left)
+    return np.array(out[::-1], dtype=np.int64)
+
+
 def _plan_intraday(
     starts: np.ndarray,
     ends: np.ndarray,
@@ -317,32 +337,42 @@ def _plan_intraday(
     what_to_show: str,
     use_rth: bool,
 ) -> list[HistoricalRequest]:
-    """Greedy cover of the trading time by windows of the maximum span.
+    """Fewest windows of at most the maximum span covering the trading time.
 
-    Each request starts at the first trading second not yet covered and reaches as far as
-    the maximum span allows; that is the classic optimal greedy for covering points on a
-    line with fixed-length windows, so the count is minimal. A window that ends in closed
-    hours ends at the close of the last interval it reaches (packing whole sessions); one
-    that ends inside an interval cuts it there, at a multiple of the bar size from the
-    window's first second (long sessions become chunks of exactly the maximum span).
+    Each request starts at the first trading second not yet covered. Left to right, a
+    window reaching as far as the span allows is the classic optimal greedy; among the
+    optimal plans this one prefers ending a request at the close of the last whole
+    interval it reaches, and cuts a session only when a session is longer than the span
+    (chunks of exactly the span, a multiple of the bar size, from the session's open) or
+    when stopping at a close would cost an extra request. The backward greedy tells how
+    many requests the rest needs, which is what decides that.
     """
+    if starts.size == 0:
+        return []
     bar = BAR_SIZE_SECONDS[bar_size]
     span = max(bar, max_span_seconds(bar_size) // bar * bar)
+    back = _backward_starts(starts, ends, span)
+
+    def need(x: int) -> int:
+        return 1 + back.size - int(np.searchsorted(back, x, side="right"))
+
     starts_l, ends_l = starts.tolist(), ends.tolist()
     requests: list[HistoricalRequest] = []
-    i, n = 0, len(starts_l)
-    first = starts_l[0] if n else 0
+    i, n, first = 0, len(starts_l), starts_l[0]
     while i < n:
         reach = first + span
         k = int(np.searchsorted(starts, reach, side="left")) - 1  # last interval reached
-        to = min(reach, ends_l[k])
+        if ends_l[k] <= reach:  # the window ends in closed hours after interval k
+            to, i = ends_l[k], k + 1
+            nxt = starts_l[i] if i < n else to
+        elif k > i and need(starts_l[k]) == need(first) - 1:  # stopping at a close is free
+            to, i = ends_l[k - 1], k
+            nxt = starts_l[k]
+        else:  # cut inside interval k; the next request starts at the cut
+            to, i = reach, k
+            nxt = reach
         requests.append(_request(to, first, (first, to), bar_size, what_to_show, use_rth))
-        if to == ends_l[k]:
-            i = k + 1
-            if i < n:
-                first = starts_l[i]
-        else:
-            i, first = k, to
+        first = nxt
     return requests
 
 
@@ -393,9 +423,7 @@ def _plan_daily(
         if int(ends[s1]) - first > span:  # one unit alone too long; cannot happen for IB sizes
             raise AssertionError(f"a single {bar_size} bar spans more than one request")
         covers = (int(c_open[s0]), int(c_close[s1]))
-        requests.append(
-            _request(int(ends[s1]), first, covers, bar_size, what_to_show, use_rth)
-        )
+        requests.append(_request(int(ends[s1]), first, covers, bar_size, what_to_show, use_rth))
         u = v + 1
     return requests
 
@@ -495,8 +523,10 @@ def missing_intervals(
     and wholly empty intervals. ``intervals`` must be sorted and disjoint (as
     :func:`trading_intervals` returns them). Work is vectorised: O(bars + intervals).
 
-    Daily and larger bars are stamped by session date rather than by time; compare those
-    by date instead.
+    A slot counts as filled only when a bar *starts* in it, so bars stamped off the
+    interval's grid (IB's hourly stock bars at 09:30 then 10:00, 11:00, ...) may leave a
+    short trailing slot reported missing; refetching it is harmless. Daily and larger bars
+    are stamped by session date rather than by time; compare those by date instead.
     """
     if bar_seconds <= 0:
         raise ValueError(f"bar_seconds must be positive, got {bar_seconds}")

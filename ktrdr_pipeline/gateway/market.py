@@ -247,6 +247,15 @@ class MarketModel:
         return row
 
     # -- the public query -------------------------------------------------------------
+    @staticmethod
+    def head_time(inst: Instrument, use_rth: bool) -> datetime:
+        """The first bar's time: the open of the first session on or after the listing
+        (head) date."""
+        first = inst.head.date()
+        found = calendars.sessions_on_dates(inst.profile, first, first + timedelta(days=10),
+                                            use_rth)
+        return found[0].open if found else inst.head
+
     def bars(self, inst: Instrument, bar_size: str, start: datetime, end: datetime,
              use_rth: bool, now: datetime) -> np.ndarray:
         """Bars whose start lies in [start, end), up to ``now`` (the last may be partial).
@@ -258,7 +267,7 @@ class MarketModel:
         size = BAR_SIZE_SECONDS[bar_size]
         profile = inst.profile
         now_s = now.timestamp()
-        s = max(start, inst.head)
+        s = max(start, self.head_time(inst, use_rth))
         e = min(end, now + timedelta(seconds=1))
         expiry = inst.expiry_date
         if expiry is not None and inst.sec_type == "FUT":

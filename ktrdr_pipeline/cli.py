@@ -1,0 +1,150 @@
+"""The ``ktrdr-pipeline`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .settings import Settings, SettingsError, validate_port
+
+log = logging.getLogger("ktrdr_pipeline")
+
+
+class CliError(Exception):
+    """A user error: printed without a traceback, exit status 2."""
+
+
+def _port(text: str) -> int:
+    try:
+        return validate_port(int(text))
+    except (ValueError, SettingsError):
+        raise argparse.ArgumentTypeError(
+            f"invalid port {text!r}: must be an integer from 1 to 65535") from None
+
+
+def _port_or_zero(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _port(text)
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}: use ISO 8601, e.g. 2025-03-03T15:00:00+00:00") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be a number > 0")
+    return value
+
+
+def _add_gateway(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gateway", help="run the IB Gateway simulator until interrupted",
+                       description="Run the IB Gateway simulator (TWS socket protocol, Client "
+                                   "Portal Web API, fault injection) until interrupted.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_port_or_zero, default=4002,
+                   help="TWS API socket port (default 4002; 0 = any free port)")
+    p.add_argument("--portal-port", type=_port_or_zero, default=None,
+                   help="also serve the Client Portal Web API on this loopback port")
+    p.add_argument("--portal-plain-http", action="store_true",
+                   help="serve the Client Portal API without TLS (tests only)")
+    p.add_argument("--admin-port", type=_port_or_zero, default=0,
+                   help="loopback port of the fault-injection admin interface (default: any)")
+    p.add_argument("--seed", type=int, default=0, help="market model seed (default 0)")
+    p.add_argument("--latency", choices=("realistic", "none"), default="realistic",
+                   help="answer delays: 'realistic' models IB, 'none' answers at once")
+    p.add_argument("--universe", type=Path, default=None,
+                   help="YAML file replacing the default instruments and account")
+    p.add_argument("--audit-log", type=Path, default=None,
+                   help="write one JSON line per request and per answer to this file")
+    p.add_argument("--clock", type=_iso_time, default=None,
+                   help="the market's time at start (ISO 8601); then advances in real time")
+    p.add_argument("--pacing-time-scale", type=_positive_float, default=1.0,
+                   help="shrink IB's pacing windows by this factor (tests and benchmarks only)")
+    p.set_defaults(func=cmd_gateway)
+
+
+async def _run_gateway(args: argparse.Namespace) -> None:
+    from .gateway.server import GatewayServer
+
+    gw = GatewayServer(
+        args.host, args.port, seed=args.seed, latency=args.latency, universe=args.universe,
+        audit_log=args.audit_log, clock=args.clock, pacing_time_scale=args.pacing_time_scale,
+        portal_port=args.portal_port, portal_tls=not args.portal_plain_http,
+        admin_port=args.admin_port,
+    )
+    try:
+        await gw.start()
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening on {args.host}:{gw.port}", flush=True)
+    print(f"admin interface on 127.0.0.1:{gw.admin_port}", flush=True)
+    if gw.portal_port is not None:
+        scheme = "http" if args.portal_plain_http else "https"
+        print(f"client portal on {scheme}://127.0.0.1:{gw.portal_port}/v1/api", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await gw.stop()
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_run_gateway(args))
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ktrdr-pipeline",
+        description="Interactive Brokers historical bars as validated, partitioned Parquet.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_gateway(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        logging.getLogger("ib_async").setLevel(logging.WARNING)
+    try:
+        Settings.from_env()
+        return args.func(args)
+    except (CliError, SettingsError) as exc:
+        print(f"ktrdr-pipeline: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
