@@ -83,6 +83,12 @@ def _epoch(values: pd.Series | pd.DatetimeIndex) -> np.ndarray:
     return (pd.DatetimeIndex(values).as_unit("s").asi8).astype(np.int64)
 
 
+def schedule_end() -> str:
+    """Schedules run to the end of 2030 or two years past today, whichever is later, so
+    results do not depend on the day the code runs (calendar rules project forward)."""
+    return max(date(2030, 12, 31), date.today() + timedelta(days=730)).isoformat()
+
+
 @functools.lru_cache(maxsize=8)
 def _calendar(name: str) -> xcals.ExchangeCalendar:
     with warnings.catch_warnings():
@@ -91,7 +97,7 @@ def _calendar(name: str) -> xcals.ExchangeCalendar:
         warnings.simplefilter("ignore", DeprecationWarning)
         if hasattr(pd.errors, "Pandas4Warning"):
             warnings.simplefilter("ignore", pd.errors.Pandas4Warning)
-        return xcals.get_calendar(name, start=SCHEDULE_START)
+        return xcals.get_calendar(name, start=SCHEDULE_START, end=schedule_end())
 
 
 @functools.lru_cache(maxsize=8)

@@ -67,7 +67,7 @@ MAX_DURATION: dict[str, timedelta] = {
     "4 hours": timedelta(days=31),
     "8 hours": timedelta(days=31),
     "1 day": timedelta(days=366),
-    "1 week": timedelta(days=731),
+    "1 week": timedelta(days=732),
     "1 month": timedelta(days=366),
 }
 
@@ -137,7 +137,7 @@ def duration_for(span: timedelta) -> Duration:
     days = -(-seconds // 86400)
     if days <= 365:
         return Duration(days, "D")
-    return Duration(-(-days // 365), "Y")
+    return Duration(-(-days // 366), "Y")
 
 
 # --- pacing ------------------------------------------------------------------------------

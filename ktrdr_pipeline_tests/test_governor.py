@@ -1,0 +1,633 @@
+"""The pacing governor and its ledgers: every rule, the open caps, rate, and many processes.
+
+Windows are scaled down (``PacingLimits(time_scale=...)``) so that the whole file runs in
+seconds. Sends are checked by replaying them through :meth:`PacingWindow.violation` with the
+*nominal* limits (the governor enforces slightly longer windows: its safety margin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ktrdr_pipeline.ib.governor import PacingGovernor, head_timestamp_request, paced_request_for
+from ktrdr_pipeline.ib.ledger import (
+    CONTRACT,
+    GLOBAL,
+    IDENTICAL,
+    OK,
+    OPEN,
+    OPEN_LARGE,
+    PENALTY,
+    MemoryPacingLedger,
+    PacingLedger,
+    Reservation,
+    SlotPolicy,
+    SqlitePacingLedger,
+    pid_alive,
+)
+from ktrdr_pipeline.ib.limits import PacingLimits
+from ktrdr_pipeline.ib.pacing import PacedRequest, PacingEvent, PacingWindow
+
+FAST = PacingLimits(time_scale=0.01)  # identical 0.15 s, contract 20 ms, global 6 s
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def replay(events: list[PacingEvent], limits: PacingLimits) -> list[str]:
+    """Every rule broken by ``events`` sent in time order (an empty list: all fine)."""
+    events = sorted(events, key=lambda e: e.at)
+    broken = []
+    for i, e in enumerate(events):
+        why = PacingWindow(limits, events[:i]).violation(
+            PacedRequest(e.identity, e.tick_key, e.weight), e.at
+        )
+        if why:
+            broken.append(f"{e.identity} at {e.at:.4f}: {why}")
+    return broken
+
+
+class FakeHMDS:
+    """Stands in for IB's historical data farm: notes every rule a request breaks."""
+
+    def __init__(self, limits: PacingLimits, max_open: int = 50) -> None:
+        self.limits = limits
+        self.max_open = max_open
+        self.sent: list[PacingEvent] = []
+        self.violations: list[str] = []
+        self.open = 0
+        self.open_large = 0
+        self.peak_open = 0
+        self.peak_large = 0
+
+    async def request(
+        self, key: PacedRequest | None, *, large: bool = False, hold: float = 0.001
+    ) -> None:
+        now = time.time()  # no await before this line: it is the moment of sending
+        if key is not None:
+            why = PacingWindow(self.limits, self.sent).violation(key, now)
+            if why:
+                self.violations.append(why)
+            self.sent.append(PacingEvent(now, key.identity, key.tick_key, key.weight))
+        self.open += 1
+        self.open_large += large
+        self.peak_open = max(self.peak_open, self.open)
+        self.peak_large = max(self.peak_large, self.open_large)
+        if self.open > self.max_open:
+            self.violations.append("too many open requests")
+        try:
+            await asyncio.sleep(hold)
+        finally:
+            self.open -= 1
+            self.open_large -= large
+
+
+class CountingLedger(MemoryPacingLedger):
+    """Counts reservation attempts, to prove that waiting is not a polling loop."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.attempts = 0
+
+    def try_reserve(self, *args, **kwargs) -> Reservation:
+        self.attempts += 1
+        return super().try_reserve(*args, **kwargs)
+
+
+def key(i: int, tick: str | None = None, what: str = "TRADES") -> PacedRequest:
+    """A distinct small-bar request; same ``tick`` → same contract + tick type."""
+    contract = tick if tick is not None else f"C{i}"
+    return paced_request_for(contract, "SMART", f"20260101 {i:06d}", "1800 S", "1 secs", what, True)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PacingLedger]:
+    led: PacingLedger
+    if request.param == "memory":
+        led = MemoryPacingLedger(retention=3600)
+    else:
+        led = SqlitePacingLedger(tmp_path / "ledger.sqlite", retention=3600)
+    yield led
+    led.close()
+
+
+async def run_all(governor: PacingGovernor, hmds: FakeHMDS, keys, *, hold: float = 0.001):
+    async def one(k: PacedRequest | None) -> None:
+        async with governor.slot(k):
+            await hmds.request(k, hold=hold)
+
+    await asyncio.gather(*(one(k) for k in keys))
+
+
+def send_times(hmds: FakeHMDS) -> list[float]:
+    return [e.at for e in hmds.sent]
+
+
+# --- request keys ---------------------------------------------------------------------------
+
+
+def test_request_keys() -> None:
+    a = paced_request_for(
+        "265598", "SMART", "20260105 16:00:00 UTC", "1800 S", "1 secs", "TRADES", True
+    )
+    same = paced_request_for(
+        "265598", "smart", "20260105 16:00:00 UTC", "1800 S", "1 secs", "trades", True
+    )
+    other_end = paced_request_for(
+        "265598", "SMART", "20260105 15:30:00 UTC", "1800 S", "1 secs", "TRADES", True
+    )
+    other_rth = paced_request_for(
+        "265598", "SMART", "20260105 16:00:00 UTC", "1800 S", "1 secs", "TRADES", False
+    )
+    bid_ask = paced_request_for(
+        "265598", "SMART", "20260105 16:00:00 UTC", "1800 S", "1 secs", "BID_ASK", True
+    )
+    head = head_timestamp_request("265598", "SMART", "TRADES", True)
+    assert a == same
+    assert a.weight == 1 and bid_ask.weight == 2
+    assert head_timestamp_request("265598", "SMART", "BID_ASK", True).weight == 2
+    assert other_end.identity != a.identity and other_end.tick_key == a.tick_key
+    assert other_rth.identity != a.identity and other_rth.tick_key == a.tick_key
+    assert bid_ask.tick_key != a.tick_key
+    assert head.identity != a.identity and head.tick_key == a.tick_key
+    assert paced_request_for("1", "ARCA", "", "1 D", "5 secs", "TRADES", True).tick_key != (
+        paced_request_for("1", "SMART", "", "1 D", "5 secs", "TRADES", True).tick_key
+    )
+
+
+# --- the ledger on its own ----------------------------------------------------------------
+
+
+def test_ledger_reasons_and_exact_waits(ledger: PacingLedger) -> None:
+    policy = SlotPolicy(PacingLimits(), max_open=100, max_open_large=2, lease_ttl=10_000)
+    k = key(1, tick="X")
+    r = ledger.try_reserve(k, policy, now=1000.0)
+    assert r.granted and r.wait == 0 and r.reason == OK
+    again = ledger.try_reserve(k, policy, now=1001.0)
+    assert (again.token, again.reason, again.wait) == (None, IDENTICAL, 14.0)
+    for i in range(2, 6):
+        assert ledger.try_reserve(key(i, tick="X"), policy, now=1001.0).granted
+    sixth = ledger.try_reserve(key(6, tick="X"), policy, now=1001.5)
+    assert (sixth.reason, sixth.wait) == (CONTRACT, 0.5)  # the one at 1000 leaves at 1002
+    for i in range(100, 155):  # 60 events in all
+        assert ledger.try_reserve(key(i), policy, now=1003.0).granted
+    full = ledger.try_reserve(key(999), policy, now=1100.0)
+    assert (full.reason, full.wait) == (GLOBAL, 500.0)
+    assert ledger.try_reserve(key(999), policy, now=1600.0).granted
+    assert len(ledger.events()) == 61
+    assert ledger.open_count(now=1600.0) == 61
+
+
+def test_ledger_open_caps_release_and_renew(ledger: PacingLedger) -> None:
+    policy = SlotPolicy(PacingLimits(), max_open=3, max_open_large=2, lease_ttl=100.0)
+    big1 = ledger.try_reserve(None, policy, large=True, now=0.0)
+    big2 = ledger.try_reserve(None, policy, large=True, now=1.0)
+    assert big1.granted and big2.granted
+    big3 = ledger.try_reserve(None, policy, large=True, now=2.0)
+    assert (big3.reason, big3.wait) == (OPEN_LARGE, 98.0)  # until big1's lease expires
+    small = ledger.try_reserve(None, policy, now=2.0)
+    assert small.granted
+    assert ledger.open_count(now=2.0) == 3 and ledger.open_count(large_only=True, now=2.0) == 2
+    assert ledger.try_reserve(None, policy, now=3.0).reason == OPEN
+    ledger.release(small.token)
+    ledger.release(small.token)  # releasing twice is harmless
+    assert ledger.try_reserve(None, policy, now=3.0).granted
+    # Renewal keeps a lease; expiry purges the others.
+    assert ledger.renew(big1.token, 100.0, now=90.0)
+    assert ledger.open_count(large_only=True, now=150.0) == 1
+    assert not ledger.renew(big2.token, 100.0, now=150.0)  # purged
+    assert ledger.open_count(now=200.0) == 0
+
+
+def test_ledger_penalty(ledger: PacingLedger) -> None:
+    policy = SlotPolicy(PacingLimits())
+    assert ledger.penalize(10.0, now=100.0) == 110.0
+    assert ledger.penalize(1.0, now=100.0) == 110.0  # a later penalty is kept
+    r = ledger.try_reserve(key(1), policy, now=105.0)
+    assert (r.reason, r.wait) == (PENALTY, 5.0)
+    assert ledger.try_reserve(None, policy, now=105.0).granted  # large bars: no hard rules
+    assert ledger.try_reserve(key(1), policy, now=110.0).granted
+
+
+def test_ledger_clock_stepping_back_is_conservative(ledger: PacingLedger) -> None:
+    policy = SlotPolicy(PacingLimits())
+    assert ledger.try_reserve(key(1), policy, now=5000.0).granted
+    # The wall clock steps back an hour: the event is treated as sent "now", not in an
+    # hour's future (which would stall the identical request for an hour and 15 s).
+    r = ledger.try_reserve(key(1), policy, now=1400.0)
+    assert (r.reason, r.wait) == (IDENTICAL, 15.0)
+
+
+def test_sqlite_ledger_schema_and_wal(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "ledger.sqlite"
+    led = SqlitePacingLedger(path)
+    led.try_reserve(key(1), SlotPolicy())
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"pacing_events", "open_leases", "ledger_state"} <= tables
+    # A second object on the same file (another process, in effect) sees the same state.
+    other = SqlitePacingLedger(path)
+    assert other.try_reserve(key(1), SlotPolicy()).reason == IDENTICAL
+    assert other.open_count() == 1
+    led.close()
+    other.close()
+
+
+def test_sqlite_ledger_purges_leases_of_dead_pids_only_on_this_host(tmp_path: Path) -> None:
+    led = SqlitePacingLedger(tmp_path / "ledger.sqlite")
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=time.sleep, args=(0,))
+    proc.start()
+    proc.join()  # reaped: the pid is gone (a zombie would still look alive)
+    dead_pid = proc.pid
+    assert dead_pid is not None and not pid_alive(dead_pid)
+    assert pid_alive(os.getpid())
+    now = time.time()
+    with contextlib.closing(sqlite3.connect(led.path)) as conn, conn:
+        rows = [
+            ("dead-here", led._host, dead_pid, now + 3600),
+            ("dead-elsewhere", "some-other-host", dead_pid, now + 3600),
+            ("expired-alive", led._host, os.getpid(), now - 1),
+            ("alive", led._host, os.getpid(), now + 3600),
+        ]
+        conn.executemany(
+            "INSERT INTO open_leases (token, host, pid, large, started_at, expires_at)"
+            " VALUES (?, ?, ?, 0, 0, ?)",
+            rows,
+        )
+    assert led.open_count() == 2  # dead-elsewhere (expiry only) and alive
+    with contextlib.closing(sqlite3.connect(led.path)) as conn:
+        left = {r[0] for r in conn.execute("SELECT token FROM open_leases")}
+    assert left == {"dead-elsewhere", "alive"}
+    led.close()
+
+
+# --- the governor, rule by rule -------------------------------------------------------------
+
+
+def test_identical_requests_wait_15_s_scaled(ledger: PacingLedger) -> None:
+    gov = PacingGovernor(ledger, FAST)
+    hmds = FakeHMDS(FAST)
+    k = key(1)
+    asyncio.run(run_all(gov, hmds, [k, k, k]))
+    t = send_times(hmds)
+    assert hmds.violations == [] and replay(hmds.sent, FAST) == []
+    gaps = [b - a for a, b in zip(t, t[1:], strict=False)]
+    w = FAST.identical_window
+    for gap in gaps:  # at the window (plus the 5 % margin), not later
+        assert w <= gap <= w * 1.05 + 0.02, gaps
+
+
+def test_six_per_contract_within_2_s_scaled(ledger: PacingLedger) -> None:
+    gov = PacingGovernor(ledger, FAST)
+    hmds = FakeHMDS(FAST)
+    asyncio.run(run_all(gov, hmds, [key(i, tick="ONE") for i in range(12)]))
+    t = send_times(hmds)
+    assert hmds.violations == [] and replay(hmds.sent, FAST) == []
+    w = FAST.same_contract_window
+    # Five go at once, five more one window later, then the last two.
+    assert t[4] - t[0] < w / 2
+    assert w <= t[5] - t[0] <= w * 1.05 + 0.01
+    assert w <= t[10] - t[5] <= w * 1.05 + 0.01
+
+
+def test_bid_ask_counts_twice_per_contract(ledger: PacingLedger) -> None:
+    gov = PacingGovernor(ledger, FAST)
+    hmds = FakeHMDS(FAST)
+    keys = [key(i, tick="ONE", what="BID_ASK") for i in range(5)]
+    asyncio.run(run_all(gov, hmds, keys))
+    t = send_times(hmds)
+    assert hmds.violations == [] and replay(hmds.sent, FAST) == []
+    w = FAST.same_contract_window
+    assert t[1] - t[0] < w / 2  # weight 4 in the window
+    assert w <= t[2] - t[0] <= w * 1.05 + 0.01  # a third would make 6
+    assert w <= t[4] - t[2] <= w * 1.05 + 0.01
+
+
+def _greedy_makespan(sent: list[PacingEvent], limits: PacingLimits) -> float:
+    """How long the same requests take at best, starting when the first was sent."""
+    window = PacingWindow(limits)
+    t0 = now = sent[0].at
+    for e in sent:
+        r = PacedRequest(e.identity, e.tick_key, e.weight)
+        now = window.next_allowed(r, now)
+        window.record(r, now)
+    return now - t0
+
+
+@pytest.mark.parametrize("what, n", [("TRADES", 130), ("BID_ASK", 70)])
+def test_global_rule_at_full_rate(tmp_path: Path, what: str, n: int) -> None:
+    """60 per 600 s (scaled), BID_ASK counting twice, at >= 90 % of the rules' maximum rate."""
+    limits = PacingLimits(time_scale=0.001)  # global window 0.6 s
+    ledger = CountingLedger(retention=3600)
+    gov = PacingGovernor(ledger, limits)
+    hmds = FakeHMDS(limits)
+    asyncio.run(run_all(gov, hmds, [key(i, what=what) for i in range(n)]))
+    assert hmds.violations == [] and replay(hmds.sent, limits) == []
+    assert len(hmds.sent) == n
+    t = send_times(hmds)
+    per_window = limits.global_max // (2 if what == "BID_ASK" else 1)
+    w = limits.global_window
+    assert t[per_window - 1] - t[0] < w / 4  # the first window's worth goes at once
+    assert t[per_window] - t[0] >= w  # the next waits for the first to leave the window
+    ideal = _greedy_makespan(hmds.sent, limits)
+    actual = t[-1] - t[0]
+    assert ideal == pytest.approx(w * ((n - 1) // per_window), rel=0.01)
+    assert ideal / actual >= 0.9, (ideal, actual)
+    assert ledger.attempts <= 5 * n  # waiting sleeps; it does not poll
+
+
+def test_rate_on_sqlite_with_mixed_rules(tmp_path: Path) -> None:
+    """Contract and global rules together, through SQLite: full rate, no violation."""
+    limits = PacingLimits(time_scale=0.001)
+    ledger = SqlitePacingLedger(tmp_path / "ledger.sqlite", retention=3600)
+    # 2 ms scaled seconds of extra margin absorb jitter between decision and send at this
+    # tiny scale (the contract window is only 2 ms here); the global window dominates.
+    gov = PacingGovernor(ledger, limits, safety_margin_s=2.0)
+    hmds = FakeHMDS(limits)
+    keys = [
+        key(i, tick=f"T{i % 4}", what="BID_ASK" if i % 5 == 0 else "TRADES") for i in range(110)
+    ]
+    asyncio.run(run_all(gov, hmds, keys))
+    assert hmds.violations == [] and replay(hmds.sent, limits) == []
+    assert replay(ledger.events(), limits) == []
+    ideal = _greedy_makespan(hmds.sent, limits)
+    actual = hmds.sent[-1].at - hmds.sent[0].at
+    assert ideal / actual >= 0.9, (ideal, actual)
+    ledger.close()
+
+
+def test_governor_bypass_is_caught() -> None:
+    """The same workload provokes violations without the governor and none with it.
+
+    This is the check that fails if ``slot()`` stops waiting (or a caller goes around it).
+    """
+    limits = PacingLimits(time_scale=0.002)
+    workload = [key(i, tick=f"T{i % 3}") for i in range(40)] + [key(0, tick="T0")] * 3
+
+    async def bypassed(hmds: FakeHMDS) -> None:
+        await asyncio.gather(*(hmds.request(k) for k in workload))
+
+    raw = FakeHMDS(limits)
+    asyncio.run(bypassed(raw))
+    assert raw.violations and replay(raw.sent, limits)
+
+    governed = FakeHMDS(limits)
+    asyncio.run(run_all(PacingGovernor(MemoryPacingLedger(), limits), governed, workload))
+    assert governed.violations == [] and replay(governed.sent, limits) == []
+    assert len(governed.sent) == len(workload)
+
+
+# --- open requests ---------------------------------------------------------------------------
+
+
+def test_max_open_requests(ledger: PacingLedger) -> None:
+    gov = PacingGovernor(ledger, FAST, max_open=4, max_open_large=2)
+    hmds = FakeHMDS(FAST, max_open=4)
+    asyncio.run(run_all(gov, hmds, [None] * 20, hold=0.02))
+    assert hmds.violations == []
+    assert hmds.peak_open == 4
+    assert gov.open_count() == 0
+
+
+def test_large_bar_cap(ledger: PacingLedger) -> None:
+    gov = PacingGovernor(ledger, FAST, max_open=5, max_open_large=2)
+    hmds = FakeHMDS(FAST, max_open=5)
+    peak_small = 0
+
+    async def large() -> None:
+        async with gov.slot(None, small=False):
+            await hmds.request(None, large=True, hold=0.02)
+
+    async def small(i: int) -> None:
+        nonlocal peak_small
+        async with gov.slot(key(i)):
+            peak_small = max(peak_small, hmds.open - hmds.open_large + 1)
+            await hmds.request(key(i), hold=0.02)
+
+    async def main() -> None:
+        await asyncio.gather(*[large() for _ in range(10)], *[small(i) for i in range(10)])
+
+    asyncio.run(main())
+    assert hmds.violations == []
+    assert hmds.peak_large == 2
+    assert hmds.peak_open <= 5
+    assert peak_small >= 3  # small requests use the room the large cap leaves
+    assert gov.open_count() == 0
+
+
+def test_slot_released_on_exception_and_cancel(ledger: PacingLedger) -> None:
+    gov = PacingGovernor(ledger, FAST, max_open=2, max_open_large=1)
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError):
+            async with gov.slot(key(1)):
+                assert gov.open_count() == 1
+                raise RuntimeError("boom")
+        assert gov.open_count() == 0
+
+        entered = asyncio.Event()
+
+        async def holder() -> None:
+            async with gov.slot(None, small=False):
+                entered.set()
+                await asyncio.sleep(10)
+
+        task = asyncio.create_task(holder())
+        await entered.wait()
+        # A second large request queues behind the cap; cancel it while it waits.
+        waiter = asyncio.create_task(_enter(gov.slot(None, small=False)))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        waiter.cancel()
+        task.cancel()
+        for t in (task, waiter):
+            with pytest.raises(asyncio.CancelledError):
+                await t
+        assert gov.open_count() == 0
+        assert gov._gates == {} and gov._gate_users == {}  # no queue left behind
+        async with gov.slot(None, small=False):  # and the cap is free again
+            pass
+
+    asyncio.run(main())
+
+
+async def _enter(cm) -> None:
+    async with cm:
+        pass
+
+
+def test_leases_are_renewed_while_held(ledger: PacingLedger) -> None:
+    gov = PacingGovernor(ledger, FAST, lease_ttl=0.15)
+
+    async def main() -> None:
+        async with gov.slot(None, small=False):
+            await asyncio.sleep(0.5)  # three TTLs
+            assert gov.open_count() == 1
+        assert gov.open_count() == 0
+
+    asyncio.run(main())
+
+
+def test_pacing_violation_backs_off_doubling_and_resets(ledger: PacingLedger) -> None:
+    gov = PacingGovernor(ledger, FAST, backoff_initial_s=10.0, backoff_max_s=25.0)
+
+    async def timed(k: PacedRequest | None, small: bool = True) -> float:
+        start = time.monotonic()
+        async with gov.slot(k, small=small):
+            pass
+        return time.monotonic() - start
+
+    async def main() -> None:
+        assert gov.report_violation() == pytest.approx(0.1)
+        assert await timed(None, small=False) < 0.05  # large bars are not held back
+        assert await timed(key(1)) >= 0.09
+        assert gov.backoff == 0  # the success reset it
+        assert gov.report_violation() == pytest.approx(0.1)
+        assert gov.report_violation() == pytest.approx(0.2)
+        assert gov.report_violation() == pytest.approx(0.25)  # capped
+        assert await timed(key(2)) >= 0.24
+        assert gov.backoff == 0
+
+        # A violation reported while a request is in flight: that request's success does
+        # not reset the back-off.
+        async with gov.slot(key(3)):
+            gov.report_violation()
+        assert gov.backoff == pytest.approx(0.1)
+
+    asyncio.run(main())
+
+
+def test_invalid_configuration() -> None:
+    led = MemoryPacingLedger()
+    with pytest.raises(ValueError):
+        PacingGovernor(led, FAST, max_open=51)
+    with pytest.raises(ValueError):
+        PacingGovernor(led, FAST, max_open=5, max_open_large=6)
+
+    async def main() -> None:
+        gov = PacingGovernor(led, PacingLimits(same_contract_max=1))
+        with pytest.raises(ValueError):
+            async with gov.slot(key(1, what="BID_ASK")):
+                pass
+
+    asyncio.run(main())
+
+
+# --- several processes ------------------------------------------------------------------------
+
+SHARED = PacingLimits(time_scale=0.003)  # identical 45 ms, contract 6 ms, global 1.8 s
+
+
+def _share_worker(path: str, tag: str, n: int, barrier, results) -> None:
+    """One process of the shared-ledger test: ``n`` requests, overlapping the other's."""
+
+    async def main() -> list[tuple[float, str, str, int]]:
+        # The extra 1 s (3 ms scaled) absorbs scheduling jitter between a process's ledger
+        # decision and the moment it notes its send, so the replay of the *sends* is
+        # stable; the replay of the ledger's own decisions needs no slack at all.
+        gov = PacingGovernor(SqlitePacingLedger(path, retention=3600), SHARED, safety_margin_s=1.0)
+        sent: list[tuple[float, str, str, int]] = []
+
+        async def one(i: int) -> None:
+            # Both processes use the same contracts, and the same identities for i < 5.
+            k = key(i if i < 5 else {"A": 1000, "B": 2000}[tag] + i, tick=f"T{i % 4}")
+            async with gov.slot(k):
+                sent.append((time.time(), k.identity, k.tick_key, k.weight))
+                await asyncio.sleep(0.001)
+
+        barrier.wait()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return sent
+
+    results.put((tag, asyncio.run(main())))
+
+
+def test_two_processes_share_one_ledger(tmp_path: Path) -> None:
+    path = str(tmp_path / "ledger.sqlite")
+    SqlitePacingLedger(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_share_worker, args=(path, tag, 40, barrier, results))
+        for tag in ("A", "B")
+    ]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=10)
+        assert p.exitcode == 0
+    assert len(got["A"]) == len(got["B"]) == 40
+    # The decisions recorded in the ledger never break a rule.
+    events = SqlitePacingLedger(path).events()
+    assert len(events) == 80
+    assert replay(events, SHARED) == []
+    # Nor do the sends the two processes made (as each saw them).
+    sends = [PacingEvent(*s) for s in got["A"] + got["B"]]
+    assert replay(sends, SHARED) == []
+    # 80 requests > 60 per window: the processes really had to share the budget.
+    first = min(s.at for s in sends)
+    assert max(s.at for s in sends) - first >= SHARED.global_window
+    assert sorted(s.at for s in sends)[59] - first < SHARED.global_window / 2
+
+
+def _hold_worker(path: str, n: int, ready) -> None:
+    """Take ``n`` open slots and sit on them until killed."""
+
+    async def main() -> None:
+        gov = PacingGovernor(
+            SqlitePacingLedger(path), FAST, max_open=n, max_open_large=n, lease_ttl=3600
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            for i in range(n):
+                await stack.enter_async_context(gov.slot(key(i, tick=f"H{i}")))
+            ready.set()
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
+
+
+def test_killed_process_does_not_block_others(tmp_path: Path) -> None:
+    path = str(tmp_path / "ledger.sqlite")
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_hold_worker, args=(path, 3, ready))
+    proc.start()
+    try:
+        assert ready.wait(timeout=60)
+        gov = PacingGovernor(SqlitePacingLedger(path), FAST, max_open=3, max_open_large=3)
+        assert gov.open_count() == 3
+
+        async def take(n: int, timeout: float) -> None:
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(n):
+                    await asyncio.wait_for(
+                        stack.enter_async_context(gov.slot(None, small=False)), timeout
+                    )
+
+        with pytest.raises(TimeoutError):
+            asyncio.run(take(1, 0.3))  # all slots are held by the other process
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=10)  # reap it, or its pid would stay (a zombie)
+        assert proc.exitcode == -signal.SIGKILL
+        start = time.monotonic()
+        asyncio.run(take(3, 2.0))  # its leases (TTL 1 h) are purged at once
+        assert time.monotonic() - start < 1.0
+        assert gov.open_count() == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
