@@ -180,7 +180,9 @@ class MarketModel:
             sn = rng.multinomial(n, sv / v).astype(float) if n > 0 else np.zeros(60)
         else:
             sv, sn = np.zeros(60), np.zeros(60)
-        sw = np.round((sh + sl + sc) / 3.0, 6)
+        sw = (sh + sl + sc) / 3.0
+        # shift the seconds' WAPs so that their volume-weighted mean is the minute's WAP
+        sw = sw + ((minute[W] * v - float(np.dot(sw, sv))) / v if v > 0 else minute[W] - sw)
         ts = t0 + np.arange(60, dtype=float)
         return np.column_stack([ts, so, sh, sl, sc, sv, sn, sw])
 
@@ -207,13 +209,18 @@ class MarketModel:
         return out
 
     def _session_rows(self, inst: Instrument, idx: int, use_rth: bool, now: float,
-                      seconds: bool) -> np.ndarray:
-        """Minute (or second) rows of one session up to ``now``, the last one partial."""
+                      seconds: bool, window: tuple[float, float] | None = None) -> np.ndarray:
+        """Minute (or second) rows of one session up to ``now``, the last one partial.
+
+        ``window`` limits the rows to the minutes overlapping [start, end) (second bars are
+        generated only where they are asked for)."""
         sch = calendars.schedule(inst.profile.name)
         minutes = self.session_minutes(inst, idx)
         lo, hi = sch.bounds(use_rth)
         t = minutes[:, T]
         keep = (t >= lo[idx]) & (t < hi[idx]) & (t < now)
+        if window is not None:
+            keep &= (t + 60 > window[0]) & (t < window[1])
         rows = minutes[keep]
         if len(rows) == 0:
             return rows
@@ -282,7 +289,9 @@ class MarketModel:
         out = []
         tz = ZoneInfo(profile.tz)
         for idx in range(i, j):
-            rows = self._session_rows(inst, idx, use_rth, now_s, seconds=size < 60)
+            small = size < 60
+            window = (s.timestamp(), e.timestamp()) if small else None
+            rows = self._session_rows(inst, idx, use_rth, now_s, seconds=small, window=window)
             if len(rows) == 0:
                 continue
             lo = sch.bounds(use_rth)[0][idx]

@@ -441,7 +441,7 @@ class PortalServer:
         self._compute = compute
         self._tmpdir: str | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._portfolio_primed = False
         self._iserver_primed = False
         self._lines: dict[int, str] = {}  # conid -> server_id of its open market data line
@@ -478,9 +478,13 @@ class PortalServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            for writer in list(self._writers):
+            tasks = list(self._connections)
+            for task, writer in list(self._connections.items()):
                 with contextlib.suppress(Exception):
-                    writer.close()
+                    writer.transport.abort()  # no TLS close handshake with idle clients
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=2)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
@@ -501,7 +505,9 @@ class PortalServer:
 
     # -- connections -------------------------------------------------------------------------
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections[task] = writer
         peer = writer.get_extra_info("peername")
         try:
             while True:
@@ -535,10 +541,13 @@ class PortalServer:
                     break
         except (TimeoutError, ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:  # stop(); Python 3.11's streams would log a re-raise
+            pass
         except Exception:  # a bug here must not take the server down
             log.exception("client portal: connection from %s failed", peer)
         finally:
-            self._writers.discard(writer)
+            if task is not None:
+                self._connections.pop(task, None)
             with contextlib.suppress(Exception):
                 writer.close()
                 await asyncio.wait_for(writer.wait_closed(), 2)

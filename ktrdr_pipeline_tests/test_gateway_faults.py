@@ -1,0 +1,125 @@
+"""Fault injection, from tests and from the loopback admin interface."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+from ib_async import Stock
+
+from ktrdr_pipeline.ib import limits
+
+from .conftest import ErrorLog, connect, read_audit
+
+AAPL = Stock("AAPL", "SMART", "USD")
+END = "20261117 16:00:00 US/Eastern"
+
+
+def _bars(ib, timeout: float = 5):
+    return ib.reqHistoricalData(AAPL, END, "1 D", "1 hour", "TRADES", True, 2, timeout=timeout)
+
+
+def _admin(gateway, method: str, path: str) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{gateway.server.admin_port}{path}",
+                                 method=method)
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_disconnected(*clients, timeout: float = 5) -> None:
+    deadline = time.time() + timeout
+    while any(c.isConnected() for c in clients) and time.time() < deadline:
+        try:
+            clients[0].sleep(0.05)
+        except ConnectionError:  # ib_async raises from sleep when its socket closes
+            pass
+
+
+def test_disconnect_all_closes_every_client(gateway):
+    a, b = connect(gateway), connect(gateway)
+    try:
+        assert gateway.disconnect_all() == 2
+        _wait_disconnected(a, b)
+        assert not a.isConnected() and not b.isConnected()
+        c = connect(gateway)  # the gateway keeps serving
+        assert len(_bars(c)) == 7
+        c.disconnect()
+    finally:
+        a.disconnect()
+        b.disconnect()
+
+
+def test_nightly_reset_with_data_maintained(gateway, ib):
+    errors = ErrorLog(ib)
+    done = gateway.reset(pause=0.5, restore="1102")
+    ib.sleep(0.1)
+    started = time.perf_counter()
+    bars = _bars(ib)  # held during the reset, answered after it
+    assert len(bars) == 7
+    assert time.perf_counter() - started > 0.25
+    done.result(5)
+    ib.sleep(0.1)
+    assert limits.ERR_CONNECTIVITY_LOST in errors.codes()
+    assert limits.ERR_RESTORED_DATA_MAINTAINED in errors.codes()
+    assert ib.isConnected()
+
+
+def test_nightly_reset_ending_in_a_closed_socket(gateway, ib):
+    errors = ErrorLog(ib)
+    gateway.reset(pause=0.2, restore="close").result(5)
+    _wait_disconnected(ib)
+    assert not ib.isConnected()
+    assert limits.ERR_CONNECTIVITY_LOST in errors.codes()
+
+
+def test_injected_pacing_violations(gateway, ib):
+    errors = ErrorLog(ib)
+    gateway.inject("pacing", 2)
+    assert len(_bars(ib)) == 0
+    assert len(_bars(ib)) == 0
+    assert len(_bars(ib)) == 7
+    assert [m for _, c, m in errors.items if c == 162] == [limits.MSG_PACING_VIOLATION] * 2
+
+
+def test_injected_322_errors(gateway, ib):
+    errors = ErrorLog(ib)
+    gateway.inject("error_322", 1)
+    assert len(_bars(ib)) == 0
+    assert len(_bars(ib)) == 7
+    assert errors.codes().count(limits.ERR_PROCESSING) == 1
+
+
+def test_stalled_request_is_never_answered(gateway, ib, audit_path):
+    gateway.inject("stall", 1)
+    started = time.perf_counter()
+    assert len(_bars(ib, timeout=0.7)) == 0
+    assert time.perf_counter() - started >= 0.65
+    assert len(_bars(ib)) == 7
+    assert any(e.get("outcome") == "stalled" for e in read_audit(audit_path))
+
+
+def test_admin_interface(gateway, ib):
+    errors = ErrorLog(ib)
+    status = _admin(gateway, "GET", "/status")
+    assert status["clients"] == [ib.client.clientId]
+    assert _admin(gateway, "POST", "/faults/pacing?count=1") == {"pacing": 1}
+    assert len(_bars(ib)) == 0
+    assert _admin(gateway, "POST", "/faults/error322?count=1") == {"error322": 1}
+    assert len(_bars(ib)) == 0
+    assert errors.codes().count(162) == 1 and errors.codes().count(322) == 1
+    _admin(gateway, "POST", "/faults/reset?pause=0.2&restore=1102")
+    ib.sleep(0.6)
+    assert 1100 in errors.codes() and 1102 in errors.codes()
+    assert _admin(gateway, "POST", "/faults/disconnect") == {"disconnected": 1}
+    try:
+        _admin(gateway, "POST", "/faults/nope")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
+    else:
+        raise AssertionError("unknown endpoint accepted")
+
+
+def test_admin_interface_binds_loopback_only(gateway):
+    srv = gateway.server._admin
+    assert all(s.getsockname()[0] == "127.0.0.1" for s in srv.sockets)
