@@ -1,14 +1,21 @@
 """The pacing governor and its ledgers: every rule, the open caps, rate, and many processes.
 
 Windows are scaled down (``PacingLimits(time_scale=...)``) so that the whole file runs in
-seconds. Sends are checked by replaying them through :meth:`PacingWindow.violation` with the
-*nominal* limits (the governor enforces slightly longer windows: its safety margin).
+seconds. Two checks replay history through :meth:`PacingWindow.violation`:
+
+* the ledger's own decisions (event times, read under its lock) against the *nominal* limits,
+  strictly: this is what the governor guarantees;
+* the moments requests reached the fake IB, with every window shortened by ``JITTER``: at
+  these tiny scales (a 2 ms window) an OS scheduling hiccup between the ledger's decision and
+  the send can exceed the governor's 5 % safety margin. At real scale the margin (0.1 s on the
+  2 s rule) dwarfs such delays. A bypassed governor breaks both checks by far.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -44,6 +51,20 @@ FAST = PacingLimits(time_scale=0.01)  # identical 0.15 s, contract 20 ms, global
 # --- helpers -------------------------------------------------------------------------------
 
 
+JITTER = 0.003  # seconds
+
+
+def shortened(limits: PacingLimits, slack: float = JITTER) -> PacingLimits:
+    """``limits`` with every window ``slack`` seconds shorter (never below 0)."""
+    cut = slack / limits.time_scale
+    return dataclasses.replace(
+        limits,
+        identical_window_s=max(0.0, limits.identical_window_s - cut),
+        same_contract_window_s=max(0.0, limits.same_contract_window_s - cut),
+        global_window_s=max(0.0, limits.global_window_s - cut),
+    )
+
+
 def replay(events: list[PacingEvent], limits: PacingLimits) -> list[str]:
     """Every rule broken by ``events`` sent in time order (an empty list: all fine)."""
     events = sorted(events, key=lambda e: e.at)
@@ -58,10 +79,13 @@ def replay(events: list[PacingEvent], limits: PacingLimits) -> list[str]:
 
 
 class FakeHMDS:
-    """Stands in for IB's historical data farm: notes every rule a request breaks."""
+    """Stands in for IB's historical data farm: notes every rule a request breaks.
+
+    The rules are checked with windows shortened by ``JITTER`` (see the module docstring).
+    """
 
     def __init__(self, limits: PacingLimits, max_open: int = 50) -> None:
-        self.limits = limits
+        self.limits = shortened(limits)
         self.max_open = max_open
         self.sent: list[PacingEvent] = []
         self.violations: list[str] = []
@@ -136,8 +160,11 @@ async def run_all(
     await asyncio.gather(*(one(k) for k in keys))
 
 
-def send_times(hmds: FakeHMDS) -> list[float]:
-    return [e.at for e in hmds.sent]
+def decided(ledger: PacingLedger, limits: PacingLimits) -> list[float]:
+    """The ledger's event times, after checking them strictly against ``limits``."""
+    events = ledger.events()
+    assert replay(events, limits) == []
+    return [e.at for e in events]
 
 
 # --- request keys ---------------------------------------------------------------------------
@@ -288,38 +315,40 @@ def test_identical_requests_wait_15_s_scaled(ledger: PacingLedger) -> None:
     hmds = FakeHMDS(FAST)
     k = key(1)
     asyncio.run(run_all(gov, hmds, [k, k, k]))
-    t = send_times(hmds)
-    assert hmds.violations == [] and replay(hmds.sent, FAST) == []
+    assert hmds.violations == []
+    t = decided(ledger, FAST)
     gaps = [b - a for a, b in zip(t, t[1:], strict=False)]
     w = FAST.identical_window
     for gap in gaps:  # at the window (plus the 5 % margin), not later
-        assert w <= gap <= w * 1.05 + 0.02, gaps
+        assert w <= gap <= w * 1.05 + 0.03, gaps
 
 
 def test_six_per_contract_within_2_s_scaled(ledger: PacingLedger) -> None:
-    gov = PacingGovernor(ledger, FAST)
-    hmds = FakeHMDS(FAST)
+    limits = PacingLimits(time_scale=0.05)  # contract window 0.1 s
+    gov = PacingGovernor(ledger, limits)
+    hmds = FakeHMDS(limits)
     asyncio.run(run_all(gov, hmds, [key(i, tick="ONE") for i in range(12)]))
-    t = send_times(hmds)
-    assert hmds.violations == [] and replay(hmds.sent, FAST) == []
-    w = FAST.same_contract_window
-    # Five go at once, five more one window later, then the last two.
-    assert t[4] - t[0] < w / 2
-    assert w <= t[5] - t[0] <= w * 1.05 + 0.01
-    assert w <= t[10] - t[5] <= w * 1.05 + 0.01
+    assert hmds.violations == []
+    t = decided(ledger, limits)
+    w = limits.same_contract_window
+    # Five go at once, five more one window later (not two), then the last two.
+    assert t[4] - t[0] < w / 4
+    assert w <= t[5] - t[0] <= w * 1.05 + 0.03
+    assert w <= t[10] - t[5] <= w * 1.05 + 0.03
 
 
 def test_bid_ask_counts_twice_per_contract(ledger: PacingLedger) -> None:
-    gov = PacingGovernor(ledger, FAST)
-    hmds = FakeHMDS(FAST)
+    limits = PacingLimits(time_scale=0.05)
+    gov = PacingGovernor(ledger, limits)
+    hmds = FakeHMDS(limits)
     keys = [key(i, tick="ONE", what="BID_ASK") for i in range(5)]
     asyncio.run(run_all(gov, hmds, keys))
-    t = send_times(hmds)
-    assert hmds.violations == [] and replay(hmds.sent, FAST) == []
-    w = FAST.same_contract_window
-    assert t[1] - t[0] < w / 2  # weight 4 in the window
-    assert w <= t[2] - t[0] <= w * 1.05 + 0.01  # a third would make 6
-    assert w <= t[4] - t[2] <= w * 1.05 + 0.01
+    assert hmds.violations == []
+    t = decided(ledger, limits)
+    w = limits.same_contract_window
+    assert t[1] - t[0] < w / 4  # weight 4 in the window
+    assert w <= t[2] - t[0] <= w * 1.05 + 0.03  # a third would make 6
+    assert w <= t[4] - t[2] <= w * 1.05 + 0.03
 
 
 def _greedy_makespan(sent: list[PacingEvent], limits: PacingLimits) -> float:
@@ -341,9 +370,10 @@ def test_global_rule_at_full_rate(tmp_path: Path, what: str, n: int) -> None:
     gov = PacingGovernor(ledger, limits)
     hmds = FakeHMDS(limits)
     asyncio.run(run_all(gov, hmds, [key(i, what=what) for i in range(n)]))
-    assert hmds.violations == [] and replay(hmds.sent, limits) == []
+    assert hmds.violations == []
     assert len(hmds.sent) == n
-    t = send_times(hmds)
+    decided(ledger, limits)
+    t = [e.at for e in hmds.sent]
     per_window = limits.global_max // (2 if what == "BID_ASK" else 1)
     w = limits.global_window
     assert t[per_window - 1] - t[0] < w / 4  # the first window's worth goes at once
@@ -359,16 +389,14 @@ def test_rate_on_sqlite_with_mixed_rules(tmp_path: Path) -> None:
     """Contract and global rules together, through SQLite: full rate, no violation."""
     limits = PacingLimits(time_scale=0.001)
     ledger = SqlitePacingLedger(tmp_path / "ledger.sqlite", retention=3600)
-    # 2 ms scaled seconds of extra margin absorb jitter between decision and send at this
-    # tiny scale (the contract window is only 2 ms here); the global window dominates.
-    gov = PacingGovernor(ledger, limits, safety_margin_s=2.0)
+    gov = PacingGovernor(ledger, limits)
     hmds = FakeHMDS(limits)
     keys = [
         key(i, tick=f"T{i % 4}", what="BID_ASK" if i % 5 == 0 else "TRADES") for i in range(110)
     ]
     asyncio.run(run_all(gov, hmds, keys))
-    assert hmds.violations == [] and replay(hmds.sent, limits) == []
-    assert replay(ledger.events(), limits) == []
+    assert hmds.violations == []
+    decided(ledger, limits)
     ideal = _greedy_makespan(hmds.sent, limits)
     actual = hmds.sent[-1].at - hmds.sent[0].at
     assert ideal / actual >= 0.9, (ideal, actual)
@@ -388,11 +416,13 @@ def test_governor_bypass_is_caught() -> None:
 
     raw = FakeHMDS(limits)
     asyncio.run(bypassed(raw))
-    assert raw.violations and replay(raw.sent, limits)
+    assert raw.violations and replay(raw.sent, shortened(limits))
 
     governed = FakeHMDS(limits)
-    asyncio.run(run_all(PacingGovernor(MemoryPacingLedger(), limits), governed, workload))
-    assert governed.violations == [] and replay(governed.sent, limits) == []
+    ledger = MemoryPacingLedger(retention=3600)
+    asyncio.run(run_all(PacingGovernor(ledger, limits), governed, workload))
+    assert governed.violations == []
+    decided(ledger, limits)
     assert len(governed.sent) == len(workload)
 
 
@@ -542,10 +572,7 @@ def _share_worker(path: str, tag: str, n: int, barrier, results) -> None:
     """One process of the shared-ledger test: ``n`` requests, overlapping the other's."""
 
     async def main() -> list[tuple[float, str, str, int]]:
-        # The extra 1 s (3 ms scaled) absorbs scheduling jitter between a process's ledger
-        # decision and the moment it notes its send, so the replay of the *sends* is
-        # stable; the replay of the ledger's own decisions needs no slack at all.
-        gov = PacingGovernor(SqlitePacingLedger(path, retention=3600), SHARED, safety_margin_s=1.0)
+        gov = PacingGovernor(SqlitePacingLedger(path, retention=3600), SHARED)
         sent: list[tuple[float, str, str, int]] = []
 
         async def one(i: int) -> None:
@@ -583,9 +610,10 @@ def test_two_processes_share_one_ledger(tmp_path: Path) -> None:
     events = SqlitePacingLedger(path).events()
     assert len(events) == 80
     assert replay(events, SHARED) == []
-    # Nor do the sends the two processes made (as each saw them).
+    # Nor do the sends the two processes made (as each saw them, allowing for jitter).
     sends = [PacingEvent(*s) for s in got["A"] + got["B"]]
-    assert replay(sends, SHARED) == []
+    assert replay(sends, shortened(SHARED)) == []
+    assert sorted(e.identity for e in events) == sorted(e.identity for e in sends)
     # 80 requests > 60 per window: the processes really had to share the budget.
     first = min(s.at for s in sends)
     assert max(s.at for s in sends) - first >= SHARED.global_window

@@ -1,0 +1,99 @@
+"""Settings from the environment and the ``ktrdr-pipeline gateway`` command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ib_async import IB, Stock
+
+from ktrdr_pipeline.settings import Settings, SettingsError
+
+from .conftest import read_audit
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert (s.ib_host, s.ib_port, s.ib_client_id) == ("127.0.0.1", 4002, 1)
+    assert s.data_dir == Path("./data")
+
+
+def test_values_from_environment():
+    s = Settings.from_env({"IB_HOST": "10.0.0.5", "IB_PORT": "7497", "IB_CLIENT_ID": "17",
+                           "KTRDR_DATA_DIR": "/tmp/x"})
+    assert (s.ib_host, s.ib_port, s.ib_client_id, s.data_dir) == ("10.0.0.5", 7497, 17,
+                                                                   Path("/tmp/x"))
+
+
+@pytest.mark.parametrize(("env", "name"), [
+    ({"IB_PORT": "0"}, "IB_PORT"),
+    ({"IB_PORT": "65536"}, "IB_PORT"),
+    ({"IB_PORT": "http"}, "IB_PORT"),
+    ({"IB_CLIENT_ID": "1.5"}, "IB_CLIENT_ID"),
+    ({"IB_CLIENT_ID": "abc"}, "IB_CLIENT_ID"),
+    ({"IB_CLIENT_ID": "-3"}, "IB_CLIENT_ID"),
+    ({"IB_HOST": "bad host"}, "IB_HOST"),
+])
+def test_invalid_settings_name_the_variable(env, name):
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env(env)
+
+
+def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", *args],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def test_cli_rejects_bad_settings_and_ports():
+    bad_env = _cli("gateway", "--port", "0", env={"IB_PORT": "99999"})
+    assert bad_env.returncode == 2 and "IB_PORT" in bad_env.stderr
+    bad_port = _cli("gateway", "--port", "70000")
+    assert bad_port.returncode == 2 and "1 to 65535" in bad_port.stderr
+    bad_clock = _cli("gateway", "--clock", "yesterday")
+    assert bad_clock.returncode == 2 and "ISO 8601" in bad_clock.stderr
+
+
+def test_gateway_command_serves_until_interrupted(tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ktrdr_pipeline.cli", "gateway", "--port", "0", "--latency",
+         "none", "--clock", "2026-11-18T15:00:00+00:00", "--seed", "3", "--audit-log",
+         str(audit)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        port = int(line.strip().rsplit(":", 1)[1])
+        ib = IB()
+        ib.connect("127.0.0.1", port, clientId=5, timeout=5)
+        bars = ib.reqHistoricalData(Stock("TSLA", "SMART", "USD"), "", "1 D", "1 hour",
+                                    "TRADES", True, 2)
+        assert bars
+        ib.disconnect()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert any(e["message"] == "historicalData" for e in read_audit(audit))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_gateway_port_in_use_is_a_clear_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        started = time.time()
+        result = _cli("gateway", "--port", str(port))
+        assert result.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+        assert time.time() - started < 30
