@@ -102,6 +102,8 @@ async def _run_gateway(args: argparse.Namespace) -> None:
     if gw.portal_port is not None:
         scheme = "http" if args.portal_plain_http else "https"
         print(f"client portal on {scheme}://127.0.0.1:{gw.portal_port}/v1/api", flush=True)
+        if gw.portal_cert_path:
+            print(f"client portal certificate: {gw.portal_cert_path}", flush=True)
     try:
         await stop.wait()
     finally:

@@ -202,8 +202,8 @@ def add_default_options_and_positions(universe: Universe, market: MarketModel,
             continue
         avg = cost(inst)
         if inst.sec_type == "OPT":
-            g = black_scholes(market.last_price(universe.by_symbol(inst.symbol, "STK")[0],
-                                                cost_time), inst.strike,
-                              option_years(inst, cost_time), inst.annual_vol, inst.right)
+            spot = market.last_price(universe.by_symbol(inst.symbol, "STK")[0], cost_time)
+            g = black_scholes(spot, inst.strike, option_years(inst, cost_time),
+                              smile_vol(inst, spot), inst.right)
             avg = round(g.price * inst.multiplier_value, 4)
         universe.positions.append(Position(inst.con_id, float(qty), avg))
