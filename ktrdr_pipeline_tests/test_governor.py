@@ -430,10 +430,13 @@ def test_governor_bypass_is_caught() -> None:
 
 
 def test_max_open_requests(ledger: PacingLedger) -> None:
-    gov = PacingGovernor(ledger, FAST, max_open=4, max_open_large=2)
+    # open_poll is long: waiters must be woken by this process's releases, not by polling.
+    gov = PacingGovernor(ledger, FAST, max_open=4, max_open_large=2, open_poll=5.0)
     hmds = FakeHMDS(FAST, max_open=4)
+    start = time.monotonic()
     # Small bars outside the hard rules would be unusual, but isolate the open cap here.
     asyncio.run(run_all(gov, hmds, [None] * 20, hold=0.02, small=True))
+    assert time.monotonic() - start < 1.0  # 5 rounds of 20 ms
     assert hmds.violations == []
     assert hmds.peak_open == 4
     assert gov.open_count() == 0

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ktrdr_pipeline import calendars
-from ktrdr_pipeline.gateway.market import C, H, L, O, T, V, W, MarketModel, N
+from ktrdr_pipeline.gateway.market import C, H, L, MarketModel, N, O, T, V, W
 from ktrdr_pipeline.gateway.universe import build_universe
 from ktrdr_pipeline.ib.limits import BAR_SIZE_SECONDS
 

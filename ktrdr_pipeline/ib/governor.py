@@ -143,7 +143,8 @@ class PacingGovernor:
         self._violations = 0  # how many report_violation() calls so far
         self._gates: dict[str, asyncio.Lock] = {}
         self._gate_users: dict[str, int] = {}
-        self._released: asyncio.Event | None = None
+        # Set (and replaced) whenever this process releases a slot; tied to its event loop.
+        self._released: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     # -- public API --
 
@@ -268,10 +269,11 @@ class PacingGovernor:
             del self._gate_users[key], self._gates[key]
 
     async def _wait_release(self, timeout: float) -> None:
-        if self._released is None:
-            self._released = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if self._released is None or self._released[0] is not loop:
+            self._released = (loop, asyncio.Event())
         try:
-            await asyncio.wait_for(self._released.wait(), timeout)
+            await asyncio.wait_for(self._released[1].wait(), timeout)
         except TimeoutError:
             pass
 
@@ -282,7 +284,7 @@ class PacingGovernor:
             # The lease then ends by expiry (or when this process exits).
             log.exception("could not release pacing lease %s", token)
         if self._released is not None:
-            self._released.set()
+            self._released[1].set()
             self._released = None  # later waiters get a fresh event
 
     async def _renew(self, token: str) -> None:
