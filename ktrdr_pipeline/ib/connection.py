@@ -1,0 +1,239 @@
+"""The connection to IB Gateway / TWS: connect with retries, client-id rotation,
+reconnect with backoff, the nightly-reset window, and a status report.
+
+Async all the way (``ib_async``'s blocking calls cannot run inside a running loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from ib_async import IB
+
+from ..settings import Settings
+from . import limits
+from .errors import GatewayUnreachable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResetWindow:
+    """IB's nightly reset: no new requests start inside it (default 23:40–00:05 ET)."""
+
+    start: time = time(23, 40)
+    end: time = time(0, 5)
+    tz: str = "US/Eastern"
+
+    @classmethod
+    def parse(cls, text: str) -> ResetWindow:
+        """``'23:40-00:05'`` (US/Eastern), or ``''``/``'off'`` for no window."""
+        text = text.strip()
+        if text.lower() in ("", "off", "none"):
+            return cls(time(0, 0), time(0, 0))
+        try:
+            a, b = text.split("-")
+            return cls(time.fromisoformat(a.strip()), time.fromisoformat(b.strip()))
+        except ValueError:
+            raise ValueError(f"invalid reset window {text!r}: use HH:MM-HH:MM (US/Eastern) "
+                             "or 'off'") from None
+
+    def contains(self, t: datetime) -> bool:
+        if self.start == self.end:
+            return False
+        local = t.astimezone(ZoneInfo(self.tz)).time()
+        if self.start < self.end:
+            return self.start <= local < self.end
+        return local >= self.start or local < self.end
+
+    def ends_after(self, t: datetime) -> datetime:
+        """When the window that contains ``t`` closes (``t`` itself when outside it)."""
+        if not self.contains(t):
+            return t
+        tz = ZoneInfo(self.tz)
+        local = t.astimezone(tz)
+        end = datetime.combine(local.date(), self.end, tz)
+        if end <= local:
+            end = datetime.combine(local.date() + timedelta(days=1), self.end, tz)
+        return end.astimezone(UTC)
+
+
+@dataclass
+class ConnectionStatus:
+    host: str
+    port: int
+    connected: bool = False
+    client_id: int | None = None
+    server_version: int | None = None
+    accounts: list[str] = field(default_factory=list)
+    last_error: str | None = None
+    last_fetch: datetime | None = None
+    reconnects: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "host": self.host, "port": self.port, "connected": self.connected,
+            "client_id": self.client_id, "server_version": self.server_version,
+            "accounts": self.accounts, "last_error": self.last_error,
+            "last_fetch": self.last_fetch.isoformat() if self.last_fetch else None,
+            "reconnects": self.reconnects,
+        }
+
+
+class IBConnection:
+    """Owns one ``ib_async.IB`` client and keeps it connected."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 4002,
+        client_id: int = 1,
+        *,
+        client_ids: range | None = None,
+        attempts: int = 3,
+        backoff_s: float = 1.0,
+        connect_timeout: float = 10.0,
+        reset_window: ResetWindow | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        self.host, self.port = host, port
+        self.client_ids = client_ids or range(client_id, client_id + 10)
+        if client_id not in self.client_ids:
+            raise ValueError(f"client id {client_id} is outside the range {self.client_ids}")
+        self._preferred = client_id
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.connect_timeout = connect_timeout
+        self.reset_window = reset_window or ResetWindow()
+        self.clock = clock
+        self.sleep = sleep
+        self.ib = IB()
+        self.ib.RaiseRequestErrors = True
+        self.status_info = ConnectionStatus(host, port)
+        self._lock = asyncio.Lock()
+        self._ever_connected = False
+        self.ib.errorEvent += self._on_error
+        self.ib.disconnectedEvent += self._on_disconnected
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs) -> IBConnection:
+        return cls(settings.ib_host, settings.ib_port, settings.ib_client_id, **kwargs)
+
+    # -- events -------------------------------------------------------------------------
+    def _on_error(self, req_id: int, code: int, message: str, contract) -> None:
+        if code in (2104, 2106, 2158, 2107, 2108, 2119):
+            return  # farm status notices
+        self.status_info.last_error = f"{code}: {message}"
+        if code == limits.ERR_CONNECTIVITY_LOST:
+            log.warning("IB reports connectivity lost (1100); requests pause until restored")
+
+    def _on_disconnected(self) -> None:
+        self.status_info.connected = False
+        if self._ever_connected:
+            log.warning("disconnected from IB Gateway at %s:%d", self.host, self.port)
+
+    # -- connecting ---------------------------------------------------------------------
+    def is_connected(self) -> bool:
+        return self.ib.isConnected()
+
+    async def connect(self) -> IBConnection:
+        """Connect, retrying with exponential backoff; a client id in use moves to the
+        next id of the range. Raises :class:`GatewayUnreachable` naming host and port."""
+        async with self._lock:
+            if self.ib.isConnected():
+                return self
+            await self._connect_locked()
+            return self
+
+    async def _connect_locked(self) -> None:
+        ids = list(self.client_ids)
+        start = ids.index(self._preferred) if self._preferred in ids else 0
+        ids = ids[start:] + ids[:start]
+        last_exc: BaseException | None = None
+        failures = 0
+        k = 0
+        while failures < self.attempts:
+            client_id = ids[k % len(ids)]
+            in_use = asyncio.Event()
+
+            def on_error(req_id, code, message, contract, _ev=in_use):
+                if code == limits.ERR_CLIENT_ID_IN_USE:
+                    _ev.set()
+
+            self.ib.errorEvent += on_error
+            try:
+                await self.ib.connectAsync(self.host, self.port, clientId=client_id,
+                                           timeout=self.connect_timeout)
+                self._on_connected(client_id)
+                return
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                last_exc = exc
+                self.ib.disconnect()
+                if in_use.is_set() or "already in use" in str(exc):
+                    log.warning("client id %d is in use; trying the next one", client_id)
+                    k += 1
+                    if k >= len(ids):
+                        raise GatewayUnreachable(
+                            f"every client id in {self.client_ids.start}..."
+                            f"{self.client_ids.stop - 1} is in use at {self.host}:{self.port}"
+                        ) from exc
+                    continue
+                failures += 1
+                self.status_info.last_error = f"connect failed: {exc!r}"
+                if failures < self.attempts:
+                    delay = self.backoff_s * 2 ** (failures - 1)
+                    log.warning("cannot connect to %s:%d (%s); retrying in %.1fs", self.host,
+                                self.port, exc.__class__.__name__, delay)
+                    await self.sleep(delay)
+            finally:
+                self.ib.errorEvent -= on_error
+        raise GatewayUnreachable(
+            f"cannot reach IB Gateway/TWS at {self.host}:{self.port} after {self.attempts} "
+            f"attempts ({last_exc!r}); is it running with the API enabled on that port?"
+        ) from last_exc
+
+    def _on_connected(self, client_id: int) -> None:
+        self._preferred = client_id
+        st = self.status_info
+        if self._ever_connected:
+            st.reconnects += 1
+        self._ever_connected = True
+        st.connected = True
+        st.client_id = client_id
+        st.server_version = self.ib.client.serverVersion()
+        st.accounts = list(self.ib.managedAccounts())
+        log.info("connected to %s:%d as client %d (server version %s)", self.host, self.port,
+                 client_id, st.server_version)
+
+    async def ensure_connected(self) -> IB:
+        """The connected client, reconnecting with backoff after a drop, and holding new
+        requests until IB's nightly reset window is over."""
+        await self.wait_outside_reset_window()
+        if not self.ib.isConnected():
+            await self.connect()
+        return self.ib
+
+    async def wait_outside_reset_window(self) -> None:
+        now = self.clock()
+        if self.reset_window.contains(now):
+            until = self.reset_window.ends_after(now)
+            log.info("inside IB's nightly reset window; pausing until %s", until.isoformat())
+            await self.sleep(max((until - now).total_seconds(), 0.0))
+
+    def record_fetch(self) -> None:
+        self.status_info.last_fetch = self.clock()
+
+    def status(self) -> dict[str, object]:
+        self.status_info.connected = self.ib.isConnected()
+        return self.status_info.as_dict()
+
+    async def disconnect(self) -> None:
+        self._ever_connected = False
+        self.ib.disconnect()
+        self.status_info.connected = False

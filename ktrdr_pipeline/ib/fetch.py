@@ -1,0 +1,235 @@
+"""Running a request plan against IB: pacing, concurrency, timeouts, retries.
+
+The fetcher never mistakes a failure for "no data": a timeout cancels the request and
+retries it, a pacing violation backs off and retries, a disconnect reconnects and
+re-issues; only IB's explicit "HMDS query returned no data" is an empty success. Errors
+that retrying cannot fix (unknown contract, invalid request, permissions) fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+import pandas as pd
+from ib_async import BarDataList, Contract
+from ib_async.wrapper import RequestError
+
+from ..planning import HistoricalRequest
+from . import limits
+from .connection import IBConnection
+from .errors import Disconnected, ErrorKind, IBError, RequestTimeout
+from .governor import PacingGovernor, paced_request_for
+
+log = logging.getLogger(__name__)
+
+BAR_COLUMNS = ["open", "high", "low", "close", "volume", "wap", "bar_count"]
+
+#: whatToShow per security type when the caller does not choose (FX has no TRADES).
+DEFAULT_WHAT_TO_SHOW = {"STK": "TRADES", "FUT": "TRADES", "IND": "TRADES", "OPT": "TRADES",
+                        "CASH": "MIDPOINT", "CMDTY": "MIDPOINT", "CRYPTO": "MIDPOINT"}
+
+
+def default_what_to_show(sec_type: str) -> str:
+    return DEFAULT_WHAT_TO_SHOW.get(sec_type.upper(), "TRADES")
+
+
+def empty_bars() -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in BAR_COLUMNS})
+    frame["bar_count"] = frame["bar_count"].astype("int64")
+    frame.index = pd.DatetimeIndex([], tz=UTC, name="ts")
+    return frame
+
+
+def bars_to_frame(bars: Iterable) -> pd.DataFrame:
+    """IB bars as a frame indexed by UTC bar start (daily and larger: session date 00:00
+    UTC); IB's -1 for "no volume" becomes NaN."""
+    rows = list(bars)
+    if not rows:
+        return empty_bars()
+    ts = []
+    for b in rows:
+        d = b.date
+        if isinstance(d, datetime):
+            ts.append(d.astimezone(UTC) if d.tzinfo else d.replace(tzinfo=UTC))
+        elif isinstance(d, date):
+            ts.append(datetime(d.year, d.month, d.day, tzinfo=UTC))
+        else:
+            raise ValueError(f"unexpected bar date {d!r}")
+    frame = pd.DataFrame({
+        "open": [b.open for b in rows], "high": [b.high for b in rows],
+        "low": [b.low for b in rows], "close": [b.close for b in rows],
+        "volume": [b.volume for b in rows], "wap": [b.average for b in rows],
+        "bar_count": [b.barCount for b in rows],
+    }, index=pd.DatetimeIndex(ts, name="ts").as_unit("ns"))
+    frame.loc[frame["volume"] < 0, "volume"] = float("nan")
+    frame.loc[frame["wap"] < 0, "wap"] = float("nan")
+    frame["bar_count"] = frame["bar_count"].clip(lower=0).astype("int64")
+    return frame
+
+
+@dataclass
+class FetchResult:
+    frame: pd.DataFrame
+    requests_made: int = 0
+    requests_planned: int = 0
+    retries: int = 0
+    empty_answers: int = 0
+    pacing_violations: int = 0
+
+
+class HistoricalFetcher:
+    """Runs :func:`~ktrdr_pipeline.planning.plan_requests` plans through one connection."""
+
+    def __init__(self, connection: IBConnection, governor: PacingGovernor, *,
+                 timeout_s: float = 120.0, attempts: int = 3, backoff_s: float = 1.0,
+                 max_concurrency: int = 4, max_pacing_retries: int = 10):
+        self.conn = connection
+        self.governor = governor
+        self.timeout_s = timeout_s
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.max_concurrency = max_concurrency
+        self.max_pacing_retries = max_pacing_retries
+
+    async def fetch(self, contract: Contract, plan: list[HistoricalRequest],
+                    progress: Callable[[int, int], None] | None = None) -> FetchResult:
+        """Run every request of ``plan``; bars are merged, de-duplicated (a later answer
+        wins) and sorted. Raises :class:`IBError` for failures retrying cannot fix."""
+        result = FetchResult(empty_bars(), requests_planned=len(plan))
+        if not plan:
+            return result
+        small = limits.is_small_bar(plan[0].bar_size)
+        gate = asyncio.Semaphore(1 if small else self.max_concurrency)
+        done = 0
+        frames: list[tuple[int, pd.DataFrame]] = []
+
+        async def one(k: int, req: HistoricalRequest) -> None:
+            nonlocal done
+            async with gate:
+                frame = await self._run(contract, req, result)
+            frames.append((k, frame))
+            done += 1
+            if progress is not None:
+                progress(done, len(plan))
+
+        tasks = [asyncio.ensure_future(one(k, req)) for k, req in enumerate(plan)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        frames.sort(key=lambda kf: kf[0])
+        parts = [f for _, f in frames if len(f)]
+        if parts:
+            merged = pd.concat(parts)
+            merged = merged[~merged.index.duplicated(keep="last")].sort_index()
+            result.frame = merged
+        self.conn.record_fetch()
+        return result
+
+    async def _run(self, contract: Contract, req: HistoricalRequest,
+                   result: FetchResult) -> pd.DataFrame:
+        failures = 0
+        pacing = 0
+        while True:
+            try:
+                bars = await self._request_once(contract, req, result)
+                frame = bars_to_frame(bars)
+                if len(frame) == 0:
+                    result.empty_answers += 1
+                lo, hi = req.covers
+                if not limits.is_daily_or_larger(req.bar_size):
+                    frame = frame[(frame.index >= lo) & (frame.index < hi)]
+                return frame
+            except IBError as exc:
+                if exc.kind is ErrorKind.NO_DATA:
+                    result.empty_answers += 1
+                    return empty_bars()
+                if exc.kind is ErrorKind.PACING:
+                    pacing += 1
+                    result.pacing_violations += 1
+                    result.retries += 1
+                    wait = self.governor.report_violation()
+                    if pacing > self.max_pacing_retries:
+                        raise
+                    log.warning("pacing violation for %s; backing off %.1fs and retrying",
+                                _describe(contract, req), wait)
+                    continue
+                if not exc.retryable:
+                    raise
+                failures += 1
+                result.retries += 1
+                if failures >= self.attempts:
+                    raise IBError(f"{exc} — gave up after {failures} attempts", exc.code,
+                                  exc.kind) from exc
+                delay = self.backoff_s * 2 ** (failures - 1)
+                log.warning("%s failed (%s); retry %d/%d in %.1fs", _describe(contract, req),
+                            exc, failures, self.attempts - 1, delay)
+                await asyncio.sleep(delay)
+
+    async def _request_once(self, contract: Contract, req: HistoricalRequest,
+                            result: FetchResult) -> BarDataList:
+        ib = await self.conn.ensure_connected()
+        end = req.ib_end_string()
+        small = limits.is_small_bar(req.bar_size)
+        key = None
+        if small:
+            key = paced_request_for(str(contract.conId or contract.symbol),
+                                    contract.exchange or "", end, req.duration, req.bar_size,
+                                    req.what_to_show, req.use_rth)
+        async with self.governor.slot(key, small=small):
+            if not ib.isConnected():
+                raise Disconnected("not connected to IB", kind=ErrorKind.RETRYABLE)
+            result.requests_made += 1
+            return await self._send(ib, contract, req, end)
+
+    async def _send(self, ib, contract: Contract, req: HistoricalRequest,
+                    end: str) -> BarDataList:
+        """One reqHistoricalData with its own request id, so that IB's error answers —
+        including 321, which ib_async treats as a warning and would leave hanging — end it
+        at once, and a timeout cancels it instead of returning an empty list."""
+        req_id = ib.client.getReqId()
+        bars = BarDataList()
+        bars.reqId = req_id
+        future = ib.wrapper.startReq(req_id, contract, container=bars)
+        errors: list[tuple[int, str]] = []
+
+        def on_error(rid: int, code: int, message: str, _contract) -> None:
+            if rid == req_id:
+                errors.append((code, message))
+                if not future.done() and code == limits.ERR_VALIDATION:
+                    future.set_exception(RequestError(rid, code, message))
+
+        ib.errorEvent += on_error
+        try:
+            ib.client.reqHistoricalData(req_id, contract, end, req.duration, req.bar_size,
+                                        req.what_to_show, int(req.use_rth), 2, False, [])
+            await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+            return bars
+        except TimeoutError:
+            if ib.isConnected():
+                ib.client.cancelHistoricalData(req_id)
+            raise RequestTimeout(f"no answer within {self.timeout_s:.0f}s for "
+                                 f"{_describe(contract, req)}; cancelled") from None
+        except RequestError as exc:
+            raise IBError.from_answer(exc.code, exc.message, _describe(contract, req)) from None
+        except ConnectionError as exc:
+            raise Disconnected(f"connection lost during {_describe(contract, req)}: {exc}",
+                               kind=ErrorKind.RETRYABLE) from None
+        finally:
+            ib.errorEvent -= on_error
+            ib.wrapper._futures.pop(req_id, None)  # noqa: SLF001 - our own request
+            ib.wrapper._results.pop(req_id, None)  # noqa: SLF001
+            ib.wrapper._reqId2Contract.pop(req_id, None)  # noqa: SLF001
+
+
+def _describe(contract: Contract, req: HistoricalRequest) -> str:
+    name = contract.localSymbol or contract.symbol
+    return (f"{name} {req.bar_size} {req.duration} ending {req.ib_end_string()} "
+            f"{req.what_to_show} useRTH={int(req.use_rth)}")
