@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -130,6 +131,41 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+async def _status(settings: Settings) -> dict:
+    from .ib.connection import IBConnection
+
+    conn = IBConnection.from_settings(settings, backoff_s=0.5, connect_timeout=5)
+    try:
+        await conn.connect()
+        status = conn.status()
+        status["server_time"] = (await conn.ib.reqCurrentTimeAsync()).isoformat()
+        return status
+    finally:
+        await conn.disconnect()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .ib.errors import GatewayUnreachable
+
+    settings = Settings.from_env()
+    try:
+        status = asyncio.run(_status(settings))
+    except GatewayUnreachable as exc:
+        print(json.dumps({"connected": False, "host": settings.ib_host,
+                          "port": settings.ib_port, "error": str(exc)}, indent=2))
+        print(f"ktrdr-pipeline: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2))
+    return 0
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="connect to IB Gateway/TWS and print the status as JSON",
+                       description="Connect to IB_HOST:IB_PORT and print connection status as "
+                                   "JSON; exits 1 when the gateway is unreachable.")
+    p.set_defaults(func=cmd_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ktrdr-pipeline",
@@ -138,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_gateway(sub)
     _add_demo(sub)
+    _add_status(sub)
     return parser
 
 
@@ -150,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if not args.verbose:
-        logging.getLogger("ib_async").setLevel(logging.WARNING)
+        logging.getLogger("ib_async").setLevel(logging.CRITICAL)  # ours say it better
     try:
         Settings.from_env()
         return args.func(args)

@@ -167,13 +167,15 @@ class PacingGovernor:
         token = reservation.token
         assert token is not None
         seen_violations = self._violations
-        renewer = asyncio.create_task(self._renew(token), name=f"pacing-lease-{token}")
+        renewer: asyncio.Task[None] | None = None
         ok = False
         try:
+            renewer = asyncio.create_task(self._renew(token), name=f"pacing-lease-{token}")
             yield reservation
             ok = True
         finally:
-            renewer.cancel()
+            if renewer is not None:
+                renewer.cancel()
             self._release(token)
             if ok and request_key is not None and self._violations == seen_violations:
                 self.report_success()

@@ -19,6 +19,8 @@ SQL apart from the pragmas). Replace ``BEGIN IMMEDIATE`` by ``BEGIN`` followed b
 MODE``) so that reservations serialise exactly as they do here. Pids only identify live
 owners on the host that wrote them, hence the ``host`` column: leases from other hosts are
 freed by expiry alone, which the governor keeps short by renewing the leases it holds.
+Across hosts, read the time from the database server (``clock`` returning
+``SELECT extract(epoch FROM clock_timestamp())``) rather than each host's clock.
 
 Time is wall-clock seconds (``time.time()``), the only clock that processes share. It is read
 *inside* the transaction, so the order of recorded events is the order of the decisions: a

@@ -1,0 +1,380 @@
+"""The IB client layer against the simulator: connection, fetch, errors, contracts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, date, datetime, timedelta
+
+import pandas as pd
+import pytest
+from ib_async import IB, Contract, Stock
+
+from ktrdr_pipeline import calendars
+from ktrdr_pipeline.gateway.server import GatewayThread
+from ktrdr_pipeline.ib import limits
+from ktrdr_pipeline.ib.connection import IBConnection, ResetWindow
+from ktrdr_pipeline.ib.contracts import ContractResolver, HeadTimestamps, parse_symbol
+from ktrdr_pipeline.ib.errors import (
+    ContractNotFound,
+    ErrorKind,
+    GatewayUnreachable,
+    IBError,
+    InvalidRequest,
+    SymbolError,
+    classify,
+)
+from ktrdr_pipeline.ib.fetch import BAR_COLUMNS, HistoricalFetcher, default_what_to_show
+from ktrdr_pipeline.ib.governor import PacingGovernor
+from ktrdr_pipeline.ib.ledger import MemoryPacingLedger
+from ktrdr_pipeline.ib.limits import PacingLimits
+from ktrdr_pipeline.planning import HistoricalRequest, plan_requests
+
+from .conftest import MARKET_OPEN, read_audit
+
+NOW = MARKET_OPEN
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def governor(scale: float = 1.0) -> PacingGovernor:
+    return PacingGovernor(MemoryPacingLedger(), PacingLimits(time_scale=scale),
+                          backoff_initial_s=1.0)
+
+
+def _aapl() -> Contract:
+    return Contract(conId=265598, symbol="AAPL", secType="STK", exchange="SMART",
+                    currency="USD")
+
+
+def _plan(bar: str = "1 min", days: int = 5, what: str = "TRADES", profile=calendars.STOCK):
+    end = datetime(2026, 11, 17, tzinfo=UTC)
+    return plan_requests(profile, bar, end - timedelta(days=days), end, what, True, now=NOW)
+
+
+async def _connected(gw: GatewayThread, client_id: int = 1, **kw) -> IBConnection:
+    conn = IBConnection("127.0.0.1", gw.port, client_id, backoff_s=0.05, **kw)
+    await conn.connect()
+    return conn
+
+
+# -- connection ----------------------------------------------------------------------------
+
+def test_unreachable_gateway_retries_then_names_host_and_port():
+    slept: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        slept.append(s)
+
+    conn = IBConnection("127.0.0.1", 1, 1, backoff_s=0.5, sleep=fake_sleep, connect_timeout=2)
+    with pytest.raises(GatewayUnreachable, match="127.0.0.1:1"):
+        run(conn.connect())
+    assert slept == [0.5, 1.0]  # 3 attempts, exponential backoff between them
+
+
+def test_client_id_in_use_moves_to_the_next(gateway):
+    squatter = IB()
+    squatter.connect("127.0.0.1", gateway.port, clientId=1)
+    try:
+        async def go():
+            conn = await _connected(gateway, 1, client_ids=range(1, 4))
+            status = conn.status()
+            await conn.disconnect()
+            return status
+        status = run(go())
+        assert status["client_id"] == 2 and status["connected"] is True
+        assert status["accounts"] == ["DU0000001"] and status["server_version"] == 178
+    finally:
+        squatter.disconnect()
+
+
+def test_reconnect_mid_fetch_loses_nothing(gateway):
+    async def go():
+        conn = await _connected(gateway)
+        fetcher = HistoricalFetcher(conn, governor(), backoff_s=0.05)
+        plan = _plan(days=14)
+        seen = []
+
+        def progress(done, total):
+            seen.append(done)
+            if done == 2:
+                gateway.disconnect_all()
+
+        result = await fetcher.fetch(_aapl(), plan, progress)
+        status = conn.status()
+        await conn.disconnect()
+        return plan, result, status, seen
+
+    plan, result, status, seen = run(go())
+    sessions = calendars.sessions_between(calendars.STOCK, datetime(2026, 11, 3, tzinfo=UTC),
+                                          datetime(2026, 11, 17, tzinfo=UTC), True)
+    assert len(result.frame) == 390 * len(sessions)
+    assert status["reconnects"] >= 1 and seen[-1] == len(plan)
+
+
+def test_reset_window():
+    w = ResetWindow()
+    et = datetime(2026, 11, 18, 23, 50, tzinfo=UTC).astimezone()
+    assert w.contains(datetime(2026, 11, 19, 4, 45, tzinfo=UTC))  # 23:45 ET
+    assert w.contains(datetime(2026, 11, 19, 5, 2, tzinfo=UTC))  # 00:02 ET
+    assert not w.contains(datetime(2026, 11, 19, 5, 6, tzinfo=UTC))
+    assert not w.contains(datetime(2026, 11, 19, 4, 30, tzinfo=UTC))
+    assert w.ends_after(datetime(2026, 11, 19, 4, 45, tzinfo=UTC)) == datetime(
+        2026, 11, 19, 5, 5, tzinfo=UTC)
+    assert et  # the window is defined in US/Eastern whatever the local zone
+    assert not ResetWindow.parse("off").contains(datetime(2026, 11, 19, 4, 45, tzinfo=UTC))
+    with pytest.raises(ValueError, match="HH:MM-HH:MM"):
+        ResetWindow.parse("late evening")
+
+
+def test_no_request_starts_inside_the_reset_window(gateway, audit_path):
+    clock = [datetime(2026, 11, 19, 4, 50, tzinfo=UTC)]  # 23:50 ET
+    slept: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        slept.append(s)
+        clock[0] += timedelta(seconds=s)
+
+    async def go():
+        conn = IBConnection("127.0.0.1", gateway.port, 1, clock=lambda: clock[0],
+                            sleep=fake_sleep)
+        fetcher = HistoricalFetcher(conn, governor())
+        result = await fetcher.fetch(_aapl(), _plan(days=1))
+        await conn.disconnect()
+        return result
+
+    result = run(go())
+    assert slept and slept[0] == pytest.approx(15 * 60)  # held until 00:05 ET
+    assert len(result.frame) == 390
+
+
+# -- fetch -----------------------------------------------------------------------------------
+
+def test_fetch_frame_format_progress_and_equality_with_the_simulator(gateway):
+    async def go():
+        conn = await _connected(gateway)
+        calls = []
+        result = await HistoricalFetcher(conn, governor()).fetch(
+            _aapl(), _plan("1 hour", days=10), lambda d, n: calls.append((d, n)))
+        daily = await HistoricalFetcher(conn, governor()).fetch(_aapl(), _plan("1 day", days=10))
+        await conn.disconnect()
+        return result, daily, calls
+
+    result, daily, calls = run(go())
+    frame = result.frame
+    assert list(frame.columns) == BAR_COLUMNS
+    assert str(frame.index.tz) == "UTC" and frame.index.name == "ts"
+    assert frame.index.is_unique and frame.index.is_monotonic_increasing
+    assert calls[-1] == (result.requests_planned, result.requests_planned)
+    inst = gateway.server.universe.instruments[265598]
+    expected = gateway.server.market.bars(inst, "1 hour", frame.index[0].to_pydatetime(),
+                                          frame.index[-1].to_pydatetime() + timedelta(hours=1),
+                                          True, NOW)
+    assert len(expected) == len(frame)
+    assert (frame["close"].to_numpy() == expected[:, 4]).all()
+    assert all(t == pd.Timestamp(t.date(), tz=UTC) for t in daily.frame.index)
+    assert daily.frame.index[-1].date() == date(2026, 11, 16)
+
+
+def test_timeout_cancels_and_retries(gateway, audit_path):
+    gateway.inject("stall", 1)
+
+    async def go():
+        conn = await _connected(gateway)
+        fetcher = HistoricalFetcher(conn, governor(), timeout_s=0.5, backoff_s=0.05)
+        result = await fetcher.fetch(_aapl(), _plan(days=1))
+        await conn.disconnect()
+        return result
+
+    result = run(go())
+    assert len(result.frame) == 390 and result.retries == 1
+    events = read_audit(audit_path)
+    assert any(e["message"] == "cancelHistoricalData" and e["outcome"] == "cancelled"
+               for e in events)
+
+
+def test_retryable_errors_are_retried_and_pacing_backs_off(gateway):
+    gateway.inject("error_322", 2)
+
+    async def go():
+        conn = await _connected(gateway)
+        fetcher = HistoricalFetcher(conn, governor(scale=0.01), backoff_s=0.05)
+        first = await fetcher.fetch(_aapl(), _plan(days=1))
+        gateway.inject("pacing", 1)
+        second = await fetcher.fetch(_aapl(), _plan(days=1))
+        await conn.disconnect()
+        return first, second
+
+    first, second = run(go())
+    assert len(first.frame) == 390 and first.retries == 2
+    assert len(second.frame) == 390 and second.pacing_violations == 1
+
+
+def test_retries_give_up_after_three_attempts(gateway):
+    gateway.inject("error_322", 5)
+
+    async def go():
+        conn = await _connected(gateway)
+        try:
+            await HistoricalFetcher(conn, governor(), backoff_s=0.01).fetch(_aapl(),
+                                                                            _plan(days=1))
+        finally:
+            await conn.disconnect()
+
+    with pytest.raises(IBError, match="gave up after 3 attempts"):
+        run(go())
+
+
+def test_permanent_errors_fail_at_once(gateway, audit_path):
+    async def go(contract, req):
+        conn = await _connected(gateway)
+        try:
+            await HistoricalFetcher(conn, governor()).fetch(contract, [req])
+        finally:
+            await conn.disconnect()
+
+    unknown = Contract(symbol="NOPE", secType="STK", exchange="SMART", currency="USD")
+    with pytest.raises(ContractNotFound):
+        run(go(unknown, _plan(days=1)[0]))
+    bad = HistoricalRequest(end=datetime(2026, 11, 17, 21, tzinfo=UTC), duration="2 D",
+                            bar_size="1 min", what_to_show="TRADES", use_rth=True)
+    started = time.perf_counter()
+    with pytest.raises(InvalidRequest, match="321"):
+        run(go(_aapl(), bad))
+    assert time.perf_counter() - started < 5  # not left hanging like plain ib_async
+    requests = [e for e in read_audit(audit_path) if e["message"] == "reqHistoricalData"]
+    assert len(requests) == 2  # neither was retried
+
+
+def test_no_data_is_an_empty_success(gateway):
+    async def go():
+        conn = await _connected(gateway)
+        req = HistoricalRequest(end=datetime(2026, 11, 14, 21, tzinfo=UTC), duration="3600 S",
+                                bar_size="1 min", what_to_show="TRADES", use_rth=True)
+        result = await HistoricalFetcher(conn, governor()).fetch(_aapl(), [req])
+        await conn.disconnect()
+        return result
+
+    result = run(go())
+    assert len(result.frame) == 0 and result.empty_answers == 1
+
+
+def test_small_bars_are_paced_without_violations(audit_path):
+    """5-second bars through the governor: no 162 from the simulator. The same requests
+    fired without the governor provoke violations (this test fails if it is removed)."""
+    with GatewayThread(clock=MARKET_OPEN, latency="none", audit_log=audit_path,
+                       pacing_time_scale=0.01) as gw:
+        end = datetime(2026, 11, 17, 21, tzinfo=UTC)
+        plan = plan_requests(calendars.STOCK, "5 secs", end - timedelta(days=3), end,
+                             "TRADES", True, now=NOW)
+        assert len(plan) > 6
+
+        async def governed():
+            conn = await _connected(gw)
+            result = await HistoricalFetcher(conn, governor(scale=0.01)).fetch(_aapl(), plan)
+            await conn.disconnect()
+            return result
+
+        result = run(governed())
+        assert result.pacing_violations == 0
+        assert not [e for e in read_audit(audit_path) if e["message"] == "pacing"]
+
+        async def ungoverned():
+            ib = IB()
+            await ib.connectAsync("127.0.0.1", gw.port, clientId=9)
+            errors = []
+            ib.errorEvent += lambda r, c, m, k: errors.append(c)
+            await asyncio.gather(*(
+                ib.reqHistoricalDataAsync(_aapl(), req.ib_end_string(), req.duration,
+                                          req.bar_size, "TRADES", True, 2, timeout=5)
+                for req in plan))
+            ib.disconnect()
+            return errors
+
+        assert 162 in run(ungoverned())
+
+
+def test_error_classification():
+    assert classify(162, limits.MSG_PACING_VIOLATION) is ErrorKind.PACING
+    assert classify(162, limits.MSG_NO_DATA + ": AAPL") is ErrorKind.NO_DATA
+    assert classify(162, limits.MSG_QUERY_CANCELLED + ": 4") is ErrorKind.CANCELLED
+    assert classify(162, "No market data permissions for NYSE STK") is ErrorKind.PERMISSIONS
+    assert classify(200, limits.MSG_NO_SECURITY) is ErrorKind.UNKNOWN_CONTRACT
+    assert classify(321, "Error validating request") is ErrorKind.VALIDATION
+    assert classify(354, "not subscribed") is ErrorKind.PERMISSIONS
+    for code in (322, 366, 502, 504, 1100):
+        assert classify(code, "") is ErrorKind.RETRYABLE
+    assert default_what_to_show("CASH") == "MIDPOINT"
+    assert default_what_to_show("STK") == "TRADES" and default_what_to_show("FUT") == "TRADES"
+
+
+# -- contracts -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["../etc", "AAPL/../x", "a\\b", "..", "A B", "", "EUR/XXX",
+                                  "AAPL:BOND", ".hidden", "AAPL:STK:SMART:USD:2026", "x" * 40,
+                                  "AAPL/MSFT"])
+def test_malformed_symbols_are_refused(text):
+    with pytest.raises(SymbolError) as info:
+        parse_symbol(text)
+    assert "allowed" in str(info.value) or "invalid" in str(info.value)
+
+
+def test_symbol_forms():
+    assert parse_symbol("eurusd").key == "EURUSD"
+    assert parse_symbol("EUR/USD").sec_type == "CASH"
+    assert parse_symbol("EUR.USD").key == "EURUSD"
+    spec = parse_symbol("ES:FUT:CME:USD:202612")
+    assert (spec.symbol, spec.sec_type, spec.exchange, spec.expiry) == ("ES", "FUT", "CME",
+                                                                        "202612")
+    assert parse_symbol("BRK.B").key == "BRK.B"
+
+
+def test_discovery_priority_cache_and_batch(gateway, tmp_path):
+    async def go():
+        conn = await _connected(gateway)
+        resolver = ContractResolver(conn, tmp_path)
+        eur = await resolver.resolve("EURUSD")
+        aapl = await resolver.resolve("AAPL")
+        es = await resolver.resolve("ES")
+        explicit = await resolver.resolve("ES:FUT:CME:USD:202703")
+        batch = await resolver.validate_many(["MSFT", "NOPE", "../x"])
+        heads = HeadTimestamps(conn, governor(), tmp_path)
+        rblx = await resolver.resolve("RBLX")
+        head = await heads.get(rblx, use_rth=True)
+        await conn.disconnect()
+        return eur, aapl, es, explicit, batch, head
+
+    eur, aapl, es, explicit, batch, head = run(go())
+    assert (eur.sec_type, eur.exchange, eur.what_to_show) == ("CASH", "IDEALPRO", "MIDPOINT")
+    assert (aapl.sec_type, aapl.con_id, aapl.time_zone) == ("STK", 265598, "US/Eastern")
+    assert es.sec_type == "FUT" and es.local_symbol == "ESZ6"  # the front contract
+    assert explicit.local_symbol == "ESH7"
+    assert batch["MSFT"]["ok"] and not batch["NOPE"]["ok"] and not batch["../x"]["ok"]
+    assert "unknown symbol" in batch["NOPE"]["error"]
+    assert head == datetime(2021, 3, 10, 14, 30, tzinfo=UTC)
+    cache = json.loads((tmp_path / "cache" / "contracts.json").read_text())
+    assert {"EURUSD", "AAPL", "ES", "MSFT"} <= set(cache)
+    assert (tmp_path / "cache" / "head_timestamps.json").exists()
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+def test_status_command(gateway):
+    env = {**os.environ, "IB_PORT": str(gateway.port), "IB_CLIENT_ID": "42"}
+    ok = subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "status"], env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    status = json.loads(ok.stdout)
+    assert status["connected"] is True and status["client_id"] == 42
+    assert status["accounts"] == ["DU0000001"]
+    down = subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "status"],
+                          env={**env, "IB_PORT": "1"}, capture_output=True, text=True,
+                          timeout=60)
+    assert down.returncode == 1
+    assert "127.0.0.1:1" in down.stderr
