@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
 import pytest
-from ib_async import IB, Contract, Stock
+from ib_async import IB, Contract
 
 from ktrdr_pipeline import calendars
 from ktrdr_pipeline.gateway.server import GatewayThread
