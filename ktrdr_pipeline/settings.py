@@ -58,6 +58,9 @@ class Settings:
     ib_client_id: int = 1
     data_dir: Path = Path("./data")
     pacing_time_scale: float = 1.0
+    client_id_span: int = 10
+    reset_window: str = "23:40-00:05"
+    max_concurrent_large: int = 6
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,4 +74,18 @@ class Settings:
             ib_client_id=_int_setting(env, "IB_CLIENT_ID", 1, 0, 2**31 - 1),
             data_dir=Path(env.get("KTRDR_DATA_DIR") or "./data"),
             pacing_time_scale=_float_setting(env, "KTRDR_PACING_TIME_SCALE", 1.0, 0.0),
+            client_id_span=_int_setting(env, "IB_CLIENT_ID_SPAN", 10, 1, 1000),
+            reset_window=_reset_window(env),
+            max_concurrent_large=_int_setting(env, "KTRDR_MAX_CONCURRENT_LARGE", 6, 1, 50),
         )
+
+
+def _reset_window(env: Mapping[str, str]) -> str:
+    raw = (env.get("KTRDR_RESET_WINDOW") or "23:40-00:05").strip()
+    from .ib.connection import ResetWindow
+
+    try:
+        ResetWindow.parse(raw)
+    except ValueError as exc:
+        raise SettingsError(f"KTRDR_RESET_WINDOW: {exc}") from None
+    return raw

@@ -97,3 +97,17 @@ def test_gateway_port_in_use_is_a_clear_error():
         assert result.returncode == 2
         assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
         assert time.time() - started < 30
+
+
+def test_reset_window_and_client_id_span_settings():
+    s = Settings.from_env({"KTRDR_RESET_WINDOW": "23:30-00:30", "IB_CLIENT_ID_SPAN": "3",
+                           "IB_CLIENT_ID": "7"})
+    from ktrdr_pipeline.ib.connection import IBConnection
+
+    conn = IBConnection.from_settings(s)
+    assert list(conn.client_ids) == [7, 8, 9]
+    assert conn.reset_window.start.hour == 23 and conn.reset_window.end.minute == 30
+    with pytest.raises(SettingsError, match="KTRDR_RESET_WINDOW"):
+        Settings.from_env({"KTRDR_RESET_WINDOW": "tonight"})
+    with pytest.raises(SettingsError, match="KTRDR_MAX_CONCURRENT_LARGE"):
+        Settings.from_env({"KTRDR_MAX_CONCURRENT_LARGE": "51"})

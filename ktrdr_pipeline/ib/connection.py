@@ -123,6 +123,9 @@ class IBConnection:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs) -> IBConnection:
+        kwargs.setdefault("client_ids", range(settings.ib_client_id,
+                                              settings.ib_client_id + settings.client_id_span))
+        kwargs.setdefault("reset_window", ResetWindow.parse(settings.reset_window))
         return cls(settings.ib_host, settings.ib_port, settings.ib_client_id, **kwargs)
 
     # -- events -------------------------------------------------------------------------

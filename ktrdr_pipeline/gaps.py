@@ -1,0 +1,131 @@
+"""Which bars a period should have, and which of them are missing (pure logic).
+
+A period's *expected* bars are the bar starts IB produces for the instrument's sessions:
+bars align to multiples of their size from local midnight in the exchange's time zone,
+and a session's first bar starts at the open (a 1-hour bar of NYSE starts at 09:30, the
+next at 10:00). Daily and larger bars are keyed by session date at 00:00 UTC. Only bars
+that have *closed* by ``now`` are expected; the bar in progress is fetched with the tail
+but never counted as a gap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from . import calendars
+from .calendars import HoursProfile
+from .ib import limits
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive missing bars: fetch [start, end)."""
+
+    start: datetime
+    end: datetime
+    bars: int
+
+
+def _epoch(t: datetime) -> int:
+    if t.tzinfo is None:
+        raise ValueError(f"naive datetime {t!r}: pass timezone-aware datetimes")
+    return int(t.timestamp())
+
+
+def expected_bars(profile: HoursProfile, bar_size: str, start: datetime, end: datetime,
+                  use_rth: bool, head: datetime | None = None,
+                  now: datetime | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (epoch seconds) of every bar that should exist with its start in
+    [start, end), from ``head`` on, closed by ``now``."""
+    size = limits.BAR_SIZE_SECONDS[bar_size]
+    lo = _epoch(start)
+    hi = _epoch(end)
+    sessions = calendars.sessions_between(profile, start if not limits.is_daily_or_larger(
+        bar_size) else datetime.fromtimestamp(lo - 86400 * 2, UTC), end, use_rth)
+    head_s = _epoch(head) if head is not None else None
+    now_s = _epoch(now) if now is not None else None
+    if limits.is_daily_or_larger(bar_size):
+        return _expected_daily(sessions, bar_size, lo, hi, head_s, now_s)
+    tz = ZoneInfo(profile.tz)
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    step = min(size, 60)
+    for s in sessions:
+        o, c = _epoch(s.open), _epoch(s.close)
+        grid = np.arange(o, c, step, dtype=np.int64)
+        if size <= 60 or 86400 % size:
+            labels = (grid // size) * size
+        else:
+            midnight = datetime.fromtimestamp(o, UTC).astimezone(tz).replace(
+                hour=0, minute=0, second=0, microsecond=0)
+            base = int(midnight.timestamp())
+            labels = base + ((grid - base) // size) * size
+        labels = np.maximum(labels, o)
+        uniq = np.unique(labels)
+        bar_end = np.minimum(np.append(uniq[1:], c), uniq + size)
+        bar_end = np.minimum(bar_end, c)
+        starts.append(uniq)
+        ends.append(bar_end)
+    if not starts:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    st, en = np.concatenate(starts), np.concatenate(ends)
+    keep = (st >= lo) & (st < hi)
+    if head_s is not None:
+        keep &= st >= head_s
+    if now_s is not None:
+        keep &= en <= now_s
+    return st[keep], en[keep]
+
+
+def _expected_daily(sessions, bar_size: str, lo: int, hi: int, head_s: int | None,
+                    now_s: int | None) -> tuple[np.ndarray, np.ndarray]:
+    keys, ends = [], []
+    for s in sessions:
+        key = int(datetime(s.date.year, s.date.month, s.date.day, tzinfo=UTC).timestamp())
+        close = _epoch(s.close)
+        if head_s is not None and close <= head_s:
+            continue
+        keys.append(key)
+        ends.append(close)
+    k, e = np.array(keys, dtype=np.int64), np.array(ends, dtype=np.int64)
+    if bar_size != "1 day" and len(k):
+        days = k.astype("datetime64[s]").astype("datetime64[D]")
+        if bar_size == "1 week":
+            group = (days - ((days.astype(np.int64) - 4) % 7).astype("timedelta64[D]"))
+        else:
+            group = days.astype("datetime64[M]").astype("datetime64[D]")
+        group = group.astype(np.int64)
+        first = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        last = np.r_[first[1:], len(k)] - 1
+        k, e = k[first], e[last]
+    keep = (k >= lo) & (k < hi)
+    if now_s is not None:
+        keep &= e <= now_s
+    return k[keep], e[keep]
+
+
+def missing_segments(expected_starts: np.ndarray, expected_ends: np.ndarray,
+                     stored_starts: np.ndarray) -> list[Segment]:
+    """Runs of expected bars absent from ``stored_starts`` (epoch seconds), as segments.
+
+    Consecutive missing bars form one segment even across a closed period between them
+    (the planner skips the closed hours); a stored bar between two missing ones splits
+    them."""
+    if len(expected_starts) == 0:
+        return []
+    present = np.isin(expected_starts, stored_starts)
+    missing = np.flatnonzero(~present)
+    if len(missing) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(missing) != 1)
+    run_starts = np.r_[missing[0], missing[breaks + 1]]
+    run_ends = np.r_[missing[breaks], missing[-1]]
+    return [
+        Segment(datetime.fromtimestamp(int(expected_starts[a]), UTC),
+                datetime.fromtimestamp(int(expected_ends[b]), UTC), int(b - a + 1))
+        for a, b in zip(run_starts, run_ends, strict=True)
+    ]
