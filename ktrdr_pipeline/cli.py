@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -166,6 +167,145 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_status)
 
 
+def _date(text: str):
+    from datetime import date
+
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid date {text!r}: use YYYY-MM-DD") from None
+
+
+class _Progress:
+    """A one-line progress bar on stderr for long loads."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty() or os.environ.get("KTRDR_PROGRESS") == "1"
+
+    def __call__(self, period: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r{period:>10} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{done}/{total}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+async def _with_context(fn, settings: Settings):
+    from .loader import PipelineContext
+
+    ctx = PipelineContext.from_settings(settings)
+    try:
+        return await fn(ctx)
+    finally:
+        await ctx.close()
+
+
+def _run_data_command(coro_fn) -> object:
+    """Run an async data command, turning user errors into clear CLI errors."""
+    from .ib.errors import IBError, SymbolError
+    from .loader import LoadError
+    from .store.catalog import CatalogLockedError, QueryError
+    from .store.schema import BarValidationError
+
+    try:
+        return asyncio.run(_with_context(coro_fn, Settings.from_env()))
+    except (IBError, SymbolError, LoadError, QueryError, CatalogLockedError,
+            BarValidationError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from . import commands
+
+    progress = _Progress(not args.json)
+    summary = _run_data_command(lambda ctx: commands.load(
+        ctx, args.symbol, args.timeframe, args.mode, args.start, args.end, progress))
+    progress.close()
+    data = commands.summary_dict(summary)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"{data['symbol']} {data['timeframe']} {data['mode']} {data['start']}..{data['end']}: "
+              f"{data['status']}; {data['cached_before']} bars stored before, "
+              f"{data['gaps_analyzed']} gap(s), {data['ib_requests_made']} IB request(s), "
+              f"{data['fetched_bars']} bars fetched, {data['bars_written']} bars written")
+    return 0
+
+
+def cmd_ranges(args: argparse.Namespace) -> int:
+    from . import commands
+
+    data = _run_data_command(lambda ctx: commands.ranges(ctx, args.symbol))
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from .store.catalog import CatalogLockedError, QueryError, query
+
+    settings = Settings.from_env()
+    try:
+        print(query(settings.data_dir, args.query, args.format))
+    except (QueryError, CatalogLockedError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def cmd_symbols(args: argparse.Namespace) -> int:
+    from . import commands
+
+    settings = Settings.from_env()
+    if args.action == "list":
+        for key in commands.symbol_partitions(settings):
+            print(key)
+        return 0
+    if not args.symbols:
+        raise CliError(f"symbols {args.action} needs at least one symbol")
+    if args.action == "remove":
+        removed = commands.remove_symbols(settings, args.symbols)
+        print(json.dumps({"removed": removed}))
+        return 0
+    outcomes = _run_data_command(lambda ctx: commands.add_symbols(ctx, args.symbols))
+    print(json.dumps({s: ({"added": o["contract"]["key"]} if o["ok"] else {"error": o["error"]})
+                      for s, o in outcomes.items()}, indent=2))
+    return 0 if all(o["ok"] for o in outcomes.values()) else 1
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    from .timeframes import TIMEFRAMES
+
+    p = sub.add_parser("load", help="load bars for a symbol and timeframe (same code as the "
+                                    "assets)")
+    p.add_argument("symbol")
+    p.add_argument("--timeframe", required=True, choices=list(TIMEFRAMES), metavar="TF",
+                   help=f"one of {', '.join(TIMEFRAMES)}")
+    p.add_argument("--mode", choices=("tail", "backfill", "full"), default="tail")
+    p.add_argument("--start", type=_date, help="first session date (YYYY-MM-DD, inclusive)")
+    p.add_argument("--end", type=_date, help="last session date (YYYY-MM-DD, inclusive)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("ranges", help="IB's earliest data and what is stored, per timeframe")
+    p.add_argument("symbol")
+    p.set_defaults(func=cmd_ranges)
+
+    p = sub.add_parser("sql", help="run a read-only DuckDB query against the catalog")
+    p.add_argument("query")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("symbols", help="manage the 'symbols' partitions")
+    p.add_argument("action", choices=("add", "remove", "list"))
+    p.add_argument("symbols", nargs="*")
+    p.set_defaults(func=cmd_symbols)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ktrdr-pipeline",
@@ -175,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gateway(sub)
     _add_demo(sub)
     _add_status(sub)
+    _add_data_commands(sub)
     return parser
 
 

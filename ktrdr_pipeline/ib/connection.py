@@ -116,6 +116,7 @@ class IBConnection:
         self.ib = IB()
         self.ib.RaiseRequestErrors = True
         self.status_info = ConnectionStatus(host, port)
+        self.clock_offset = timedelta(0)
         self._lock = asyncio.Lock()
         self._ever_connected = False
         self.ib.errorEvent += self._on_error
@@ -174,6 +175,7 @@ class IBConnection:
                 await self.ib.connectAsync(self.host, self.port, clientId=client_id,
                                            timeout=self.connect_timeout)
                 self._on_connected(client_id)
+                await self._measure_clock()
                 return
             except (OSError, TimeoutError, ConnectionError) as exc:
                 last_exc = exc
@@ -200,6 +202,26 @@ class IBConnection:
             f"cannot reach IB Gateway/TWS at {self.host}:{self.port} after {self.attempts} "
             f"attempts ({last_exc!r}); is it running with the API enabled on that port?"
         ) from last_exc
+
+    def server_now(self) -> datetime:
+        """IB's idea of now: the local clock corrected by the offset measured at connect
+        (so gap analysis never expects bars the gateway cannot have yet)."""
+        return datetime.now(UTC) + self.clock_offset
+
+    async def _measure_clock(self) -> None:
+        try:
+            before = datetime.now(UTC)
+            server = await asyncio.wait_for(self.ib.reqCurrentTimeAsync(), 5)
+            after = datetime.now(UTC)
+        except (TimeoutError, ConnectionError) as exc:
+            log.warning("cannot read IB's current time (%s); using the local clock", exc)
+            return
+        local = before + (after - before) / 2
+        offset = server - local
+        # IB reports whole seconds: ignore offsets within that resolution
+        self.clock_offset = offset if abs(offset) > timedelta(seconds=2) else timedelta(0)
+        if self.clock_offset:
+            log.info("IB's clock is %s ahead of this machine's", self.clock_offset)
 
     def _on_connected(self, client_id: int) -> None:
         self._preferred = client_id

@@ -1,0 +1,173 @@
+"""The data commands behind the CLI: load, ranges, symbols (plain Python, testable)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from . import calendars
+from .ib.contracts import parse_symbol
+from .loader import LoadError, LoadSummary, PipelineContext, default_use_rth, load_partition
+from .settings import Settings
+from .store.parquet import BarStore
+from .timeframes import TIMEFRAMES, Timeframe, get_timeframe
+
+log = logging.getLogger(__name__)
+
+LOAD_MODES = ("tail", "backfill", "full")
+
+
+def session_window(tf: Timeframe, profile: calendars.HoursProfile, first: date, last: date,
+                   use_rth: bool) -> tuple[datetime, datetime] | None:
+    """[start, end) covering the sessions dated ``first``..``last`` (inclusive)."""
+    if first > last:
+        raise LoadError(f"start {first} is after end {last}")
+    sessions = calendars.sessions_on_dates(profile, first, last, use_rth)
+    if not sessions:
+        return None
+    if tf.is_daily_or_larger:
+        a, b = sessions[0].date, sessions[-1].date + timedelta(days=1)
+        return (datetime(a.year, a.month, a.day, tzinfo=UTC),
+                datetime(b.year, b.month, b.day, tzinfo=UTC))
+    return sessions[0].open, sessions[-1].close
+
+
+async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "tail",
+               start: date | None = None, end: date | None = None,
+               progress: Callable[[str, int, int], None] | None = None) -> LoadSummary:
+    """``ktrdr-pipeline load``: the asset code path over a range of session dates.
+
+    tail: from the last stored bar to now; backfill: from the head timestamp (or
+    ``start``) to the first stored bar; full: re-fetch every bar from ``start`` (or the head)
+    to ``end``. With nothing stored, tail and backfill both initialise the whole range."""
+    if mode not in LOAD_MODES:
+        raise LoadError(f"unknown mode {mode!r}; allowed: {', '.join(LOAD_MODES)}")
+    tf = get_timeframe(timeframe)
+    key = parse_symbol(symbol).key
+    contract = await ctx.resolver.resolve(symbol)
+    profile = calendars.profile_for(contract.sec_type)
+    use_rth = ctx.rth_overrides.get(key, default_use_rth(contract.sec_type))
+    head = await ctx.heads.get(contract, contract.what_to_show, use_rth)
+    await ctx.connection.ensure_connected()
+    now = ctx.clock()
+    tz = ctx_tz(profile)
+    today = now.astimezone(tz).date()
+    first_day = start or head.astimezone(tz).date()
+    last_day = end or today
+    if first_day > last_day:
+        raise LoadError(f"start {first_day} is after end {last_day}")
+    stored = [p for p in ctx.store.partitions(tf.name, key)]
+    stored_bars = None
+    if stored and mode != "full":
+        first_p, last_p = stored[0][2], stored[-1][2]
+        first_frame = ctx.store.read(tf.name, key, first_p)
+        last_frame = ctx.store.read(tf.name, key, last_p)
+        if len(first_frame) and len(last_frame):
+            stored_bars = (first_frame.index[0].to_pydatetime(),
+                           last_frame.index[-1].to_pydatetime())
+    if stored_bars is not None and mode == "tail":
+        first_day = max(first_day, stored_bars[1].astimezone(tz).date())
+    elif stored_bars is not None and mode == "backfill":
+        last_day = min(last_day, stored_bars[0].astimezone(tz).date())
+    summary = LoadSummary(status="ok", symbol=key, timeframe=tf.name, mode=mode,
+                          start=first_day.isoformat(), end=last_day.isoformat())
+    window = session_window(tf, profile, first_day, last_day, use_rth)
+    if window is None:
+        summary.status = "no_sessions"
+        return summary
+    periods = tf.periods_between(window[0], window[1])
+    summary.partitions = periods
+    for k, period in enumerate(periods):
+        def on_progress(done: int, total: int, _p: str = period) -> None:
+            if progress is not None:
+                progress(_p, done, total)
+
+        result = await load_partition(ctx, key, tf, period,
+                                      "full" if mode == "full" else "fill", on_progress, window)
+        summary.fetched_bars += result.fetched_bars
+        summary.cached_before += result.cached_before
+        summary.gaps_analyzed += result.gaps_found
+        summary.segments_fetched += result.segments_fetched
+        summary.ib_requests_made += result.ib_requests_made
+        summary.bars_written += result.bars_written
+        if progress is not None:
+            progress(period, k + 1, len(periods))
+    return summary
+
+
+def ctx_tz(profile: calendars.HoursProfile):
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo(profile.tz)
+
+
+async def ranges(ctx: PipelineContext, symbol: str) -> dict[str, Any]:
+    """IB's earliest available data and what is stored, per timeframe."""
+    contract = await ctx.resolver.resolve(symbol)
+    key = contract.key
+    use_rth = ctx.rth_overrides.get(key, default_use_rth(contract.sec_type))
+    head = await ctx.heads.get(contract, contract.what_to_show, use_rth)
+    stored: dict[str, Any] = {}
+    for tf_name in ctx.store.timeframes():
+        parts = ctx.store.partitions(tf_name, key)
+        if not parts:
+            continue
+        first = ctx.store.read(tf_name, key, parts[0][2])
+        last = ctx.store.read(tf_name, key, parts[-1][2])
+        rows = sum(len(ctx.store.read(tf_name, key, p[2])) for p in parts)
+        stored[tf_name] = {
+            "first_bar": first.index[0].isoformat() if len(first) else None,
+            "last_bar": last.index[-1].isoformat() if len(last) else None,
+            "rows": rows, "partitions": len(parts),
+        }
+    return {"symbol": key, "con_id": contract.con_id, "sec_type": contract.sec_type,
+            "local_symbol": contract.local_symbol, "what_to_show": contract.what_to_show,
+            "use_rth": use_rth, "ib_earliest": head.isoformat(), "stored": stored,
+            "timeframes": list(TIMEFRAMES)}
+
+
+def dagster_instance(settings: Settings):
+    """The Dagster instance: ``DAGSTER_HOME``, or ``KTRDR_DATA_DIR/dagster`` when unset."""
+    import dagster as dg
+
+    home = os.environ.get("DAGSTER_HOME") or str(Path(settings.data_dir).resolve() / "dagster")
+    Path(home).mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = home
+    return dg.DagsterInstance.get()
+
+
+def symbol_partitions(settings: Settings) -> list[str]:
+    return sorted(dagster_instance(settings).get_dynamic_partitions("symbols"))
+
+
+async def add_symbols(ctx: PipelineContext, symbols: list[str]) -> dict[str, dict[str, Any]]:
+    """Validate and discover each symbol through IB; add the good ones as partitions."""
+    outcomes = await ctx.resolver.validate_many(symbols)
+    good = [o["contract"]["key"] for o in outcomes.values() if o["ok"]]
+    if good:
+        instance = dagster_instance(ctx.settings)
+        instance.add_dynamic_partitions("symbols", sorted(set(good)))
+    return outcomes
+
+
+def remove_symbols(settings: Settings, symbols: list[str]) -> list[str]:
+    instance = dagster_instance(settings)
+    keys = [parse_symbol(s).key for s in symbols]
+    existing = set(instance.get_dynamic_partitions("symbols"))
+    removed = [k for k in keys if k in existing]
+    for k in removed:
+        instance.delete_dynamic_partition("symbols", k)
+    return removed
+
+
+def store_for(settings: Settings) -> BarStore:
+    return BarStore(Path(settings.data_dir))
+
+
+def summary_dict(summary: LoadSummary) -> dict[str, Any]:
+    return dataclasses.asdict(summary)

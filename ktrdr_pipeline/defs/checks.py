@@ -1,0 +1,142 @@
+"""Asset checks on every bar asset, per partition: OHLC validity (blocking), duplicates and
+ordering, gaps against the exchange calendar, freshness of the newest period.
+
+Checks read only what is stored (and the contract and head-timestamp caches written by
+the loader); they never talk to IB. Failures list the offending rows in their metadata.
+"""
+
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from .. import calendars, gaps
+from ..ib.contracts import JsonCache
+from ..loader import default_use_rth
+from ..store.parquet import BarStore
+from ..store.schema import duplicate_or_unsorted, ohlc_violations, session_violations
+from ..timeframes import Timeframe, enabled_timeframes
+from .partitions import bar_partitions
+from .resources import KtrdrSettings
+
+MAX_ROWS_SHOWN = 20
+
+
+def _split(key: str | dg.MultiPartitionKey) -> tuple[str, str]:
+    mk = key if isinstance(key, dg.MultiPartitionKey) else dg.MultiPartitionKey.from_str(key)
+    return mk.keys_by_dimension["symbol"], mk.keys_by_dimension["period"]
+
+
+def _rows_md(rows: pd.DataFrame) -> dg.MetadataValue:
+    shown = rows.head(MAX_ROWS_SHOWN).reset_index()
+    return dg.MetadataValue.md(shown.to_markdown(index=False) if hasattr(shown, "to_markdown")
+                               else shown.to_string(index=False))
+
+
+class PartitionView:
+    """What is stored for one partition plus the cached contract facts."""
+
+    def __init__(self, data_dir: Path, tf: Timeframe, symbol: str, period: str):
+        self.tf, self.symbol, self.period = tf, symbol, period
+        store = BarStore(data_dir)
+        self.frame = store.read(tf.name, symbol, period)
+        self.meta = store.read_meta(tf.name, symbol, period) or {}
+        contract = JsonCache(data_dir / "cache" / "contracts.json", float("inf")).get(symbol)
+        self.sec_type = (contract or {}).get("sec_type")
+        self.con_id = (contract or {}).get("con_id")
+        self.profile = calendars.profile_for(self.sec_type) if self.sec_type else None
+        rth = self.meta.get("use_rth")
+        self.use_rth = (str(rth).lower() in ("true", "1")) if rth is not None else (
+            default_use_rth(self.sec_type or "STK"))
+        self.head = None
+        if self.con_id is not None:
+            what = self.meta.get("what_to_show", "TRADES")
+            cached = JsonCache(data_dir / "cache" / "head_timestamps.json", float("inf")).get(
+                f"{self.con_id}|{what}|{int(self.use_rth)}")
+            self.head = datetime.fromisoformat(cached) if cached else None
+
+
+def build_checks(tf: Timeframe) -> list[dg.AssetChecksDefinition]:
+    asset_key = dg.AssetKey(f"bars_{tf.name}")
+    parts = bar_partitions(tf)
+
+    @dg.asset_check(asset=asset_key, name="ohlc_valid", blocking=True, partitions_def=parts,
+                    description="Positive prices, low <= min(open, close) <= max(open, close) "
+                                "<= high, non-negative volume.")
+    def ohlc_valid(context: dg.AssetCheckExecutionContext,
+                   ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
+        view = PartitionView(ktrdr.settings().data_dir, tf, *_split(context.partition_key))
+        bad = ohlc_violations(view.frame)
+        meta = {"rows": len(view.frame), "violations": len(bad)}
+        if len(bad):
+            meta["offending_rows"] = _rows_md(bad)
+        return dg.AssetCheckResult(passed=not len(bad), metadata=meta,
+                                   severity=dg.AssetCheckSeverity.ERROR)
+
+    @dg.asset_check(asset=asset_key, name="unique_sorted_in_session", partitions_def=parts,
+                    description="No duplicate bars, sorted, every bar inside a session.")
+    def unique_sorted(context: dg.AssetCheckExecutionContext,
+                      ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
+        view = PartitionView(ktrdr.settings().data_dir, tf, *_split(context.partition_key))
+        bad = duplicate_or_unsorted(view.frame)
+        if view.profile is not None and len(view.frame):
+            outside = session_violations(view.frame, tf, view.profile, view.use_rth)
+            bad = pd.concat([bad, outside]) if len(outside) else bad
+        meta = {"rows": len(view.frame), "violations": len(bad)}
+        if len(bad):
+            meta["offending_rows"] = _rows_md(bad)
+        return dg.AssetCheckResult(passed=not len(bad), metadata=meta,
+                                   severity=dg.AssetCheckSeverity.ERROR)
+
+    @dg.asset_check(asset=asset_key, name="calendar_gaps", partitions_def=parts,
+                    description="Sessions of the exchange calendar with missing bars.")
+    def calendar_gaps(context: dg.AssetCheckExecutionContext,
+                      ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
+        view = PartitionView(ktrdr.settings().data_dir, tf, *_split(context.partition_key))
+        if view.profile is None:
+            return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
+                                       description="contract unknown: not loaded yet")
+        start, end = tf.period_bounds(view.period)
+        fetched_at = view.meta.get("fetched_at")
+        now = datetime.fromisoformat(fetched_at) if fetched_at else datetime.now(UTC)
+        exp_s, exp_e = gaps.expected_bars(view.profile, tf.bar_size, start, end, view.use_rth,
+                                          head=view.head, now=now)
+        stored = view.frame.index.asi8 // 10**9 if len(view.frame) else []
+        segments = gaps.missing_segments(exp_s, exp_e, stored)
+        missing_sessions = sorted({
+            s.date.isoformat()
+            for seg in segments
+            for s in calendars.sessions_between(view.profile, seg.start,
+                                                max(seg.end, seg.start + timedelta(seconds=1)),
+                                                view.use_rth)})
+        return dg.AssetCheckResult(
+            passed=not segments, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"expected_bars": len(exp_s), "missing_bars": sum(s.bars for s in segments),
+                      "gaps": len(segments), "missing_sessions": missing_sessions[:100]})
+
+    @dg.asset_check(asset=asset_key, name="fresh", partitions_def=parts,
+                    description="The newest period holds the last completed bar IB has.")
+    def fresh(context: dg.AssetCheckExecutionContext,
+              ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
+        view = PartitionView(ktrdr.settings().data_dir, tf, *_split(context.partition_key))
+        now = datetime.now(UTC)
+        start, end = tf.period_bounds(view.period)
+        if not start <= now < end or view.profile is None:
+            return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
+                                       description="not the current period")
+        exp_s, _ = gaps.expected_bars(view.profile, tf.bar_size, start, end, view.use_rth,
+                                      head=view.head, now=now)
+        last_expected = datetime.fromtimestamp(int(exp_s[-1]), UTC) if len(exp_s) else None
+        last_stored = view.frame.index[-1].to_pydatetime() if len(view.frame) else None
+        ok = last_expected is None or (last_stored is not None and last_stored >= last_expected)
+        return dg.AssetCheckResult(
+            passed=ok, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"last_expected_bar": str(last_expected), "last_stored_bar": str(last_stored)})
+
+    return [ohlc_valid, unique_sorted, calendar_gaps, fresh]
+
+
+def bar_checks() -> list[dg.AssetChecksDefinition]:
+    return [c for tf in enabled_timeframes() for c in build_checks(tf)]

@@ -1,0 +1,41 @@
+"""Partitions of the bar assets: symbol (dynamic, shared) × period (time windows)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from datetime import datetime
+
+import dagster as dg
+
+from ..timeframes import PARTITION_TZ, Timeframe
+
+symbols_partitions = dg.DynamicPartitionsDefinition(name="symbols")
+
+#: First period of every bar asset; ``KTRDR_PARTITIONS_START`` moves it.
+DEFAULT_START = "2024-01-01"
+
+
+def partitions_start() -> str:
+    return os.environ.get("KTRDR_PARTITIONS_START", DEFAULT_START)
+
+
+@functools.cache
+def period_partitions(period: str, start: str) -> dg.PartitionsDefinition:
+    """Daily, monthly or yearly windows in US/Eastern, the current one included."""
+    if period == "daily":
+        return dg.DailyPartitionsDefinition(start_date=start, timezone=PARTITION_TZ, end_offset=1)
+    if period == "monthly":
+        return dg.MonthlyPartitionsDefinition(start_date=start[:7], fmt="%Y-%m",
+                                              timezone=PARTITION_TZ,
+                                              end_offset=1)
+    return dg.TimeWindowPartitionsDefinition(start=datetime(int(start[:4]), 1, 1), fmt="%Y",
+                                             cron_schedule="0 0 1 1 *", timezone=PARTITION_TZ,
+                                             end_offset=1)
+
+
+def bar_partitions(tf: Timeframe, start: str | None = None) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition({
+        "symbol": symbols_partitions,
+        "period": period_partitions(tf.period, start or partitions_start()),
+    })

@@ -1,0 +1,299 @@
+"""Gap-aware loading of one partition (symbol × timeframe × period): the core of the bar
+assets and of ``ktrdr-pipeline load``.
+
+Per partition: read what is stored; compare it with the bars the instrument's sessions
+should have in that period (clamped to the head timestamp and to now); fetch only the
+missing segments (tail, backfill and inner gaps alike); merge with the stored bars (a newer
+fetch wins, so a partial bar is replaced), validate, and write atomically. A complete
+partition makes no IB request at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import calendars, gaps
+from .ib.connection import IBConnection
+from .ib.contracts import ContractResolver, HeadTimestamps
+from .ib.errors import ErrorKind, IBError
+from .ib.fetch import HistoricalFetcher, empty_bars
+from .ib.governor import PacingGovernor
+from .ib.ledger import SqlitePacingLedger
+from .ib.limits import PacingLimits
+from .planning import plan_requests
+from .settings import Settings
+from .store.parquet import BarStore
+from .store.schema import validate_bars
+from .timeframes import Timeframe, get_timeframe
+
+log = logging.getLogger(__name__)
+
+MODES = ("fill", "full")
+
+
+class LoadError(Exception):
+    """A partition cannot be loaded as asked (the message says why and what to do)."""
+
+
+def default_use_rth(sec_type: str) -> bool:
+    """Regular hours only for stocks (and their options); all hours for 24-hour markets."""
+    return sec_type in ("STK", "OPT", "IND")
+
+
+@dataclass
+class PartitionResult:
+    symbol: str
+    timeframe: str
+    period: str
+    status: str = "ok"  # ok | complete | no_data
+    cached_before: int = 0
+    expected_bars: int = 0
+    gaps_found: int = 0
+    gaps_filled: int = 0
+    missing_bars: int = 0
+    segments_fetched: int = 0
+    ib_requests_made: int = 0
+    fetched_bars: int = 0
+    bars_written: int = 0
+    rows: int = 0
+    first_bar: str | None = None
+    last_bar: str | None = None
+    use_rth: bool = True
+    what_to_show: str = "TRADES"
+    preview: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PipelineContext:
+    """Everything the loader needs, built once per process from the settings."""
+
+    settings: Settings
+    store: BarStore
+    connection: IBConnection
+    governor: PacingGovernor
+    fetcher: HistoricalFetcher
+    resolver: ContractResolver
+    heads: HeadTimestamps
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    rth_overrides: dict[str, bool] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, client_id: int | None = None,
+                      clock: Callable[[], datetime] | None = None,
+                      rth_overrides: dict[str, bool] | None = None,
+                      fetch_timeout_s: float = 120.0) -> PipelineContext:
+        data_dir = Path(settings.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if client_id is not None:
+            settings = dataclasses.replace(settings, ib_client_id=client_id)
+        conn = IBConnection.from_settings(settings)
+        ledger = SqlitePacingLedger(data_dir / "pacing.sqlite")
+        governor = PacingGovernor(ledger, PacingLimits(time_scale=settings.pacing_time_scale),
+                                  max_open_large=settings.max_concurrent_large)
+        return cls(
+            settings=settings, store=BarStore(data_dir), connection=conn, governor=governor,
+            fetcher=HistoricalFetcher(conn, governor, timeout_s=fetch_timeout_s),
+            resolver=ContractResolver(conn, data_dir),
+            heads=HeadTimestamps(conn, governor, data_dir),
+            clock=clock or conn.server_now,
+            rth_overrides=dict(rth_overrides or {}),
+        )
+
+    async def close(self) -> None:
+        await self.connection.disconnect()
+
+
+def _stored_partial_from(meta: dict[str, Any] | None) -> int | None:
+    raw = (meta or {}).get("partial_from")
+    return int(raw) if raw not in (None, "", "None") else None
+
+
+async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Timeframe,
+                         period: str, mode: str = "fill",
+                         progress: Callable[[int, int], None] | None = None,
+                         window: tuple[datetime, datetime] | None = None) -> PartitionResult:
+    """Bring one partition up to date; see the module docstring. ``window`` limits the
+    bars considered (and fetched) to [start, end) inside the period; the partition's other
+    stored bars are kept as they are."""
+    tf = get_timeframe(timeframe) if isinstance(timeframe, str) else timeframe
+    if mode not in MODES:
+        raise LoadError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    period_start, period_end = tf.period_bounds(period)
+    p_start, p_end = period_start, period_end
+    if window is not None:
+        p_start, p_end = max(p_start, window[0]), min(p_end, window[1])
+    contract = await ctx.resolver.resolve(symbol)
+    key = contract.key
+    use_rth = ctx.rth_overrides.get(key, default_use_rth(contract.sec_type))
+    what = contract.what_to_show
+    result = PartitionResult(key, tf.name, period, use_rth=use_rth, what_to_show=what)
+    meta = ctx.store.read_meta(tf.name, key, period)
+    if meta is not None and mode != "full":
+        stored_rth = str(meta.get("use_rth")).lower() in ("true", "1")
+        if stored_rth != use_rth:
+            raise LoadError(
+                f"{key} {tf.name} {period} is stored with useRTH={int(stored_rth)} but this "
+                f"load asks for useRTH={int(use_rth)}; mixing them is refused — re-fetch the "
+                f"period with mode 'full' to switch")
+    await ctx.connection.ensure_connected()  # also measures IB's clock
+    stored = ctx.store.read(tf.name, key, period)
+    if mode == "full":  # re-fetch the window: what is stored inside it is replaced
+        inside = (stored.index >= p_start) & (stored.index < p_end)
+        outside, stored = stored[~inside], empty_bars()
+    else:
+        outside = empty_bars()
+    result.cached_before = len(stored)
+    now = ctx.clock()
+    profile = calendars.profile_for(contract.sec_type)
+    try:
+        head = await ctx.heads.get(contract, what, use_rth)
+    except IBError as exc:
+        if exc.kind is not ErrorKind.NO_DATA:
+            raise
+        result.status = "no_data"
+        return result
+    if p_start >= now or p_end <= head or p_start >= p_end:
+        result.status = "complete"
+        _finish(result, stored)
+        return result
+    exp_start, exp_end = gaps.expected_bars(profile, tf.bar_size, p_start, p_end, use_rth,
+                                            head=head, now=now)
+    result.expected_bars = len(exp_start)
+    stored_s = (stored.index.asi8 // 10**9) if len(stored) else np.empty(0, np.int64)
+    partial_from = _stored_partial_from(meta)
+    if partial_from is not None and mode != "full":
+        stored_s = stored_s[stored_s < partial_from]  # a stored partial bar is a gap
+    segments = gaps.missing_segments(exp_start, exp_end, stored_s)
+    tail_partial = _in_progress_bar_missing(tf, exp_end, stored_s, p_start, p_end, now,
+                                            profile, use_rth, head)
+    if tail_partial is not None:
+        if segments and segments[-1].end >= tail_partial.start:
+            last = segments.pop()  # the bar in progress continues the last gap: one segment
+            tail_partial = gaps.Segment(last.start, tail_partial.end, last.bars + 1)
+        segments.append(tail_partial)
+    result.gaps_found = len(segments)
+    result.missing_bars = sum(s.bars for s in segments)
+    if not segments:
+        result.status = "complete"
+        _finish(result, stored)
+        return result
+    plan = []
+    for seg in segments:
+        plan += plan_requests(profile, tf.bar_size, seg.start, min(seg.end, p_end), what,
+                              use_rth, head_timestamp=head, now=now)
+    log.info("%s %s %s: %d stored, %d gap(s) with %d missing bar(s), %d IB request(s)", key,
+             tf.name, period, len(stored), len(segments), result.missing_bars, len(plan))
+    fetched = await ctx.fetcher.fetch(contract.contract(), plan, progress)
+    frame = fetched.frame
+    frame = frame[(frame.index >= period_start) & (frame.index < period_end)]
+    if window is not None:
+        frame = frame[(frame.index >= p_start) & (frame.index < p_end)]
+    if tf.is_daily_or_larger:
+        frame = frame[frame.index >= pd.Timestamp(head.date(), tz=UTC)]
+    else:
+        frame = frame[frame.index >= head]
+    result.segments_fetched = len(segments)
+    result.ib_requests_made = fetched.requests_made
+    result.fetched_bars = len(frame)
+    merged = pd.concat([outside, stored[~stored.index.isin(frame.index)], frame]).sort_index()
+    if partial_from is not None and mode != "full":
+        # a partial bar the new fetch did not return again stays only if still in progress
+        stale = (merged.index.asi8 // 10**9 >= partial_from) & ~merged.index.isin(frame.index)
+        merged = merged[~stale]
+    validate_bars(merged, tf, profile, use_rth)
+    new_partial = _partial_start(merged, exp_start)
+    after = set(merged.index.asi8 // 10**9)
+    result.gaps_filled = sum(
+        1 for seg in segments
+        if int(seg.start.timestamp()) in after or seg.bars == 0)
+    ctx.store.write(tf.name, key, period, merged, use_rth=use_rth, what_to_show=what,
+                    extra_meta={"con_id": str(contract.con_id),
+                                "partial_from": "" if new_partial is None else str(new_partial),
+                                "fetched_at": now.isoformat()})
+    result.bars_written = len(merged)
+    _finish(result, merged)
+    return result
+
+
+def _in_progress_bar_missing(tf: Timeframe, exp_end: np.ndarray, stored_s: np.ndarray,
+                             p_start: datetime, p_end: datetime, now: datetime,
+                             profile: calendars.HoursProfile, use_rth: bool,
+                             head: datetime) -> gaps.Segment | None:
+    """The bar in progress (market open now, inside this period) as a one-bar segment, so
+    a tail fill brings it in; its stored copy is always refreshed."""
+    if not (p_start <= now < p_end):
+        return None
+    session = calendars.session_at(profile, now, use_rth)
+    if session is None:
+        return None
+    last_closed = int(exp_end[-1]) if len(exp_end) else int(max(session.open, head).timestamp())
+    start = datetime.fromtimestamp(max(last_closed, int(session.open.timestamp())), UTC)
+    if tf.is_daily_or_larger:
+        start = session.open
+    if start >= now:
+        return None
+    return gaps.Segment(start, now + timedelta(seconds=1), 1)
+
+
+def _partial_start(frame: pd.DataFrame, exp_start: np.ndarray) -> int | None:
+    """Epoch of the stored bar that had not closed when it was fetched (the bar in
+    progress): a bar later than every bar expected to have closed by now."""
+    if not len(frame):
+        return None
+    ts = frame.index.asi8 // 10**9
+    later = ts[ts > int(exp_start[-1])] if len(exp_start) else ts
+    return int(later[0]) if len(later) else None
+
+
+def _finish(result: PartitionResult, frame: pd.DataFrame) -> None:
+    result.rows = len(frame)
+    if len(frame):
+        result.first_bar = frame.index[0].isoformat()
+        result.last_bar = frame.index[-1].isoformat()
+        tail = frame.tail(5).reset_index()
+        tail["ts"] = tail["ts"].astype(str)
+        result.preview = tail.to_dict(orient="records")
+
+
+@dataclass
+class LoadSummary:
+    """What ``ktrdr-pipeline load --json`` prints."""
+
+    status: str
+    symbol: str
+    timeframe: str
+    mode: str
+    start: str
+    end: str
+    fetched_bars: int = 0
+    cached_before: int = 0
+    gaps_analyzed: int = 0
+    segments_fetched: int = 0
+    ib_requests_made: int = 0
+    bars_written: int = 0
+    partitions: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def periods_for_dates(tf: Timeframe, first: date, last: date) -> list[str]:
+    start = datetime(first.year, first.month, first.day, tzinfo=UTC)
+    end = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)
+    keys = tf.periods_between(start, end)
+    # periods are cut in US/Eastern for intraday data: include the one holding `last`
+    for t in (start + timedelta(hours=12), end - timedelta(hours=12)):
+        k = tf.period_key(t)
+        if k not in keys:
+            keys.append(k)
+    return sorted(set(keys))

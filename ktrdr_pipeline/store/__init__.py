@@ -1,0 +1,14 @@
+"""Bar storage: Hive-partitioned Parquet files, their validation schema and a DuckDB catalog.
+
+- :mod:`.parquet`: :class:`~.parquet.BarStore`, atomic per-partition Parquet files under
+  ``data_dir/bars/timeframe=<tf>/symbol=<SYM>/period=<key>/data.parquet``.
+- :mod:`.schema`: the pandera schema of a bar frame and the checks the asset checks reuse.
+- :mod:`.catalog`: DuckDB views over the Parquet files (``bars``, ``bars_<tf>``,
+  ``coverage``), the ``catalog.duckdb`` file for external tools and read-only queries.
+"""
+
+from __future__ import annotations
+
+from .parquet import BarStore
+
+__all__ = ["BarStore"]

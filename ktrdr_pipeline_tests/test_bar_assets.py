@@ -1,0 +1,194 @@
+"""Bar assets materialized with Dagster against the simulator; gap-aware loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from ktrdr_pipeline.defs.assets import build_bar_asset
+from ktrdr_pipeline.defs.checks import build_checks
+from ktrdr_pipeline.defs.resources import KtrdrSettings
+from ktrdr_pipeline.gateway.market import C, H, L, O, T, V
+from ktrdr_pipeline.gateway.server import GatewayThread
+from ktrdr_pipeline.store.parquet import BarStore
+from ktrdr_pipeline.timeframes import get_timeframe
+
+from .conftest import MARKET_OPEN, read_audit
+
+
+@pytest.fixture
+def env(tmp_path, audit_path):
+    with GatewayThread(clock=MARKET_OPEN, latency="none", audit_log=audit_path) as gw:
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions("symbols", ["AAPL", "EURUSD"])
+        resources = {"ktrdr": KtrdrSettings(ib_port=gw.port, data_dir=str(tmp_path / "data"),
+                                            ib_client_id=50)}
+        yield gw, instance, resources, tmp_path / "data", audit_path
+
+
+def _materialize(tf_name: str, symbol: str, period: str, env, mode: str = "fill"):
+    gw, instance, resources, _, _ = env
+    tf = get_timeframe(tf_name)
+    asset = build_bar_asset(tf)
+    result = dg.materialize(
+        [asset, *build_checks(tf)], instance=instance, resources=resources,
+        partition_key=dg.MultiPartitionKey({"symbol": symbol, "period": period}),
+        run_config={"ops": {f"bars_{tf_name}": {"config": {"mode": mode}}}},
+    )
+    assert result.success
+    [mat] = result.asset_materializations_for_node(f"bars_{tf_name}")
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    return mat.metadata, checks
+
+
+def _requests(audit_path: Path) -> list[dict]:
+    return [e for e in read_audit(audit_path) if e["message"] == "reqHistoricalData"]
+
+
+def test_stored_bars_equal_the_simulator_bar_for_bar(env):
+    gw, _, _, data_dir, _ = env
+    meta, checks = _materialize("1m", "AAPL", "2026-10", env)
+    assert meta["rows"].value == 22 * 390
+    assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items()}
+    stored = BarStore(data_dir).read("1m", "AAPL", "2026-10")
+    inst = gw.server.universe.instruments[265598]
+    start, end = get_timeframe("1m").period_bounds("2026-10")
+    expected = gw.server.market.bars(inst, "1 min", start, end, True, MARKET_OPEN)
+    assert len(stored) == len(expected)
+    np.testing.assert_array_equal(stored.index.asi8 // 10**9, expected[:, T].astype(np.int64))
+    for col, k in (("open", O), ("high", H), ("low", L), ("close", C), ("volume", V)):
+        np.testing.assert_array_equal(stored[col].to_numpy(), expected[:, k])
+
+
+def test_complete_partition_makes_zero_requests_and_inner_gap_fetches_only_it(env):
+    gw, _, _, data_dir, audit_path = env
+    _materialize("1h", "AAPL", "2025", env)
+    before = len(_requests(audit_path))
+    meta, _ = _materialize("1h", "AAPL", "2025", env)
+    assert meta["ib_requests"].value == 0
+    assert len(_requests(audit_path)) == before  # asserted from the gateway's side
+
+    store = BarStore(data_dir)
+    frame = store.read("1h", "AAPL", "2025")
+    hole = (frame.index >= pd.Timestamp("2025-06-10", tz=UTC)) & (
+        frame.index < pd.Timestamp("2025-06-13", tz=UTC))
+    meta_before = store.read_meta("1h", "AAPL", "2025")
+    store.write("1h", "AAPL", "2025", frame[~hole], use_rth=True, what_to_show="TRADES",
+                extra_meta={k: v for k, v in meta_before.items()
+                            if k in ("con_id", "partial_from", "fetched_at")})
+    meta, checks = _materialize("1h", "AAPL", "2025", env)
+    new = _requests(audit_path)[before:]
+    assert meta["gaps_found"].value == 1 and meta["bars_fetched"].value == hole.sum()
+    assert len(new) == 1 and new[0]["duration"] == "3 D"
+    assert store.read("1h", "AAPL", "2025").equals(frame)
+    assert checks["calendar_gaps"].passed
+
+
+def test_fx_all_hours_and_daily_bars(env):
+    _, _, _, data_dir, _ = env
+    meta, checks = _materialize("1d", "EURUSD", "2026", env)
+    assert meta["what_to_show"].value == "MIDPOINT" and meta["use_rth"].value is False
+    frame = BarStore(data_dir).read("1d", "EURUSD", "2026")
+    assert frame["volume"].isna().all()
+    assert all(t == t.normalize() for t in frame.index)
+    assert checks["ohlc_valid"].passed
+
+
+def test_bad_bars_fail_the_blocking_check_with_the_rows(env):
+    _, _, _, data_dir, _ = env
+    _materialize("1h", "AAPL", "2025", env)
+    path = BarStore(data_dir).path("1h", "AAPL", "2025")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    df = table.to_pandas()
+    df.loc[5, "high"] = df.loc[5, "low"] - 1.0  # a corrupt bar
+    pq.write_table(type(table).from_pandas(df, schema=table.schema, preserve_index=False), path)
+    gw, instance, resources, _, _ = env
+    tf = get_timeframe("1h")
+    asset = build_bar_asset(tf)
+    result = dg.materialize(
+        [asset, *build_checks(tf)], instance=instance, resources=resources,
+        partition_key=dg.MultiPartitionKey({"symbol": "AAPL", "period": "2025"}),
+        raise_on_error=False,
+    )  # the partition is complete: nothing is fetched or rewritten, the checks read it
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not checks["ohlc_valid"].passed
+    assert checks["ohlc_valid"].metadata["violations"].value >= 1
+    assert "offending_rows" in checks["ohlc_valid"].metadata
+    assert checks["unique_sorted_in_session"].passed
+    assert not result.success  # a blocking check failed
+    frame = BarStore(data_dir).read("1h", "AAPL", "2025")
+    assert frame.iloc[5]["high"] < frame.iloc[5]["low"]  # never silently "corrected"
+
+
+def _cli(*args, data_dir: Path, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KTRDR_DATA_DIR": str(data_dir), "IB_PORT": str(port),
+           "IB_CLIENT_ID": "60"}
+    return subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_load_command_json_summary_and_sql(env):
+    gw, _, _, data_dir, _ = env
+    first = _cli("load", "MSFT", "--timeframe", "1h", "--start", "2026-11-02", "--end",
+                 "2026-11-06", "--json", data_dir=data_dir, port=gw.port)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    for key in ("status", "fetched_bars", "cached_before", "gaps_analyzed", "segments_fetched",
+                "ib_requests_made", "bars_written"):
+        assert key in summary
+    assert summary["status"] == "ok" and summary["fetched_bars"] == 35
+    assert summary["cached_before"] == 0
+    again = json.loads(_cli("load", "MSFT", "--timeframe", "1h", "--start", "2026-11-02",
+                            "--end", "2026-11-06", "--json", data_dir=data_dir,
+                            port=gw.port).stdout)
+    assert again["ib_requests_made"] == 0 and again["cached_before"] == 35
+    sql = _cli("sql", "SELECT symbol, count(*) AS n FROM bars_1h GROUP BY symbol",
+               "--format", "json", data_dir=data_dir, port=gw.port)
+    assert json.loads(sql.stdout) == [{"symbol": "MSFT", "n": 35}]
+    bad = _cli("load", "MSFT", "--timeframe", "7m", data_dir=data_dir, port=gw.port)
+    assert bad.returncode == 2 and "7m" in bad.stderr
+    backwards = _cli("load", "MSFT", "--timeframe", "1h", "--start", "2026-11-06", "--end",
+                     "2026-11-02", data_dir=data_dir, port=gw.port)
+    assert backwards.returncode == 2 and "after" in backwards.stderr
+    unknown = _cli("load", "NOPE", "--timeframe", "1h", data_dir=data_dir, port=gw.port)
+    assert unknown.returncode == 2 and "unknown symbol" in unknown.stderr
+    # nothing stored was lost by the failed commands
+    assert json.loads(_cli("sql", "SELECT count(*) AS n FROM bars", "--format", "json",
+                           data_dir=data_dir, port=gw.port).stdout) == [{"n": 35}]
+
+
+def test_mixing_rth_is_refused_unless_full(env):
+    gw, _, _, data_dir, _ = env
+    import asyncio
+
+    from ktrdr_pipeline.loader import LoadError, PipelineContext, load_partition
+    from ktrdr_pipeline.settings import Settings
+
+    settings = Settings(ib_port=gw.port, data_dir=data_dir, ib_client_id=70)
+
+    async def go():
+        ctx = PipelineContext.from_settings(settings)
+        await load_partition(ctx, "SPY", "1h", "2025")
+        ctx.rth_overrides["SPY"] = False
+        with pytest.raises(LoadError, match="full"):
+            await load_partition(ctx, "SPY", "1h", "2025")
+        result = await load_partition(ctx, "SPY", "1h", "2025", mode="full")
+        await ctx.close()
+        return result
+
+    result = asyncio.run(go())
+    assert result.use_rth is False and result.rows > 252 * 7
+    assert BarStore(data_dir).read_meta("1h", "SPY", "2025")["use_rth"] in (False, "False",
+                                                                              "false")
+    assert timedelta(0) == timedelta(0) and datetime.now(UTC)
