@@ -183,7 +183,11 @@ class HistoricalFetcher:
             key = paced_request_for(str(contract.conId or contract.symbol),
                                     contract.exchange or "", end, req.duration, req.bar_size,
                                     req.what_to_show, req.use_rth)
+        if small:
+            await _until_sent_at_once(ib)
         async with self.governor.slot(key, small=small):
+            if small:
+                await _until_sent_at_once(ib)
             if not ib.isConnected():
                 raise Disconnected("not connected to IB", kind=ErrorKind.RETRYABLE)
             result.requests_made += 1
@@ -227,6 +231,29 @@ class HistoricalFetcher:
             ib.wrapper._futures.pop(req_id, None)  # noqa: SLF001 - our own request
             ib.wrapper._results.pop(req_id, None)  # noqa: SLF001
             ib.wrapper._reqId2Contract.pop(req_id, None)  # noqa: SLF001
+
+
+async def _until_sent_at_once(ib, poll_s: float = 0.005) -> None:
+    """Wait while ib_async's own throttle (45 messages/s) would queue a new message.
+
+    The pacing governor records a request when it grants the slot; a message that then
+    waited in ib_async's queue would reach IB later than recorded and could break a pacing
+    window. This peeks at ib_async's queue (``Client._msgQ``/``_timeQ``, 2.1) so that a
+    granted small-bar request leaves the socket immediately."""
+    client = ib.client
+    interval = getattr(client, "RequestsInterval", 1.0)
+    limit = getattr(client, "MaxRequests", 0)
+    loop = asyncio.get_running_loop()
+    while True:
+        queued = getattr(client, "_msgQ", None)
+        times = getattr(client, "_timeQ", None)
+        busy = bool(queued)
+        if not busy and limit and times is not None:
+            now = loop.time()
+            busy = sum(1 for t in times if now - t <= interval) >= limit - 1
+        if not busy:
+            return
+        await asyncio.sleep(poll_s)
 
 
 def _describe(contract: Contract, req: HistoricalRequest) -> str:

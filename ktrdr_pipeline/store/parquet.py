@@ -265,14 +265,18 @@ class BarStore:
                 continue
             syms = [symbol] if symbol is not None else None
             for sym, sym_dir in self._children(tf_dir, "symbol", syms):
+                try:
+                    check_symbol(sym)
+                except ValueError:
+                    log.debug("ignoring %s: not a valid symbol", sym_dir)
+                    continue
                 for period, p_dir in self._children(sym_dir, "period", None):
                     if not (p_dir / FILE_NAME).is_file():
                         continue
                     try:
-                        check_symbol(sym)
                         check_period(timeframe, period)
                     except ValueError:
-                        log.debug("ignoring %s: not a valid partition", p_dir)
+                        log.debug("ignoring %s: not a valid period", p_dir)
                         continue
                     found.append((tf_name, sym, period))
         order = {name: i for i, name in enumerate(TIMEFRAMES)}

@@ -25,6 +25,7 @@ values.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -67,11 +68,12 @@ class BarValidationError(ValueError):
         self.failures = failures
         counts = failures["check"].value_counts(sort=False)
         summary = ", ".join(f"{name} ({n})" for name, n in counts.items())
-        first = failures.iloc[0]
-        ts = failures.index[0]
-        where = "" if pd.isna(ts) else f" at {ts.isoformat()}"
-        super().__init__(f"{what}: {len(failures)} failure(s): {summary}; first: "
-                         f"{first['check']}{where}")
+        first = ""
+        if len(failures):
+            ts = failures.index[0]
+            where = "" if pd.isna(ts) else f" at {ts.isoformat()}"
+            first = f"; first: {failures['check'].iloc[0]}{where}"
+        super().__init__(f"{what}: {len(failures)} failure(s): {summary}{first}")
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -257,6 +259,18 @@ def session_violations(frame: pd.DataFrame, timeframe: str | Timeframe,
 
 
 # -- the pandera schema ---------------------------------------------------------------------
+def _memo(masks: Callable[[pd.DataFrame], Masks]) -> Callable[[pd.DataFrame], Masks]:
+    """Compute a family of masks once per frame although pandera calls one check each."""
+    last: list = [lambda: None, {}]  # a weak reference: never keep the caller's frame alive
+
+    def cached(df: pd.DataFrame) -> Masks:
+        if last[0]() is not df:
+            last[:] = [weakref.ref(df), masks(df)]
+        return last[1]
+
+    return cached
+
+
 def _frame_check(masks: Callable[[pd.DataFrame], Masks], name: str) -> pa.Check:
     def check(df: pd.DataFrame) -> pd.Series:
         mask = masks(df).get(name)
@@ -275,6 +289,8 @@ def bar_schema(timeframe: str | Timeframe, profile: str | HoursProfile,
     def sessions(df: pd.DataFrame) -> Masks:
         return _session_masks(df, tf, prof, use_rth)
 
+    ohlc, order, sessions = _memo(_ohlc_masks), _memo(_order_masks), _memo(sessions)
+
     ts_utc = pa.Check(_is_utc, name=TS_UTC)  # no error=: pandera would report it as the name
     columns = {
         "ts": pa.Column(checks=[ts_utc], nullable=False),
@@ -284,10 +300,10 @@ def bar_schema(timeframe: str | Timeframe, profile: str | HoursProfile,
         "bar_count": pa.Column("int64", nullable=False),
     }
     checks = [
-        *(_frame_check(_ohlc_masks, n) for n in (PRICE_POSITIVE, OHLC_CONSISTENT,
-                                                  VOLUME_NON_NEGATIVE, WAP_NON_NEGATIVE,
-                                                  COUNT_NON_NEGATIVE)),
-        *(_frame_check(_order_masks, n) for n in (TS_UNIQUE, TS_SORTED)),
+        *(_frame_check(ohlc, n) for n in (PRICE_POSITIVE, OHLC_CONSISTENT,
+                                           VOLUME_NON_NEGATIVE, WAP_NON_NEGATIVE,
+                                           COUNT_NON_NEGATIVE)),
+        *(_frame_check(order, n) for n in (TS_UNIQUE, TS_SORTED)),
         *(_frame_check(sessions, n) for n in (TS_ALIGNED, IN_SESSION)),
     ]
     return pa.DataFrameSchema(columns, checks=checks, strict=True, ordered=False,
@@ -300,28 +316,25 @@ _OWN_CHECKS = frozenset({PRICE_POSITIVE, OHLC_CONSISTENT, VOLUME_NON_NEGATIVE, W
 
 
 def _from_pandera(cases: pd.DataFrame, flat: pd.DataFrame) -> pd.DataFrame:
-    """pandera's failure cases (one per failing value) as one row per (check, bar)."""
-    items: list[tuple[str, int | None]] = []
-    seen: set[tuple[str, int | None]] = set()
-    for _, case in cases.iterrows():
-        name = str(case.get("check"))
-        column = case.get("column")
-        if name not in _OWN_CHECKS and isinstance(column, str) and column:
-            name = f"{name}[{column}]"
-        if name == "column_in_schema" or name.startswith("column_in_schema["):
-            name = f"column_in_schema[{case.get('failure_case')}]"
-        elif name.startswith("column_in_dataframe"):
-            name = f"column_in_dataframe[{case.get('failure_case')}]"
-        idx = case.get("index")
-        pos = int(idx) if idx is not None and not pd.isna(idx) else None
-        if pos is not None and not 0 <= pos < len(flat):
-            pos = None
-        key = (name, pos)
-        if key not in seen:
-            seen.add(key)
-            items.append(key)
-    items.sort(key=lambda it: (it[1] is not None, it[1] if it[1] is not None else -1))
-    return _rows(flat, items)
+    """pandera's failure cases (one per failing value, several per row for frame-wide
+    checks) as one row per (check, bar), rows in order; failures that are not about one
+    row (a missing column, a wrong dtype) first."""
+    if len(cases) == 0:
+        return _rows(flat, [])
+    check = cases["check"].astype(str)
+    column = cases["column"] if "column" in cases else pd.Series(None, index=cases.index)
+    has_column = column.notna() & (column.astype(str) != "") & ~check.isin(_OWN_CHECKS)
+    name = check.where(~has_column, check + "[" + column.astype(str) + "]")
+    structural = check.str.startswith(("column_in_schema", "column_in_dataframe"))
+    name = name.where(~structural, check.str.replace(r"\[.*", "", regex=True) + "["
+                      + cases["failure_case"].astype(str) + "]")
+    index = cases["index"] if "index" in cases else pd.Series(None, index=cases.index)
+    pos = pd.to_numeric(index, errors="coerce").fillna(-1).astype(np.int64)
+    pos = pos.where((pos >= 0) & (pos < len(flat)), -1)
+    pairs = pd.DataFrame({"name": name.to_numpy(), "pos": pos.to_numpy()})
+    pairs = pairs.drop_duplicates().sort_values("pos", kind="stable")
+    return _rows(flat, [(n, None if p < 0 else int(p))
+                        for n, p in zip(pairs["name"], pairs["pos"], strict=True)])
 
 
 def validate_bars(frame: pd.DataFrame, timeframe: str | Timeframe,
