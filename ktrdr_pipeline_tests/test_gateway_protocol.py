@@ -229,3 +229,32 @@ def test_futures_bars_follow_the_cme_calendar(ib):
     assert weekend and all(b.date.weekday() != 5 for b in weekend)
     sunday = [b for b in weekend if b.date.date() == date(2026, 11, 15)]
     assert [b.date.hour for b in sunday] == [23]
+
+
+def test_universe_file_replaces_the_default(tmp_path):
+    from ktrdr_pipeline.gateway.server import GatewayThread
+
+    universe = tmp_path / "universe.yaml"
+    universe.write_text(
+        "account: DU7654321\n"
+        "stocks: [{symbol: IBM, primary_exchange: NYSE, price: 220, vol: 0.25, head: '2010-01-04'}]\n"
+        "fx: [{pair: AUDUSD, price: 0.65}]\n"
+        "futures: [{symbol: CL, exchange: NYMEX, multiplier: 1000, price: 70, tick: 0.01}]\n")
+    with GatewayThread(clock=MARKET_OPEN, latency="none", universe=universe) as gw:
+        ib = connect(gw)
+        try:
+            assert ib.managedAccounts() == ["DU7654321"]
+            [ibm] = ib.reqContractDetails(Stock("IBM", "SMART", "USD"))
+            assert ibm.contract.primaryExchange == "NYSE"
+            assert ib.reqContractDetails(Stock("AAPL", "SMART", "USD")) == []
+            bars = ib.reqHistoricalData(Forex("AUDUSD"), "", "1 D", "1 hour", "MIDPOINT",
+                                        False, 2)
+            assert bars and 0.3 < bars[-1].close < 1.3
+            assert [c.contract.localSymbol for c in ib.reqContractDetails(
+                Future("CL", exchange="NYMEX"))][:1] == ["CLZ6"]
+        finally:
+            ib.disconnect()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stocks: [{price: 3}]\n")
+    with pytest.raises(ValueError, match="invalid entry in universe file"):
+        GatewayThread(universe=bad)
