@@ -49,7 +49,7 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
         raise LoadError(f"unknown mode {mode!r}; allowed: {', '.join(LOAD_MODES)}")
     tf = get_timeframe(timeframe)
     key = parse_symbol(symbol).key
-    contract = await ctx.resolver.resolve(symbol)
+    contract = await ctx.resolver.resolve(ctx.aliases.get(key, symbol), key=key)
     profile = calendars.profile_for(contract.sec_type)
     use_rth = ctx.rth_overrides.get(key, default_use_rth(contract.sec_type))
     head = await ctx.heads.get(contract, contract.what_to_show, use_rth)
@@ -108,8 +108,8 @@ def ctx_tz(profile: calendars.HoursProfile):
 
 async def ranges(ctx: PipelineContext, symbol: str) -> dict[str, Any]:
     """IB's earliest available data and what is stored, per timeframe."""
-    contract = await ctx.resolver.resolve(symbol)
-    key = contract.key
+    key = parse_symbol(symbol).key
+    contract = await ctx.resolver.resolve(ctx.aliases.get(key, symbol), key=key)
     use_rth = ctx.rth_overrides.get(key, default_use_rth(contract.sec_type))
     head = await ctx.heads.get(contract, contract.what_to_show, use_rth)
     stored: dict[str, Any] = {}

@@ -23,7 +23,7 @@ import pandas as pd
 
 from . import calendars, gaps
 from .ib.connection import IBConnection
-from .ib.contracts import ContractResolver, HeadTimestamps
+from .ib.contracts import ContractResolver, HeadTimestamps, parse_symbol
 from .ib.errors import ErrorKind, IBError
 from .ib.fetch import HistoricalFetcher, empty_bars
 from .ib.governor import PacingGovernor
@@ -34,6 +34,7 @@ from .settings import Settings
 from .store.parquet import BarStore
 from .store.schema import validate_bars
 from .timeframes import Timeframe, get_timeframe
+from .universe import load_universe, universe_path
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class PipelineContext:
     heads: HeadTimestamps
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     rth_overrides: dict[str, bool] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # partition key -> contract form
 
     @classmethod
     def from_settings(cls, settings: Settings, *, client_id: int | None = None,
@@ -96,6 +98,7 @@ class PipelineContext:
                       fetch_timeout_s: float = 120.0) -> PipelineContext:
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
+        universe = load_universe(universe_path(data_dir))
         if client_id is not None:
             settings = dataclasses.replace(settings, ib_client_id=client_id)
         conn = IBConnection.from_settings(settings)
@@ -108,7 +111,8 @@ class PipelineContext:
             resolver=ContractResolver(conn, data_dir),
             heads=HeadTimestamps(conn, governor, data_dir),
             clock=clock or conn.server_now,
-            rth_overrides=dict(rth_overrides or {}),
+            rth_overrides={**universe.rth_overrides(), **(rth_overrides or {})},
+            aliases={e.key: e.contract for e in universe.entries if e.contract != e.key},
         )
 
     async def close(self) -> None:
@@ -134,8 +138,8 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     p_start, p_end = period_start, period_end
     if window is not None:
         p_start, p_end = max(p_start, window[0]), min(p_end, window[1])
-    contract = await ctx.resolver.resolve(symbol)
-    key = contract.key
+    key = parse_symbol(symbol).key
+    contract = await ctx.resolver.resolve(ctx.aliases.get(key, symbol), key=key)
     use_rth = ctx.rth_overrides.get(key, default_use_rth(contract.sec_type))
     what = contract.what_to_show
     result = PartitionResult(key, tf.name, period, use_rth=use_rth, what_to_show=what)

@@ -8,6 +8,7 @@ validated before anything else because they become path components.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -177,8 +178,12 @@ class ContractResolver:
         self.conn = connection
         self.cache = JsonCache(data_dir / "cache" / "contracts.json", ttl_s)
 
-    async def resolve(self, text: str) -> ResolvedContract:
+    async def resolve(self, text: str, key: str | None = None) -> ResolvedContract:
+        """Resolve ``text``; ``key`` stores the result under another name (a universe
+        entry whose explicit contract form names a plain symbol key)."""
         spec = parse_symbol(text)
+        if key is not None:
+            spec = dataclasses.replace(spec, key=parse_symbol(key).key)
         cached = self.cache.get(spec.key)
         if cached is not None:
             return ResolvedContract(**cached)
