@@ -251,7 +251,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     try:
-        print(query(settings.data_dir, args.query, args.format))
+        print(query(settings.data_dir, args.query, args.format), end="")
     except (QueryError, CatalogLockedError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     return 0

@@ -74,9 +74,12 @@ def build_bar_asset(tf: Timeframe) -> dg.AssetsDefinition:
             raise dg.Failure(f"unknown mode {config.mode!r}; allowed: {', '.join(MODES)}")
         keys = _keys(context)
         results = asyncio.run(_load_all(context, ktrdr, tf, keys, config.mode))
-        from ..store.catalog import refresh_catalog
+        from ..store.catalog import CatalogLockedError, refresh_catalog
 
-        refresh_catalog(ktrdr.settings().data_dir)
+        try:
+            refresh_catalog(ktrdr.settings().data_dir)
+        except CatalogLockedError as exc:  # the bars are written; only the catalog waits
+            context.log.warning(f"catalog not refreshed: {exc}")
         return dg.MaterializeResult(metadata=_metadata(results))
 
     return _bars

@@ -1,0 +1,118 @@
+"""Sensors and the daily schedule, driven with Dagster's test contexts against the
+simulator with a fixed clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import dagster as dg
+import pytest
+
+from ktrdr_pipeline.defs.automation import daily_tail_fill, symbols_sensor, tail_fill_sensor
+from ktrdr_pipeline.defs.resources import KtrdrSettings
+from ktrdr_pipeline.gateway.server import GatewayThread
+from ktrdr_pipeline.loader import PipelineContext, load_partition
+from ktrdr_pipeline.settings import Settings
+
+#: Wednesday 2026-11-18 15:00 UTC = 10:00 US/Eastern: NYSE open.
+WEDNESDAY = datetime(2026, 11, 18, 15, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("KTRDR_TIMEFRAMES", "1h,1d")
+    data_dir = tmp_path / "data"
+    with GatewayThread(clock=WEDNESDAY, latency="none") as gw, dg.instance_for_test() as instance:
+        resources = {"ktrdr": KtrdrSettings(ib_port=gw.port, data_dir=str(data_dir),
+                                            ib_client_id=80)}
+        yield gw, instance, resources, data_dir, monkeypatch
+
+
+def _load(gw, data_dir, symbol, tf, period):
+    async def go():
+        ctx = PipelineContext.from_settings(Settings(ib_port=gw.port, data_dir=data_dir,
+                                                     ib_client_id=81))
+        try:
+            return await load_partition(ctx, symbol, tf, period)
+        finally:
+            await ctx.close()
+    return asyncio.run(go())
+
+
+def test_symbols_sensor_applies_valid_entries_and_reports_invalid(setup):
+    _, instance, resources, data_dir, _ = setup
+    data_dir.mkdir(parents=True)
+    (data_dir / "universe.yaml").write_text(
+        "symbols:\n  - AAPL\n  - ../etc/passwd\n  - {symbol: ES, contract: 'ES:FUT:CME:USD', "
+        "timeframes: [1h]}\n  - {symbol: EURUSD, timeframes: [7m]}\n  - {nosymbol: 1}\n")
+    ctx = dg.build_sensor_context(instance=instance, resources=resources)
+    result = symbols_sensor(ctx)
+    [add] = result.dynamic_partitions_requests
+    assert isinstance(add, dg.AddDynamicPartitionsRequest)
+    assert sorted(add.partition_keys) == ["AAPL", "ES"]
+    instance.add_dynamic_partitions("symbols", ["AAPL", "ES", "MSFT"])
+    (data_dir / "universe.yaml").write_text("symbols: [AAPL, ES]\n")
+    result = symbols_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    [remove] = result.dynamic_partitions_requests
+    assert isinstance(remove, dg.DeleteDynamicPartitionsRequest)
+    assert list(remove.partition_keys) == ["MSFT"]
+
+
+def test_tail_fill_requests_stale_partitions_once(setup):
+    gw, instance, resources, data_dir, monkeypatch = setup
+    instance.add_dynamic_partitions("symbols", ["AAPL", "EURUSD"])
+    _load(gw, data_dir, "AAPL", "1h", "2026")
+    _load(gw, data_dir, "AAPL", "1d", "2026")
+    _load(gw, data_dir, "EURUSD", "1h", "2026")
+    _load(gw, data_dir, "EURUSD", "1d", "2026")
+    # Two hours later the stored AAPL/EURUSD 1h bars end before the last closed bar
+    monkeypatch.setenv("KTRDR_CLOCK", "2026-11-18T17:05:00+00:00")
+    ctx = dg.build_sensor_context(instance=instance, resources=resources)
+    result = tail_fill_sensor(ctx)
+    requested = sorted(str(r.partition_key) + " " + r.asset_selection[0].to_user_string()
+                       for r in result.run_requests)
+    assert requested == ["2026|AAPL bars_1h", "2026|EURUSD bars_1h"]  # daily bars are fresh
+    # the cursor prevents asking again for the same work
+    again = tail_fill_sensor(dg.build_sensor_context(instance=instance, resources=resources,
+                                                     cursor=result.cursor))
+    assert not again.run_requests
+
+
+def test_closed_market_and_holiday_are_not_stale(setup):
+    gw, instance, resources, data_dir, monkeypatch = setup
+    instance.add_dynamic_partitions("symbols", ["AAPL"])
+    _load(gw, data_dir, "AAPL", "1h", "2026")
+    _load(gw, data_dir, "AAPL", "1d", "2026")
+    # bring the store up to the close of Wednesday 18th, then look on Thursday 04:00 ET
+    gw.server.clock.shift(6 * 3600 + 5 * 60)
+    _load(gw, data_dir, "AAPL", "1h", "2026")
+    _load(gw, data_dir, "AAPL", "1d", "2026")
+    monkeypatch.setenv("KTRDR_CLOCK", "2026-11-19T09:00:00+00:00")
+    result = tail_fill_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert not result.run_requests
+
+
+def test_unknown_symbol_gets_an_initial_run(setup):
+    _, instance, resources, _, monkeypatch = setup
+    instance.add_dynamic_partitions("symbols", ["MSFT"])
+    monkeypatch.setenv("KTRDR_CLOCK", WEDNESDAY.isoformat())
+    result = tail_fill_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert sorted(r.asset_selection[0].to_user_string() for r in result.run_requests) == [
+        "bars_1d", "bars_1h"]
+    assert json.loads(result.cursor)
+
+
+def test_daily_schedule_skips_holidays(setup):
+    _, instance, resources, _, _ = setup
+    instance.add_dynamic_partitions("symbols", ["AAPL"])
+    thanksgiving = datetime(2026, 11, 26, 22, 15, tzinfo=UTC)
+    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=thanksgiving,
+                                    resources=resources)
+    assert isinstance(daily_tail_fill(ctx), dg.SkipReason)
+    friday = datetime(2026, 11, 27, 22, 15, tzinfo=UTC)
+    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=friday,
+                                    resources=resources)
+    request = daily_tail_fill(ctx)
+    assert isinstance(request, dg.RunRequest) and "2026-11-27" in request.run_key

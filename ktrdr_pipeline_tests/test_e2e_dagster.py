@@ -1,0 +1,405 @@
+"""End to end: simulator, ``symbols add``, dagster-webserver and dagster-daemon as separate
+processes; a partition backfill of ``bars_1h`` launched over GraphQL (2 symbols x 3 years)
+runs through the daemon, its checks are recorded per partition, and the bars are queryable
+with the ``sql`` command. Everything is stopped afterwards and nothing may be left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: The simulator's clock: Wednesday 2026-11-18, 10:00 US/Eastern.
+CLOCK = "2026-11-18T15:00:00+00:00"
+SYMBOLS = ("AAPL", "EURUSD")
+PERIODS = ("2024", "2025", "2026")
+CHECKS = ("ohlc_valid", "unique_sorted_in_session", "calendar_gaps", "fresh")
+#: Checks whose result is deterministic here. ``fresh`` compares with this machine's clock,
+#: not the simulator's (which is set in the past), so it may warn; it must only be recorded.
+MUST_PASS = ("ohlc_valid", "unique_sorted_in_session", "calendar_gaps")
+BACKFILL_TIMEOUT_S = 150
+
+#: A minimal instance config. Runs go through the QueuedRunCoordinator (Dagster's default);
+#: ``dequeue_interval_seconds: 1`` (default 5) only makes the daemon pick queued runs up
+#: sooner, ``max_concurrent_runs: 2`` (default 10) keeps a 2-core machine from running more
+#: run workers than it has cores. Telemetry off: nothing is written outside the instance.
+DAGSTER_YAML = """\
+run_queue:
+  max_concurrent_runs: 2
+  dequeue_interval_seconds: 1
+telemetry:
+  enabled: false
+"""
+
+
+def _multi_key(symbol: str, period: str) -> str:
+    import dagster as dg
+
+    return str(dg.MultiPartitionKey({"symbol": symbol, "period": period}))
+
+
+def _bin(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    if exe.exists():
+        return str(exe)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return f"({path.name}: no output)"
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return f"--- {path.name} (last {len(text)} lines) ---\n" + "\n".join(text)
+
+
+class Processes:
+    """Every process the test starts, each in its own session (process group)."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str],
+              stdout_pipe: bool = False) -> subprocess.Popen:
+        out = subprocess.PIPE if stdout_pipe else (self.logs / f"{name}.log").open("wb")
+        err = (self.logs / f"{name}.err.log").open("wb") if stdout_pipe else subprocess.STDOUT
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def tails(self) -> str:
+        return "\n".join(_tail(p) for p in sorted(self.logs.glob("*.log")))
+
+    def group_members(self) -> dict[str, list[int]]:
+        """Live (non-zombie) processes in each started process group, from /proc."""
+        pgids = {proc.pid: name for name, proc in self.procs}
+        live: dict[str, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            state, pgrp = fields[0], int(fields[2])
+            if pgrp in pgids and state != "Z":
+                live.setdefault(pgids[pgrp], []).append(int(stat.parent.name))
+        return live
+
+    def stop(self, timeout: float = 30) -> dict[str, list[int]]:
+        """SIGTERM every group (the daemon and webserver shut their code servers and run
+        workers down), wait, then SIGKILL what is left. Returns what SIGTERM left alive."""
+        for _, proc in reversed(self.procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+        leftovers = self.group_members() if Path("/proc").is_dir() else {}
+        while leftovers and time.monotonic() < deadline:
+            time.sleep(0.5)
+            leftovers = self.group_members()
+        for _, proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.stdout:
+                proc.stdout.close()
+        return leftovers
+
+
+def _read_first_line(proc: subprocess.Popen, timeout: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise AssertionError(f"no output from the gateway within {timeout}s")
+    return proc.stdout.readline().decode().strip()
+
+
+class GraphQL:
+    def __init__(self, port: int):
+        self.url = f"http://127.0.0.1:{port}/graphql"
+
+    def __call__(self, query: str, variables: dict | None = None, timeout: float = 30) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        req = urllib.request.Request(self.url, data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            payload = json.loads(resp.read())
+        assert not payload.get("errors"), payload["errors"]
+        return payload["data"]
+
+
+WORKSPACE_QUERY = """
+{ workspaceOrError { __typename
+    ... on Workspace { locationEntries { name loadStatus
+        locationOrLoadError { __typename ... on PythonError { message } } } }
+    ... on PythonError { message } } }
+"""
+
+LAUNCH_BACKFILL = """
+mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message stack }
+    ... on Error { message }
+  }
+}
+"""
+
+BACKFILL_STATUS = """
+query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill {
+      status numPartitions
+      error { message stack }
+      runs { runId status tags { key value } }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+RUN_ERRORS = """
+query Logs($runId: ID!) {
+  logsForRun(runId: $runId) {
+    ... on EventConnection { events { __typename
+        ... on MessageEvent { message stepKey }
+        ... on ErrorEvent { error { message stack } } } }
+  }
+}
+"""
+
+MATERIALIZATIONS = """
+query Mats($key: AssetKeyInput!) {
+  assetOrError(assetKey: $key) {
+    ... on Asset { assetMaterializations(limit: 100) { partition runId } }
+  }
+}
+"""
+
+CHECK_EXECUTIONS = """
+query Checks($key: AssetKeyInput!, $name: String!) {
+  assetCheckExecutions(assetKey: $key, checkName: $name, limit: 100) {
+    runId status partition
+    evaluation { success partition }
+  }
+}
+"""
+
+
+def _wait_for_location(gql: GraphQL, procs: Processes, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            data = gql(WORKSPACE_QUERY, timeout=5)["workspaceOrError"]
+            entries = data.get("locationEntries") or []
+            last = entries or data
+            if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                errors = [e for e in entries
+                          if e["locationOrLoadError"]["__typename"] != "RepositoryLocation"]
+                assert not errors, f"code location failed to load: {errors}\n{procs.tails()}"
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            last = exc
+        time.sleep(0.5)
+    raise AssertionError(f"webserver not ready after {timeout}s ({last!r})\n{procs.tails()}")
+
+
+def _run_failures(gql: GraphQL, runs: list[dict]) -> str:
+    out = []
+    for run in runs:
+        if run["status"] == "SUCCESS":
+            continue
+        events = gql(RUN_ERRORS, {"runId": run["runId"]})["logsForRun"].get("events", [])
+        errors = [f"{e.get('stepKey')}: {e['message']}\n{(e.get('error') or {}).get('stack', '')}"
+                  for e in events if e.get("error")]
+        out.append(f"run {run['runId']} {run['status']}:\n" + "\n".join(errors[-5:]))
+    return "\n".join(out)
+
+
+def _expected_aapl_1h_bars(year: int, until: date | None = None) -> int:
+    """RTH hour bars per NYSE session: 09:30 plus one per full hour before the close
+    (7 on a regular day, 4 on a 13:00 half day); ``until``'s session counts only up to
+    the clock (10:00 ET: the 09:30 bar and the 10:00 bar in progress)."""
+    import exchange_calendars as xcals
+
+    cal = xcals.get_calendar("XNYS")
+    last = until or date(year, 12, 31)
+    n = 0
+    for session in cal.sessions_in_range(f"{year}-01-01", last.isoformat()):
+        if until is not None and session.date() == until:
+            n += 2
+            continue
+        close = cal.session_close(session).tz_convert("America/New_York")
+        n += 1 + (close.hour - 10)
+    return n
+
+
+@pytest.mark.slow
+def test_backfill_over_graphql_with_webserver_and_daemon(tmp_path):
+    started = time.monotonic()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    data_dir = tmp_path / "data"
+    web_port = _free_port()
+    procs = Processes(logs)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "PYTHONUNBUFFERED": "1",
+        "DAGSTER_HOME": str(home),
+        "KTRDR_DATA_DIR": str(data_dir),
+        "IB_CLIENT_ID": "200",
+        "KTRDR_TIMEFRAMES": "1h,1d",
+        # no pause for IB's nightly reset when this runs near midnight US/Eastern
+        "KTRDR_RESET_WINDOW": "off",
+    }
+    gql = GraphQL(web_port)
+    key = {"path": ["bars_1h"]}
+    ib_port = None
+    try:
+        gateway = procs.start("gateway", [
+            sys.executable, "-m", "ktrdr_pipeline.cli", "gateway", "--port", "0",
+            "--latency", "none", "--clock", CLOCK], env, stdout_pipe=True)
+        first = _read_first_line(gateway, 30)
+        assert first.startswith("listening on 127.0.0.1:"), (first, procs.tails())
+        ib_port = int(first.rsplit(":", 1)[1])
+        env["IB_PORT"] = str(ib_port)
+
+        added = subprocess.run(
+            [sys.executable, "-m", "ktrdr_pipeline.cli", "symbols", "add", *SYMBOLS],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert added.returncode == 0, added.stdout + added.stderr
+        assert json.loads(added.stdout) == {s: {"added": s} for s in SYMBOLS}
+
+        procs.start("webserver", [_bin("dagster-webserver"), "-w", "workspace.yaml",
+                                  "-h", "127.0.0.1", "-p", str(web_port)], env)
+        _wait_for_location(gql, procs)
+
+        partitions = sorted(_multi_key(s, p) for s in SYMBOLS for p in PERIODS)
+        launched = gql(LAUNCH_BACKFILL, {"params": {
+            "assetSelection": [key], "partitionNames": partitions,
+            "title": "e2e bars_1h"}})["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        backfill_id = launched["backfillId"]
+        # The backfill daemon looks for work every 30 s (Dagster's fixed interval) and once
+        # at start: starting it after the launch saves up to one interval.
+        procs.start("daemon", [_bin("dagster-daemon"), "run", "-w", "workspace.yaml"], env)
+
+        deadline = time.monotonic() + BACKFILL_TIMEOUT_S
+        while True:
+            backfill = gql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+            assert backfill["__typename"] == "PartitionBackfill", backfill
+            if backfill["status"] not in ("REQUESTED", "CANCELING", "FAILING"):
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"backfill {backfill_id} still {backfill['status']} after "
+                    f"{BACKFILL_TIMEOUT_S}s; runs: {backfill['runs']}\n{procs.tails()}")
+            time.sleep(2)
+        runs = backfill["runs"]
+        failures = _run_failures(gql, runs)
+        assert backfill["status"] in ("COMPLETED", "COMPLETED_SUCCESS"), (
+            f"backfill {backfill['status']}: {backfill['error']}\n{failures}\n{procs.tails()}")
+        assert runs and all(r["status"] == "SUCCESS" for r in runs), failures
+        assert backfill["numPartitions"] == len(partitions)
+
+        mats = gql(MATERIALIZATIONS, {"key": key})["assetOrError"]["assetMaterializations"]
+        assert sorted({m["partition"] for m in mats}) == partitions, mats
+        assert {m["runId"] for m in mats} <= {r["runId"] for r in runs}
+
+        for name in CHECKS:
+            executions = gql(CHECK_EXECUTIONS, {"key": key, "name": name})[
+                "assetCheckExecutions"]
+            by_partition = {e["partition"]: e for e in executions}
+            assert sorted(p for p in by_partition if p) == partitions, (name, executions)
+            for partition, execution in by_partition.items():
+                assert execution["evaluation"] is not None, (name, execution)
+                assert execution["evaluation"]["partition"] == partition
+                if name in MUST_PASS:
+                    assert execution["status"] == "SUCCEEDED", (name, execution)
+                    assert execution["evaluation"]["success"], (name, execution)
+
+        def sql(query: str) -> list[dict]:
+            out = subprocess.run(
+                [sys.executable, "-m", "ktrdr_pipeline.cli", "sql", query, "--format", "json"],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)
+
+        summary = sql("SELECT symbol, count(*) n, min(ts), max(ts) FROM bars_1h "
+                      "GROUP BY symbol ORDER BY symbol")
+        assert [r["symbol"] for r in summary] == list(SYMBOLS), summary
+        per_year = {(r["symbol"], r["period"]): r["n"] for r in sql(
+            "SELECT symbol, period, count(*) n FROM bars_1h GROUP BY ALL ORDER BY ALL")}
+        assert set(per_year) == {(s, p) for s in SYMBOLS for p in PERIODS}, per_year
+        clock_day = date(2026, 11, 18)
+        for period in PERIODS:
+            expected = _expected_aapl_1h_bars(
+                int(period), clock_day if period == "2026" else None)
+            assert per_year[("AAPL", period)] == expected, (period, per_year)
+        # FX: 24 hour bars per weekday (UTC days), all hours
+        assert 260 * 24 <= per_year[("EURUSD", "2024")] <= 262 * 24, per_year
+        assert 259 * 24 <= per_year[("EURUSD", "2025")] <= 261 * 24, per_year
+        assert 230 * 24 <= per_year[("EURUSD", "2026")] <= 232 * 24, per_year
+        totals = {r["symbol"]: r["n"] for r in summary}
+        assert totals == {s: sum(per_year[(s, p)] for p in PERIODS) for s in SYMBOLS}
+        aapl = summary[0]
+        assert str(aapl["min(ts)"]).startswith("2024-01-02")  # first session of 2024
+        assert str(aapl["max(ts)"]).startswith("2026-11-18")  # up to the simulator's clock
+    finally:
+        leftovers = procs.stop()
+        tails = procs.tails()
+    assert not leftovers, f"processes survived SIGTERM: {leftovers}\n{tails}"
+    assert not _port_open(web_port), "the webserver's port is still open"
+    if ib_port is not None:
+        assert not _port_open(ib_port), "the gateway's port is still open"
+    assert time.monotonic() - started < 240
