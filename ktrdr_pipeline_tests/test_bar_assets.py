@@ -27,8 +27,8 @@ from .conftest import MARKET_OPEN, read_audit
 
 @pytest.fixture
 def env(tmp_path, audit_path):
-    with GatewayThread(clock=MARKET_OPEN, latency="none", audit_log=audit_path) as gw:
-        instance = dg.DagsterInstance.ephemeral()
+    with (GatewayThread(clock=MARKET_OPEN, latency="none", audit_log=audit_path) as gw,
+          dg.instance_for_test() as instance):
         instance.add_dynamic_partitions("symbols", ["AAPL", "EURUSD"])
         resources = {"ktrdr": KtrdrSettings(ib_port=gw.port, data_dir=str(tmp_path / "data"),
                                             ib_client_id=50)}
