@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .defs.assets import bar_assets
+from .defs.assets import bar_assets, bar_jobs
 from .defs.automation import (
     daily_tail_fill,
     daily_tail_fill_job,
@@ -19,6 +19,6 @@ defs = dg.Definitions(
     asset_checks=bar_checks(),
     sensors=[symbols_sensor, tail_fill_sensor],
     schedules=[daily_tail_fill],
-    jobs=[daily_tail_fill_job],
+    jobs=[daily_tail_fill_job, *bar_jobs()],
     resources={"ktrdr": KtrdrSettings()},
 )

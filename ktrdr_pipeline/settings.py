@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -89,3 +90,16 @@ def _reset_window(env: Mapping[str, str]) -> str:
     except ValueError as exc:
         raise SettingsError(f"KTRDR_RESET_WINDOW: {exc}") from None
     return raw
+
+
+def pipeline_now(env: Mapping[str, str] | None = None) -> datetime:
+    """Now for code that does not talk to IB (sensors, checks): ``KTRDR_CLOCK`` (ISO 8601)
+    when set — for a simulator started with ``--clock`` and for tests — else the UTC clock."""
+    raw = (os.environ if env is None else env).get("KTRDR_CLOCK", "").strip()
+    if not raw:
+        return datetime.now(UTC)
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise SettingsError(f"KTRDR_CLOCK must be an ISO 8601 time, got {raw!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

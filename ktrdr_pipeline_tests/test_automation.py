@@ -74,6 +74,7 @@ def test_tail_fill_requests_stale_partitions_once(setup):
     requested = sorted(str(r.partition_key) + " " + r.asset_selection[0].to_user_string()
                        for r in result.run_requests)
     assert requested == ["2026|AAPL bars_1h", "2026|EURUSD bars_1h"]  # daily bars are fresh
+    assert {r.job_name for r in result.run_requests} == {"bars_1h_job"}
     # the cursor prevents asking again for the same work
     again = tail_fill_sensor(dg.build_sensor_context(instance=instance, resources=resources,
                                                      cursor=result.cursor))

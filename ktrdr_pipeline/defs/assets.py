@@ -2,18 +2,25 @@
 
 
 import asyncio
+import functools
 
 import dagster as dg
 
 from ..loader import MODES, PartitionResult, PipelineContext, load_partition
-from ..timeframes import Timeframe, enabled_timeframes
+from ..timeframes import Timeframe, enabled_timeframes, get_timeframe
 from .partitions import bar_partitions
 from .resources import KtrdrSettings
 
 #: Runs of IB-bound assets share this concurrency pool (see dagster.yaml in the README).
 IB_POOL = "ib_api"
-#: A backfill packs up to this many partitions of one symbol into one run.
-MAX_PARTITIONS_PER_RUN = 12
+#: No backfill policy: a backfill launches one run per (symbol, period) partition. A
+#: ``BackfillPolicy`` (``multi_run(n)``, even ``n=1``, or ``single_run()``) gives runs a
+#: partition *range* (``dagster/asset_partition_range_*`` tags, no ``dagster/partition``),
+#: and in such a run Dagster 1.13 cannot record partitioned asset checks per partition:
+#: ``context.partition_key`` raises for a range of several partitions, and even for a range
+#: of one the check evaluations are stored without a partition. The checks in ``checks.py``
+#: need one partition per run.
+BACKFILL_POLICY: dg.BackfillPolicy | None = None
 
 
 class BarLoadConfig(dg.Config):
@@ -61,7 +68,7 @@ def build_bar_asset(tf: Timeframe) -> dg.AssetsDefinition:
         name=f"bars_{tf.name}",
         partitions_def=bar_partitions(tf),
         pool=IB_POOL,
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
+        backfill_policy=BACKFILL_POLICY,
         group_name="bars",
         kinds={"parquet", "duckdb"},
         description=f"{tf.bar_size} bars from Interactive Brokers as Parquet, partitioned by "
@@ -104,3 +111,24 @@ async def _load_all(context: dg.AssetExecutionContext, ktrdr: KtrdrSettings, tf:
 
 def bar_assets() -> list[dg.AssetsDefinition]:
     return [build_bar_asset(tf) for tf in enabled_timeframes()]
+
+
+def bar_job_name(timeframe: str) -> str:
+    return f"bars_{timeframe}_job"
+
+
+@functools.cache
+def _bar_jobs(names: tuple[str, ...]) -> tuple:
+    return tuple(
+        dg.define_asset_job(bar_job_name(tf.name),
+                            selection=dg.AssetSelection.assets(f"bars_{tf.name}"),
+                            partitions_def=bar_partitions(tf),
+                            tags={"ktrdr/timeframe": tf.name})
+        for tf in (get_timeframe(n) for n in names)
+    )
+
+
+def bar_jobs() -> list:
+    """One job per timeframe (with its checks): the targets of the tail-fill sensor, since
+    one job cannot span assets with different partitions."""
+    return list(_bar_jobs(tuple(tf.name for tf in enabled_timeframes())))

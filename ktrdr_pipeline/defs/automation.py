@@ -11,8 +11,10 @@ import dagster as dg
 
 from .. import calendars
 from ..freshness import stale_partitions
+from ..settings import pipeline_now
 from ..timeframes import enabled_timeframes
 from ..universe import load_universe, universe_path
+from .assets import bar_job_name, bar_jobs
 from .resources import KtrdrSettings
 
 ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
@@ -75,11 +77,10 @@ def _active_partitions(instance: dg.DagsterInstance) -> set[tuple[str, str]]:
 
 
 def _now(context) -> datetime:
-    override = os.environ.get("KTRDR_CLOCK")  # a fixed clock (tests, simulator with --clock)
-    return datetime.fromisoformat(override) if override else datetime.now(UTC)
+    return pipeline_now()
 
 
-@dg.sensor(name="tail_fill_sensor",
+@dg.sensor(name="tail_fill_sensor", jobs=bar_jobs(),
            minimum_interval_seconds=_interval("KTRDR_TAIL_FILL_INTERVAL", 300),
            default_status=dg.DefaultSensorStatus.RUNNING,
            description="Requests runs for partitions whose stored bars end before the last "
@@ -105,6 +106,7 @@ def tail_fill_sensor(context: dg.SensorEvaluationContext, ktrdr: KtrdrSettings):
             continue  # a run for this work is queued, running, or was already requested
         cursor[slot] = target
         runs.append(dg.RunRequest(run_key=f"{slot}|{target}", partition_key=key,
+                                  job_name=bar_job_name(item.timeframe),
                                   asset_selection=[dg.AssetKey(asset)],
                                   tags={"ktrdr/trigger": "tail_fill_sensor"}))
     if not runs:

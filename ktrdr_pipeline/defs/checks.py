@@ -15,6 +15,7 @@ import pandas as pd
 from .. import calendars, gaps
 from ..ib.contracts import JsonCache
 from ..loader import default_use_rth
+from ..settings import pipeline_now
 from ..store.parquet import BarStore
 from ..store.schema import duplicate_or_unsorted, ohlc_violations, session_violations
 from ..timeframes import Timeframe, enabled_timeframes
@@ -121,7 +122,7 @@ def build_checks(tf: Timeframe) -> list[dg.AssetChecksDefinition]:
     def fresh(context: dg.AssetCheckExecutionContext,
               ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
         view = PartitionView(ktrdr.settings().data_dir, tf, *_split(context.partition_key))
-        now = datetime.now(UTC)
+        now = pipeline_now()
         start, end = tf.period_bounds(view.period)
         if not start <= now < end or view.profile is None:
             return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
