@@ -121,14 +121,20 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import demo_settings, run_demo
 
-    return asyncio.run(run_demo(Settings.from_env(), forever=not args.once))
+    try:
+        return asyncio.run(run_demo(demo_settings(), forever=not args.once, ui_port=args.ui_port))
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job on the embedded IB Gateway simulator")
-    p.add_argument("--once", action="store_true", help="stop after the first download")
+    p.add_argument("--once", action="store_true",
+                   help="stop when the initial backfill has finished (for tests)")
+    p.add_argument("--ui-port", type=_port, default=None,
+                   help="port of the Dagster UI (default 3000, or a free one)")
     p.set_defaults(func=cmd_demo)
 
 

@@ -1,11 +1,17 @@
-"""The one-command demo: the embedded IB Gateway simulator and a first load.
+"""The one-command demo: simulator, Dagster webserver and daemon, a backfill.
 
-Starts the simulator on 127.0.0.1 (``IB_PORT``, or a free port when that one is taken),
-loads recent bars for a small universe into ``KTRDR_DATA_DIR`` through exactly the code the
-Dagster assets use (planner, pacing governor, gap-aware loader, Parquet store), shows the
-catalog's coverage, and keeps the simulator running until Ctrl-C so Dagster, the CLI
-(``ktrdr-pipeline sql``, ``load``, ``status``) and notebooks can use it. Running it again
-reuses what is stored and fetches only what is missing.
+``ktrdr-pipeline demo`` (the README's first command) sets up and starts, on 127.0.0.1:
+
+1. the IB Gateway simulator (``IB_PORT``, or a free port when that one is taken);
+2. a Dagster instance in ``KTRDR_DATA_DIR/dagster`` (``DAGSTER_HOME``) with a
+   ``dagster.yaml`` that queues runs and limits the ``ib_api`` pool, a small universe
+   (``KTRDR_DATA_DIR/universe.yaml``) and its ``symbols`` partitions;
+3. ``dagster-webserver`` and ``dagster-daemon`` (sensors and schedules keep the data fresh);
+4. an initial backfill of the current year's hourly and daily bars, launched through the
+   webserver's GraphQL API;
+
+then prints the UI address. Ctrl-C stops everything and leaves no process behind. Running
+it again reuses what is stored: complete partitions cost no IB request.
 """
 
 from __future__ import annotations
@@ -13,71 +19,254 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
+import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
-from datetime import timedelta
-from typing import TextIO
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
 
-from . import commands
 from .gateway.server import GatewayServer
-from .loader import PipelineContext
 from .settings import Settings
-from .store.catalog import query, refresh_catalog
 
 log = logging.getLogger(__name__)
 
-DEMO_SYMBOLS = ("AAPL", "SPY", "EURUSD")
-DEMO_LOADS = (("1h", 30), ("1d", 365))  # timeframe, days of history
+DEMO_UNIVERSE = """\
+# The demo's universe: the symbols sensor keeps the 'symbols' partitions in line with it.
+symbols:
+  - AAPL
+  - SPY
+  - EURUSD
+"""
+DAGSTER_YAML = """\
+# Written by `ktrdr-pipeline demo`. Runs wait in the queue (never fail) when the run limit
+# or the ib_api pool is full: IB-bound runs share one machine-wide pacing budget anyway.
+concurrency:
+  runs:
+    max_concurrent_runs: 2
+  pools:
+    default_limit: 2
+    granularity: op
+telemetry:
+  enabled: false
+"""
+DEMO_ASSETS = ("bars_1h", "bars_1d")
+
+LAUNCH = """mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}"""
+STATUS = """query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename ... on PartitionBackfill { status numPartitions }
+  }
+}"""
+LOCATION = """query { workspaceOrError { __typename ... on Workspace { locationEntries {
+  name loadStatus locationOrLoadError { __typename } } } } }"""
 
 
-async def _start_gateway(settings: Settings) -> GatewayServer:
-    for port in (settings.ib_port, 0):
-        gw = GatewayServer("127.0.0.1", port, latency="realistic", admin_port=0)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
         try:
-            return await gw.start()
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class GraphQL:
+    def __init__(self, port: int):
+        self.url = f"http://127.0.0.1:{port}/graphql"
+
+    def __call__(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            data = json.loads(resp.read())
+        if data.get("errors"):
+            raise RuntimeError(f"GraphQL error: {data['errors']}")
+        return data["data"]
+
+    def wait_ready(self, timeout_s: float, alive) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not alive():
+                raise RuntimeError("dagster-webserver exited during start-up")
+            try:
+                entries = self(LOCATION)["workspaceOrError"]["locationEntries"]
+                if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                    bad = [e for e in entries
+                           if e["locationOrLoadError"]["__typename"] != "RepositoryLocation"]
+                    if bad:
+                        raise RuntimeError(f"the code location failed to load: {bad}")
+                    return
+            except (urllib.error.URLError, ConnectionError, OSError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"dagster-webserver did not come up within {timeout_s:.0f}s")
+
+
+class Processes:
+    """Child processes, each in its own process group, stopped together."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, timeout_s: float = 20) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def prepare_home(data_dir: Path) -> Path:
+    home = data_dir / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    universe = data_dir / "universe.yaml"
+    if not universe.exists() and not os.environ.get("KTRDR_UNIVERSE"):
+        universe.write_text(DEMO_UNIVERSE)
+    return home
+
+
+def register_symbols(data_dir: Path, home: Path) -> list[str]:
+    """Add the universe's symbols as partitions now, so the backfill can name them."""
+    import dagster as dg
+
+    from .universe import load_universe, universe_path
+
+    universe = load_universe(universe_path(data_dir))
+    os.environ["DAGSTER_HOME"] = str(home)
+    with dg.DagsterInstance.get() as instance:
+        existing = set(instance.get_dynamic_partitions("symbols"))
+        new = [k for k in universe.keys if k not in existing]
+        if new:
+            instance.add_dynamic_partitions("symbols", new)
+    return universe.keys
+
+
+async def run_demo(settings: Settings, out: TextIO = sys.stdout, forever: bool = True,
+                   ui_port: int | None = None) -> int:
+    data_dir = Path(settings.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    home = prepare_home(data_dir)
+    gw = None
+    for port in (settings.ib_port, 0):
+        candidate = GatewayServer("127.0.0.1", port, latency="realistic", admin_port=0)
+        try:
+            gw = await candidate.start()
+            break
         except OSError:
             log.warning("port %d is taken; the simulator takes a free port instead", port)
-    raise RuntimeError("cannot start the gateway simulator")
+    if gw is None:
+        raise RuntimeError("cannot start the IB Gateway simulator")
+    out.write(f"IB Gateway simulator on 127.0.0.1:{gw.port} (admin 127.0.0.1:{gw.admin_port})\n")
+    symbols = register_symbols(data_dir, home)
+    ui_port = ui_port or (3000 if port_free(3000) else free_port())
+    env = {**os.environ, "DAGSTER_HOME": str(home), "KTRDR_DATA_DIR": str(data_dir),
+           "IB_HOST": "127.0.0.1", "IB_PORT": str(gw.port)}
+    procs = Processes(home)
+    try:
+        web = procs.start("webserver", [_bin("dagster-webserver"), "-m",
+                                        "ktrdr_pipeline.definitions", "-h", "127.0.0.1", "-p",
+                                        str(ui_port)], env)
+        gql = GraphQL(ui_port)
+        await asyncio.to_thread(gql.wait_ready, 180, lambda: web.poll() is None)
+        procs.start("daemon", [_bin("dagster-daemon"), "run", "-m", "ktrdr_pipeline.definitions"],
+                    env)
+        year = str(datetime.now(UTC).year)
+        keys = [f"{year}|{s}" for s in symbols]
+        launched = gql(LAUNCH, {"params": {
+            "assetSelection": [{"path": [a]} for a in DEMO_ASSETS], "partitionNames": keys,
+            "title": "ktrdr demo: initial backfill"}})["launchPartitionBackfill"]
+        if launched["__typename"] != "LaunchBackfillSuccess":
+            raise RuntimeError(f"backfill not launched: {launched}")
+        backfill_id = launched["backfillId"]
+        out.write(f"Dagster UI: http://127.0.0.1:{ui_port}\n")
+        out.write(f"backfill {backfill_id}: {', '.join(DEMO_ASSETS)} for {', '.join(keys)}\n")
+        out.write(f"data in {data_dir}; query it with: .venv/bin/ktrdr-pipeline sql "
+                  f"\"SELECT * FROM coverage\"\n")
+        out.write("press Ctrl-C to stop everything\n")
+        out.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        status = await _watch(gql, backfill_id, stop, out, forever)
+        if forever:
+            await stop.wait()
+        return 0 if status in ("COMPLETED", "COMPLETED_SUCCESS") or forever else 1
+    finally:
+        out.write("stopping the webserver, the daemon and the simulator...\n")
+        out.flush()
+        await asyncio.to_thread(procs.stop)
+        await gw.stop()
+        out.write("stopped\n")
+        out.flush()
 
 
-async def run_demo(settings: Settings, out: TextIO = sys.stdout, forever: bool = True) -> int:
-    gw = await _start_gateway(settings)
-    out.write(f"IB Gateway simulator listening on 127.0.0.1:{gw.port} "
-              f"(admin 127.0.0.1:{gw.admin_port})\n")
-    settings = dataclasses.replace(settings, ib_host="127.0.0.1", ib_port=gw.port)
-    ctx = PipelineContext.from_settings(settings)
-    try:
-        await ctx.connection.connect()
-        today = ctx.clock().date()
-        for tf, days in DEMO_LOADS:
-            for symbol in DEMO_SYMBOLS:
-                summary = await commands.load(ctx, symbol, tf, "tail",
-                                              start=today - timedelta(days=days))
-                out.write(f"  {summary.symbol:7} {tf:3} {summary.start}..{summary.end}: "
-                          f"{summary.cached_before:5d} stored, {summary.ib_requests_made:3d} "
-                          f"IB requests, {summary.fetched_bars:5d} bars fetched\n")
-                out.flush()
-    finally:
-        await ctx.close()
-    refresh_catalog(settings.data_dir)
-    out.write(query(settings.data_dir, "SELECT * FROM coverage ORDER BY timeframe, symbol"))
-    out.write(f"\nstored under {settings.data_dir.resolve()}; try:\n"
-              f"  .venv/bin/ktrdr-pipeline sql \"SELECT symbol, max(ts) FROM bars_1h "
-              f"GROUP BY symbol\"\n")
-    if not forever:
-        await gw.stop()
-        return 0
-    out.write(f"the simulator keeps running on 127.0.0.1:{gw.port}; press Ctrl-C to stop\n")
-    out.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await gw.stop()
-    out.write("stopped\n")
-    return 0
+async def _watch(gql: GraphQL, backfill_id: str, stop: asyncio.Event, out: TextIO,
+                 forever: bool) -> str:
+    """Report when the backfill ends (or stop waiting on Ctrl-C)."""
+    status = "REQUESTED"
+    while not stop.is_set():
+        try:
+            result = await asyncio.to_thread(gql, STATUS, {"id": backfill_id})
+            status = result["partitionBackfillOrError"].get("status", status)
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            log.warning("cannot read the backfill status: %s", exc)
+        if status not in ("REQUESTED", "CANCELING", "FAILING"):
+            out.write(f"initial backfill {status.lower()}\n")
+            out.flush()
+            return status
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 2)
+    return status
+
+
+def demo_settings() -> Settings:
+    settings = Settings.from_env()
+    return dataclasses.replace(settings, ib_host="127.0.0.1")
