@@ -13,14 +13,13 @@ from .resources import KtrdrSettings
 
 #: Runs of IB-bound assets share this concurrency pool (see dagster.yaml in the README).
 IB_POOL = "ib_api"
-#: No backfill policy: a backfill launches one run per (symbol, period) partition. A
-#: ``BackfillPolicy`` (``multi_run(n)``, even ``n=1``, or ``single_run()``) gives runs a
-#: partition *range* (``dagster/asset_partition_range_*`` tags, no ``dagster/partition``),
-#: and in such a run Dagster 1.13 cannot record partitioned asset checks per partition:
-#: ``context.partition_key`` raises for a range of several partitions, and even for a range
-#: of one the check evaluations are stored without a partition. The checks in ``checks.py``
-#: need one partition per run.
-BACKFILL_POLICY: dg.BackfillPolicy | None = None
+#: A backfill packs up to this many partitions (of one symbol) into one run, so a
+#: multi-year backfill costs one process and one IB connection per run, not per period.
+#: Dagster records the checks of such a packed run once for the run (they evaluate every
+#: partition in it, see checks.py); single-partition runs (sensors, the UI) get results
+#: per partition.
+MAX_PARTITIONS_PER_RUN = 12
+BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN)
 
 
 class BarLoadConfig(dg.Config):

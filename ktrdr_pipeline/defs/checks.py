@@ -30,6 +30,31 @@ def _split(key: str | dg.MultiPartitionKey) -> tuple[str, str]:
     return mk.keys_by_dimension["symbol"], mk.keys_by_dimension["period"]
 
 
+def _partitions(context: dg.AssetCheckExecutionContext) -> list[tuple[str, str]]:
+    """The (symbol, period) partitions this check run covers: one, or every partition of a
+    packed backfill run."""
+    op_ctx = context.op_execution_context
+    if op_ctx.has_partition_key:
+        return [_split(op_ctx.partition_key)]
+    return [_split(k) for k in op_ctx.partition_keys]
+
+
+def _combine(results: list[tuple[str, dg.AssetCheckResult]],
+             severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
+    """One partition's result as is; for a packed run, all partitions in one result."""
+    if len(results) == 1:
+        return results[0][1]
+    failed = [(k, r) for k, r in results if not r.passed]
+    meta: dict[str, object] = {
+        "partitions": len(results),
+        "failed_partitions": [k for k, _ in failed],
+    }
+    for k, r in failed[:3]:
+        for name, value in r.metadata.items():
+            meta[f"{k}: {name}"] = value
+    return dg.AssetCheckResult(passed=not failed, severity=severity, metadata=meta)
+
+
 def _rows_md(rows: pd.DataFrame) -> dg.MetadataValue:
     shown = rows.head(MAX_ROWS_SHOWN).reset_index()
     return dg.MetadataValue.md(shown.to_markdown(index=False) if hasattr(shown, "to_markdown")
@@ -59,84 +84,97 @@ class PartitionView:
             self.head = datetime.fromisoformat(cached) if cached else None
 
 
-def build_checks(tf: Timeframe) -> list[dg.AssetChecksDefinition]:
-    asset_key = dg.AssetKey(f"bars_{tf.name}")
-    parts = bar_partitions(tf)
+def _ohlc_valid(view: PartitionView) -> dg.AssetCheckResult:
+    bad = ohlc_violations(view.frame)
+    meta: dict[str, object] = {"rows": len(view.frame), "violations": len(bad)}
+    if len(bad):
+        meta["offending_rows"] = _rows_md(bad)
+    return dg.AssetCheckResult(passed=not len(bad), metadata=meta,
+                               severity=dg.AssetCheckSeverity.ERROR)
 
-    @dg.asset_check(asset=asset_key, name="ohlc_valid", blocking=True, partitions_def=parts,
-                    description="Positive prices, low <= min(open, close) <= max(open, close) "
-                                "<= high, non-negative volume.")
-    def ohlc_valid(context: dg.AssetCheckExecutionContext,
-                   ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
-        view = PartitionView(ktrdr.settings().data_dir, tf, *_split(context.partition_key))
-        bad = ohlc_violations(view.frame)
-        meta = {"rows": len(view.frame), "violations": len(bad)}
-        if len(bad):
-            meta["offending_rows"] = _rows_md(bad)
-        return dg.AssetCheckResult(passed=not len(bad), metadata=meta,
-                                   severity=dg.AssetCheckSeverity.ERROR)
 
-    @dg.asset_check(asset=asset_key, name="unique_sorted_in_session", partitions_def=parts,
-                    description="No duplicate bars, sorted, every bar inside a session.")
-    def unique_sorted(context: dg.AssetCheckExecutionContext,
-                      ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
-        view = PartitionView(ktrdr.settings().data_dir, tf, *_split(context.partition_key))
-        bad = duplicate_or_unsorted(view.frame)
-        if view.profile is not None and len(view.frame):
-            outside = session_violations(view.frame, tf, view.profile, view.use_rth)
-            bad = pd.concat([bad, outside]) if len(outside) else bad
-        meta = {"rows": len(view.frame), "violations": len(bad)}
-        if len(bad):
-            meta["offending_rows"] = _rows_md(bad)
-        return dg.AssetCheckResult(passed=not len(bad), metadata=meta,
-                                   severity=dg.AssetCheckSeverity.ERROR)
+def _unique_sorted(view: PartitionView) -> dg.AssetCheckResult:
+    bad = duplicate_or_unsorted(view.frame)
+    if view.profile is not None and len(view.frame):
+        outside = session_violations(view.frame, view.tf, view.profile, view.use_rth)
+        bad = pd.concat([bad, outside]) if len(outside) else bad
+    meta: dict[str, object] = {"rows": len(view.frame), "violations": len(bad)}
+    if len(bad):
+        meta["offending_rows"] = _rows_md(bad)
+    return dg.AssetCheckResult(passed=not len(bad), metadata=meta,
+                               severity=dg.AssetCheckSeverity.ERROR)
 
-    @dg.asset_check(asset=asset_key, name="calendar_gaps", partitions_def=parts,
-                    description="Sessions of the exchange calendar with missing bars.")
-    def calendar_gaps(context: dg.AssetCheckExecutionContext,
-                      ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
-        view = PartitionView(ktrdr.settings().data_dir, tf, *_split(context.partition_key))
-        if view.profile is None:
-            return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
-                                       description="contract unknown: not loaded yet")
-        start, end = tf.period_bounds(view.period)
-        fetched_at = view.meta.get("fetched_at")
-        now = datetime.fromisoformat(fetched_at) if fetched_at else datetime.now(UTC)
-        exp_s, exp_e = gaps.expected_bars(view.profile, tf.bar_size, start, end, view.use_rth,
-                                          head=view.head, now=now)
-        stored = view.frame.index.asi8 // 10**9 if len(view.frame) else []
-        segments = gaps.missing_segments(exp_s, exp_e, stored)
-        missing_sessions = sorted({
-            s.date.isoformat()
-            for seg in segments
-            for s in calendars.sessions_between(view.profile, seg.start,
-                                                max(seg.end, seg.start + timedelta(seconds=1)),
-                                                view.use_rth)})
-        return dg.AssetCheckResult(
-            passed=not segments, severity=dg.AssetCheckSeverity.WARN,
-            metadata={"expected_bars": len(exp_s), "missing_bars": sum(s.bars for s in segments),
-                      "gaps": len(segments), "missing_sessions": missing_sessions[:100]})
 
-    @dg.asset_check(asset=asset_key, name="fresh", partitions_def=parts,
-                    description="The newest period holds the last completed bar IB has.")
-    def fresh(context: dg.AssetCheckExecutionContext,
-              ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
-        view = PartitionView(ktrdr.settings().data_dir, tf, *_split(context.partition_key))
-        now = pipeline_now()
-        start, end = tf.period_bounds(view.period)
-        if not start <= now < end or view.profile is None:
-            return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
-                                       description="not the current period")
-        exp_s, _ = gaps.expected_bars(view.profile, tf.bar_size, start, end, view.use_rth,
+def _calendar_gaps(view: PartitionView) -> dg.AssetCheckResult:
+    tf = view.tf
+    if view.profile is None:
+        return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
+                                   description="contract unknown: not loaded yet")
+    start, end = tf.period_bounds(view.period)
+    fetched_at = view.meta.get("fetched_at")
+    now = datetime.fromisoformat(fetched_at) if fetched_at else pipeline_now()
+    exp_s, exp_e = gaps.expected_bars(view.profile, tf.bar_size, start, end, view.use_rth,
                                       head=view.head, now=now)
-        last_expected = datetime.fromtimestamp(int(exp_s[-1]), UTC) if len(exp_s) else None
-        last_stored = view.frame.index[-1].to_pydatetime() if len(view.frame) else None
-        ok = last_expected is None or (last_stored is not None and last_stored >= last_expected)
-        return dg.AssetCheckResult(
-            passed=ok, severity=dg.AssetCheckSeverity.WARN,
-            metadata={"last_expected_bar": str(last_expected), "last_stored_bar": str(last_stored)})
+    stored = view.frame.index.asi8 // 10**9 if len(view.frame) else []
+    segments = gaps.missing_segments(exp_s, exp_e, stored)
+    missing_sessions = sorted({
+        s.date.isoformat()
+        for seg in segments
+        for s in calendars.sessions_between(view.profile, seg.start,
+                                            max(seg.end, seg.start + timedelta(seconds=1)),
+                                            view.use_rth)})
+    return dg.AssetCheckResult(
+        passed=not segments, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"expected_bars": len(exp_s), "missing_bars": sum(s.bars for s in segments),
+                  "gaps": len(segments), "missing_sessions": missing_sessions[:100]})
 
-    return [ohlc_valid, unique_sorted, calendar_gaps, fresh]
+
+def _fresh(view: PartitionView) -> dg.AssetCheckResult:
+    tf = view.tf
+    now = pipeline_now()
+    start, end = tf.period_bounds(view.period)
+    if not start <= now < end or view.profile is None:
+        return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
+                                   description="not the current period")
+    exp_s, _ = gaps.expected_bars(view.profile, tf.bar_size, start, end, view.use_rth,
+                                  head=view.head, now=now)
+    last_expected = datetime.fromtimestamp(int(exp_s[-1]), UTC) if len(exp_s) else None
+    last_stored = view.frame.index[-1].to_pydatetime() if len(view.frame) else None
+    ok = last_expected is None or (last_stored is not None and last_stored >= last_expected)
+    return dg.AssetCheckResult(
+        passed=ok, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"last_expected_bar": str(last_expected), "last_stored_bar": str(last_stored)})
+
+
+CHECKS = (
+    ("ohlc_valid", _ohlc_valid, True, dg.AssetCheckSeverity.ERROR,
+     "Positive prices, low <= min(open, close) <= max(open, close) <= high, non-negative "
+     "volume."),
+    ("unique_sorted_in_session", _unique_sorted, False, dg.AssetCheckSeverity.ERROR,
+     "No duplicate bars, sorted, every bar inside a session."),
+    ("calendar_gaps", _calendar_gaps, False, dg.AssetCheckSeverity.WARN,
+     "Sessions of the exchange calendar with missing bars."),
+    ("fresh", _fresh, False, dg.AssetCheckSeverity.WARN,
+     "The newest period holds the last completed bar IB has."),
+)
+
+
+def _build_check(tf: Timeframe, name: str, evaluate, blocking: bool,
+                 severity: dg.AssetCheckSeverity, description: str):
+    @dg.asset_check(asset=dg.AssetKey(f"bars_{tf.name}"), name=name, blocking=blocking,
+                    partitions_def=bar_partitions(tf), description=description)
+    def _check(context: dg.AssetCheckExecutionContext,
+               ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
+        data_dir = ktrdr.settings().data_dir
+        return _combine([(f"{period}|{symbol}",
+                          evaluate(PartitionView(data_dir, tf, symbol, period)))
+                         for symbol, period in _partitions(context)], severity)
+
+    return _check
+
+
+def build_checks(tf: Timeframe) -> list[dg.AssetChecksDefinition]:
+    return [_build_check(tf, *spec) for spec in CHECKS]
 
 
 def bar_checks() -> list[dg.AssetChecksDefinition]:
