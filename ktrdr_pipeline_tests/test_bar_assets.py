@@ -192,3 +192,13 @@ def test_mixing_rth_is_refused_unless_full(env):
     assert BarStore(data_dir).read_meta("1h", "SPY", "2025")["use_rth"] in (False, "False",
                                                                               "false")
     assert timedelta(0) == timedelta(0) and datetime.now(UTC)
+
+
+def test_dagster_definitions_validate(tmp_path):
+    exe = Path(sys.executable).parent / "dagster"
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    out = subprocess.run([str(exe), "definitions", "validate", "-w", "workspace.yaml"],
+                         cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Validation successful" in out.stdout + out.stderr
