@@ -70,10 +70,13 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
         if len(first_frame) and len(last_frame):
             stored_bars = (first_frame.index[0].to_pydatetime(),
                            last_frame.index[-1].to_pydatetime())
+    def bar_day(ts: datetime) -> date:  # daily and larger bars are keyed by session date
+        return ts.astimezone(UTC).date() if tf.is_daily_or_larger else ts.astimezone(tz).date()
+
     if stored_bars is not None and mode == "tail":
-        first_day = max(first_day, stored_bars[1].astimezone(tz).date())
+        first_day = max(first_day, bar_day(stored_bars[1]))
     elif stored_bars is not None and mode == "backfill":
-        last_day = min(last_day, stored_bars[0].astimezone(tz).date())
+        last_day = min(last_day, bar_day(stored_bars[0]))
     summary = LoadSummary(status="ok", symbol=key, timeframe=tf.name, mode=mode,
                           start=first_day.isoformat(), end=last_day.isoformat())
     window = session_window(tf, profile, first_day, last_day, use_rth)

@@ -202,3 +202,35 @@ def test_dagster_definitions_validate(tmp_path):
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Validation successful" in out.stdout + out.stderr
+
+
+def test_backfill_mode_ranges_and_symbols_commands(env, tmp_path):
+    gw, _, _, data_dir, _ = env
+    tail = json.loads(_cli("load", "NVDA", "--timeframe", "1d", "--start", "2026-06-01",
+                           "--json", data_dir=data_dir, port=gw.port).stdout)
+    assert tail["status"] == "ok" and tail["cached_before"] == 0
+    back = json.loads(_cli("load", "NVDA", "--timeframe", "1d", "--mode", "backfill",
+                           "--start", "2026-03-02", "--json", data_dir=data_dir,
+                           port=gw.port).stdout)
+    # only the sessions before the first stored bar (2026-06-01) were missing
+    assert back["fetched_bars"] == 63 and back["end"] == "2026-06-01"
+    ranges = json.loads(_cli("ranges", "NVDA", data_dir=data_dir, port=gw.port).stdout)
+    assert ranges["ib_earliest"].startswith("2005-01-03")
+    assert ranges["stored"]["1d"]["first_bar"].startswith("2026-03-02")
+
+    home = {"DAGSTER_HOME": str(tmp_path / "home")}
+
+    def symbols(*args):
+        return subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "symbols", *args],
+                              env={**os.environ, **home, "KTRDR_DATA_DIR": str(data_dir),
+                                   "IB_PORT": str(gw.port), "IB_CLIENT_ID": "61"},
+                              capture_output=True, text=True, timeout=120)
+
+    added = symbols("add", "AAPL", "eurusd", "NOPE", "../x")
+    assert added.returncode == 1  # some symbols were refused
+    outcome = json.loads(added.stdout)
+    assert outcome["AAPL"] == {"added": "AAPL"} and outcome["eurusd"] == {"added": "EURUSD"}
+    assert "error" in outcome["NOPE"] and "error" in outcome["../x"]
+    assert symbols("list").stdout.split() == ["AAPL", "EURUSD"]
+    assert json.loads(symbols("remove", "AAPL").stdout) == {"removed": ["AAPL"]}
+    assert symbols("list").stdout.split() == ["EURUSD"]
