@@ -84,13 +84,16 @@ class PartitionView:
             self.head = datetime.fromisoformat(cached) if cached else None
 
 
-def _ohlc_valid(view: PartitionView) -> dg.AssetCheckResult:
-    bad = ohlc_violations(view.frame)
+def _violations(view: PartitionView, bad: pd.DataFrame) -> dg.AssetCheckResult:
     meta: dict[str, object] = {"rows": len(view.frame), "violations": len(bad)}
     if len(bad):
         meta["offending_rows"] = _rows_md(bad)
     return dg.AssetCheckResult(passed=not len(bad), metadata=meta,
                                severity=dg.AssetCheckSeverity.ERROR)
+
+
+def _ohlc_valid(view: PartitionView) -> dg.AssetCheckResult:
+    return _violations(view, ohlc_violations(view.frame))
 
 
 def _unique_sorted(view: PartitionView) -> dg.AssetCheckResult:
@@ -98,11 +101,7 @@ def _unique_sorted(view: PartitionView) -> dg.AssetCheckResult:
     if view.profile is not None and len(view.frame):
         outside = session_violations(view.frame, view.tf, view.profile, view.use_rth)
         bad = pd.concat([bad, outside]) if len(outside) else bad
-    meta: dict[str, object] = {"rows": len(view.frame), "violations": len(bad)}
-    if len(bad):
-        meta["offending_rows"] = _rows_md(bad)
-    return dg.AssetCheckResult(passed=not len(bad), metadata=meta,
-                               severity=dg.AssetCheckSeverity.ERROR)
+    return _violations(view, bad)
 
 
 def _calendar_gaps(view: PartitionView) -> dg.AssetCheckResult:
