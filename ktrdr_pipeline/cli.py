@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_status(sub)
     _add_data_commands(sub)
+    from .greeks.cli import add_greeks_parser
+
+    add_greeks_parser(sub)
     return parser
 
 

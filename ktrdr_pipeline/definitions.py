@@ -12,13 +12,17 @@ from .defs.automation import (
     tail_fill_sensor,
 )
 from .defs.checks import bar_checks
+from .defs.greeks import greeks_definitions
 from .defs.resources import KtrdrSettings
 
-defs = dg.Definitions(
-    assets=bar_assets(),
-    asset_checks=bar_checks(),
-    sensors=[symbols_sensor, tail_fill_sensor],
-    schedules=[daily_tail_fill],
-    jobs=[daily_tail_fill_job, *bar_jobs()],
-    resources={"ktrdr": KtrdrSettings()},
+defs = dg.Definitions.merge(
+    dg.Definitions(
+        assets=bar_assets(),
+        asset_checks=bar_checks(),
+        sensors=[symbols_sensor, tail_fill_sensor],
+        schedules=[daily_tail_fill],
+        jobs=[daily_tail_fill_job, *bar_jobs()],
+        resources={"ktrdr": KtrdrSettings()},
+    ),
+    greeks_definitions(),
 )

@@ -7,6 +7,7 @@ Async all the way (``ib_async``'s blocking calls cannot run inside a running loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -172,8 +173,7 @@ class IBConnection:
 
             self.ib.errorEvent += on_error
             try:
-                await self.ib.connectAsync(self.host, self.port, clientId=client_id,
-                                           timeout=self.connect_timeout)
+                await self._connect_or_in_use(client_id, in_use)
                 self._on_connected(client_id)
                 await self._measure_clock()
                 return
@@ -222,6 +222,23 @@ class IBConnection:
         self.clock_offset = offset if abs(offset) > timedelta(seconds=2) else timedelta(0)
         if self.clock_offset:
             log.info("IB's clock is %s ahead of this machine's", self.clock_offset)
+
+    async def _connect_or_in_use(self, client_id: int, in_use: asyncio.Event) -> None:
+        """connectAsync, but give up at once when the gateway answers 326 (it would
+        otherwise wait for its full timeout)."""
+        connect = asyncio.ensure_future(self.ib.connectAsync(
+            self.host, self.port, clientId=client_id, timeout=self.connect_timeout))
+        refused = asyncio.ensure_future(in_use.wait())
+        try:
+            await asyncio.wait({connect, refused}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+        if not connect.done():
+            connect.cancel()
+            with contextlib.suppress(BaseException):
+                await connect
+            raise ConnectionError(f"client id {client_id} is already in use")
+        connect.result()
 
     def _on_connected(self, client_id: int) -> None:
         self._preferred = client_id
