@@ -864,3 +864,16 @@ def test_query_formats_end_to_end(tmp_path: Path) -> None:
         cat.query(tmp_path, sql, "yaml")
     with pytest.raises(cat.QueryError, match="nope"):
         cat.query(tmp_path, "SELECT * FROM nope", "table")
+
+
+def test_greeks_tables_are_reachable_qualified_and_not(tmp_path):
+    import duckdb
+
+    from ktrdr_pipeline.store.catalog import run_query
+
+    con = duckdb.connect(str(tmp_path / "greeks.duckdb"))
+    con.execute("CREATE TABLE portfolio_greeks AS SELECT 1 AS delta")
+    con.close()
+    assert run_query(tmp_path, "SELECT delta FROM greeks.portfolio_greeks").rows == [(1,)]
+    assert run_query(tmp_path, "SELECT delta FROM portfolio_greeks").rows == [(1,)]
+    assert run_query(tmp_path, "SELECT count(*) FROM bars").rows == [(0,)]

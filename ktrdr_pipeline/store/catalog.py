@@ -392,11 +392,20 @@ def memory_connection(data_dir: Path | str,
         define_views(con, data_dir, timeframes)
         greeks = data_dir / GREEKS_FILE
         if greeks.is_file():
-            try:
-                con.execute(f"ATTACH {_sql_str(str(greeks.resolve()))} AS {GREEKS_ALIAS} "
-                            "(READ_ONLY)")
-            except duckdb.Error as exc:  # locked by its writer, or not a DuckDB file
-                log.info("not attaching %s: %s", greeks, exc)
+            # the Greeks writer holds the file for a few milliseconds every few seconds:
+            # try for about a second before giving up on it
+            for attempt in range(10):
+                try:
+                    con.execute(f"ATTACH {_sql_str(str(greeks.resolve()))} AS "
+                                f"{GREEKS_ALIAS} (READ_ONLY)")
+                    # its tables are reachable unqualified too: FROM portfolio_greeks
+                    con.execute(f"SET search_path = 'memory.main,{GREEKS_ALIAS}.main'")
+                    break
+                except duckdb.Error as exc:  # locked by its writer, or not a DuckDB file
+                    if attempt == 9 or not _is_lock_error(exc):
+                        log.info("not attaching %s: %s", greeks, exc)
+                        break
+                    time.sleep(0.1)
     except BaseException:
         con.close()
         raise
