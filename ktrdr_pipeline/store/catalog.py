@@ -389,6 +389,9 @@ def memory_connection(data_dir: Path | str,
     try:
         # after connecting: as a connect option it is applied before ICU is loaded
         con.execute("SET TimeZone = 'UTC'")
+        # an interactive session queries the same files again and again: keep their
+        # Parquet footers in memory (DuckDB re-validates them against the files)
+        con.execute("SET parquet_metadata_cache = true")
         define_views(con, data_dir, timeframes)
         greeks = data_dir / GREEKS_FILE
         if greeks.is_file():
