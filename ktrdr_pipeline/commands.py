@@ -14,7 +14,6 @@ from . import calendars
 from .ib.contracts import parse_symbol
 from .loader import LoadError, LoadSummary, PipelineContext, default_use_rth, load_partition
 from .settings import Settings
-from .store.parquet import BarStore
 from .timeframes import TIMEFRAMES, Timeframe, get_timeframe
 
 log = logging.getLogger(__name__)
@@ -166,10 +165,6 @@ def remove_symbols(settings: Settings, symbols: list[str]) -> list[str]:
     for k in removed:
         instance.delete_dynamic_partition("symbols", k)
     return removed
-
-
-def store_for(settings: Settings) -> BarStore:
-    return BarStore(Path(settings.data_dir))
 
 
 def summary_dict(summary: LoadSummary) -> dict[str, Any]:

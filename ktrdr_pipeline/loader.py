@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +180,8 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     if partial_from is not None and mode != "full":
         stored_s = stored_s[stored_s < partial_from]  # a stored partial bar is a gap
     segments = gaps.missing_segments(exp_start, exp_end, stored_s)
-    tail_partial = _in_progress_bar_missing(tf, exp_end, stored_s, p_start, p_end, now,
-                                            profile, use_rth, head)
+    tail_partial = _in_progress_bar_missing(tf, exp_end, p_start, p_end, now, profile,
+                                            use_rth, head)
     if tail_partial is not None:
         if segments and segments[-1].end >= tail_partial.start:
             last = segments.pop()  # the bar in progress continues the last gap: one segment
@@ -231,7 +231,7 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     return result
 
 
-def _in_progress_bar_missing(tf: Timeframe, exp_end: np.ndarray, stored_s: np.ndarray,
+def _in_progress_bar_missing(tf: Timeframe, exp_end: np.ndarray,
                              p_start: datetime, p_end: datetime, now: datetime,
                              profile: calendars.HoursProfile, use_rth: bool,
                              head: datetime) -> gaps.Segment | None:
@@ -289,15 +289,3 @@ class LoadSummary:
     bars_written: int = 0
     partitions: list[str] = field(default_factory=list)
     error: str | None = None
-
-
-def periods_for_dates(tf: Timeframe, first: date, last: date) -> list[str]:
-    start = datetime(first.year, first.month, first.day, tzinfo=UTC)
-    end = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(days=1)
-    keys = tf.periods_between(start, end)
-    # periods are cut in US/Eastern for intraday data: include the one holding `last`
-    for t in (start + timedelta(hours=12), end - timedelta(hours=12)):
-        k = tf.period_key(t)
-        if k not in keys:
-            keys.append(k)
-    return sorted(set(keys))

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -37,7 +36,6 @@ from .universe import REFERENCE_DATE, Instrument
 
 # Column order of a bar block: start epoch, open, high, low, close, volume, trade count, WAP.
 T, O, H, L, C, V, N, W = range(8)  # noqa: E741
-NO_VOLUME = -1.0
 
 
 class LRU:
@@ -62,21 +60,6 @@ class LRU:
 
     def __len__(self) -> int:
         return len(self._data)
-
-
-@dataclass(frozen=True)
-class Bar:
-    """One bar as served: ``start`` is the bar's start (UTC) or, for daily and larger
-    bars, the session date."""
-
-    start: datetime | date
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
-    wap: float
-    count: int
 
 
 def _round_tick(x: np.ndarray, tick: float) -> np.ndarray:
@@ -359,15 +342,3 @@ class MarketModel:
         _, log_close = self._session_levels(inst)
         i, _ = calendars.session_index_range(profile, now, now + timedelta(seconds=1), False)
         return float(math.exp(log_close[max(i - 1, 0)]))
-
-
-def to_bars(block: np.ndarray, daily: bool) -> list[Bar]:
-    """Rows of a bar block as :class:`Bar` values."""
-    result = []
-    for r in block:
-        start: datetime | date = datetime.fromtimestamp(float(r[T]), UTC)
-        if daily:
-            start = start.date()
-        result.append(Bar(start, float(r[O]), float(r[H]), float(r[L]), float(r[C]),
-                          float(r[V]), float(r[W]), int(r[N])))
-    return result
