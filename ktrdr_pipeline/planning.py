@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .calendars import PROFILES, SCHEDULE_START, HoursProfile, schedule
+from .ib import limits
 from .ib.limits import (
     BAR_SIZE_SECONDS,
     MAX_DURATION,
@@ -39,16 +40,7 @@ from .ib.limits import (
 logger = logging.getLogger(__name__)
 
 #: Every ``whatToShow`` value the planner accepts.
-WHAT_TO_SHOW: tuple[str, ...] = (
-    "TRADES",
-    "MIDPOINT",
-    "BID",
-    "ASK",
-    "BID_ASK",
-    "ADJUSTED_LAST",
-    "HISTORICAL_VOLATILITY",
-    "OPTION_IMPLIED_VOLATILITY",
-)
+WHAT_TO_SHOW = limits.WHAT_TO_SHOW
 
 #: What IB serves for forex (§2: FX TRADES answers 162 "no data").
 _FX_WHAT_TO_SHOW = frozenset({"MIDPOINT", "BID", "ASK", "BID_ASK"})

@@ -84,6 +84,19 @@ def is_daily_or_larger(bar_size: str) -> bool:
     return BAR_SIZE_SECONDS[bar_size] >= DAILY_BAR_SECONDS
 
 
+#: Every whatToShow value this project requests (``shared/ib-facts.md`` §2).
+WHAT_TO_SHOW: tuple[str, ...] = (
+    "TRADES",
+    "MIDPOINT",
+    "BID",
+    "ASK",
+    "BID_ASK",
+    "ADJUSTED_LAST",
+    "HISTORICAL_VOLATILITY",
+    "OPTION_IMPLIED_VOLATILITY",
+)
+
+
 # --- durations ---------------------------------------------------------------------------
 
 _DURATION_RE = re.compile(r"^(\d+) ([SDWMY])$")
