@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .settings import Settings, SettingsError, validate_port
+from .settings import Settings, SettingsError, load_env_file, validate_port
 
 log = logging.getLogger("ktrdr_pipeline")
 
@@ -339,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("ib_async").setLevel(logging.CRITICAL)  # ours say it better
     try:
+        load_env_file()
         Settings.from_env()
         return args.func(args)
     except (CliError, SettingsError) as exc:

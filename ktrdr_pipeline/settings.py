@@ -103,3 +103,27 @@ def pipeline_now(env: Mapping[str, str] | None = None) -> datetime:
     except ValueError:
         raise SettingsError(f"KTRDR_CLOCK must be an ISO 8601 time, got {raw!r}") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def load_env_file(path: Path = Path(".env"), env: dict[str, str] | None = None) -> list[str]:
+    """Read ``KEY=VALUE`` lines from ``path`` into the environment without overriding
+    variables already set (the shell wins). Returns the keys it set. ``dagster dev`` reads
+    the same ``.env`` by itself."""
+    target = os.environ if env is None else env
+    if not path.is_file():
+        return []
+    loaded = []
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key.isidentifier():
+            raise SettingsError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if key not in target:
+            target[key] = value
+            loaded.append(key)
+    return loaded

@@ -111,3 +111,26 @@ def test_reset_window_and_client_id_span_settings():
         Settings.from_env({"KTRDR_RESET_WINDOW": "tonight"})
     with pytest.raises(SettingsError, match="KTRDR_MAX_CONCURRENT_LARGE"):
         Settings.from_env({"KTRDR_MAX_CONCURRENT_LARGE": "51"})
+
+
+def test_env_file_is_read_without_overriding_the_shell(tmp_path):
+    from ktrdr_pipeline.settings import load_env_file
+
+    path = tmp_path / ".env"
+    path.write_text("# comment\nIB_PORT=7497\nexport IB_HOST='10.1.2.3'\nIB_CLIENT_ID=5\n\n")
+    env = {"IB_CLIENT_ID": "9"}
+    assert load_env_file(path, env) == ["IB_PORT", "IB_HOST"]
+    assert Settings.from_env(env).ib_port == 7497 and env["IB_HOST"] == "10.1.2.3"
+    assert env["IB_CLIENT_ID"] == "9"
+    path.write_text("not a setting\n")
+    with pytest.raises(SettingsError, match=".env:1"):
+        load_env_file(path, {})
+    assert load_env_file(tmp_path / "missing", {}) == []
+
+
+def test_cli_reads_dot_env_in_the_working_directory(tmp_path):
+    (tmp_path / ".env").write_text("IB_PORT=99999\n")
+    env = {k: v for k, v in os.environ.items() if k != "IB_PORT"}
+    result = subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "status"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "IB_PORT" in result.stderr
