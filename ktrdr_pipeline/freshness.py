@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import calendars, gaps
 from .ib.contracts import JsonCache
-from .loader import default_use_rth
+from .loader import default_use_rth, stored_partial_from
 from .store.parquet import BarStore
 from .timeframes import Timeframe
 
@@ -59,11 +59,10 @@ def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timefr
                 continue
             period = tf.period_key(expected)
             frame = store.read(tf.name, symbol, period)
-            meta = store.read_meta(tf.name, symbol, period) or {}
-            partial = meta.get("partial_from")
+            partial = stored_partial_from(store.read_meta(tf.name, symbol, period))
             stored = frame.index
-            if partial not in (None, "", "None"):
-                stored = stored[stored.asi8 // 10**9 < int(partial)]
+            if partial is not None:
+                stored = stored[stored.asi8 // 10**9 < partial]
             last = stored[-1].to_pydatetime() if len(stored) else None
             if last is None or last < expected:
                 out.append(StalePartition(tf.name, symbol, period, expected, last))

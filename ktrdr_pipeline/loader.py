@@ -119,7 +119,8 @@ class PipelineContext:
         await self.connection.disconnect()
 
 
-def _stored_partial_from(meta: dict[str, Any] | None) -> int | None:
+def stored_partial_from(meta: dict[str, Any] | None) -> int | None:
+    """Epoch of the stored bar that was still in progress when fetched (None: none)."""
     raw = (meta or {}).get("partial_from")
     return int(raw) if raw not in (None, "", "None") else None
 
@@ -176,7 +177,7 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
                                             head=head, now=now)
     result.expected_bars = len(exp_start)
     stored_s = (stored.index.asi8 // 10**9) if len(stored) else np.empty(0, np.int64)
-    partial_from = _stored_partial_from(meta)
+    partial_from = stored_partial_from(meta)
     if partial_from is not None and mode != "full":
         stored_s = stored_s[stored_s < partial_from]  # a stored partial bar is a gap
     segments = gaps.missing_segments(exp_start, exp_end, stored_s)

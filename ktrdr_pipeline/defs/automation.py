@@ -76,10 +76,6 @@ def _active_partitions(instance: dg.DagsterInstance) -> set[tuple[str, str]]:
     return active
 
 
-def _now(context) -> datetime:
-    return pipeline_now()
-
-
 @dg.sensor(name="tail_fill_sensor", jobs=bar_jobs(),
            minimum_interval_seconds=_interval("KTRDR_TAIL_FILL_INTERVAL", 300),
            default_status=dg.DefaultSensorStatus.RUNNING,
@@ -91,7 +87,7 @@ def tail_fill_sensor(context: dg.SensorEvaluationContext, ktrdr: KtrdrSettings):
     if not symbols:
         return dg.SkipReason("no symbols yet")
     universe = load_universe(universe_path(data_dir))
-    now = _now(context)
+    now = pipeline_now()
     stale = stale_partitions(data_dir, symbols, enabled_timeframes(), now,
                              universe.rth_overrides(), universe.wants)
     cursor = json.loads(context.cursor) if context.cursor else {}
