@@ -9,25 +9,30 @@ session (the default universe's six stocks plus synthetic ones made with
   ``<SYMBOL>_1m.csv``, columns ts,open,high,low,close,volume,wap,bar_count, as written by
   ``DataFrame.to_csv``; queried with ``pandas.read_csv`` (+ ``resample``).
 - **Store**: :class:`ktrdr_pipeline.store.parquet.BarStore` (monthly partitions), queried
-  with SQL over the ``bars_1m`` view on an open DuckDB connection
+  with SQL on an open DuckDB connection
   (:func:`ktrdr_pipeline.store.catalog.memory_connection`, the views defined once, as in a
-  notebook or DBeaver session; every query still reads the Parquet files). The ``sql``
+  notebook or DBeaver session; every query still reads the Parquet files). One-symbol
+  queries go through the catalog's ``symbol_bars('1m', 'AAPL')`` table macro, which lists
+  only that symbol's files; the same query over the ``bars_1m`` view (which lists all 480
+  files of the timeframe before pruning them) is measured next to it. The ``sql``
   command's end-to-end time (:func:`~ktrdr_pipeline.store.catalog.run_query`: a new
-  in-memory DuckDB and its views on every call) is reported next to it.
+  in-memory DuckDB and its views on every call) is reported too.
 
 Measured side by side in one run (the machine is shared and noisy):
 
 1. bytes on disk (all CSV files vs all ``data.parquet`` files). Target: <= 30 %.
 2. daily OHLCV of one symbol-year (AAPL, 2025 in exchange time): DuckDB ``GROUP BY`` day
-   over ``bars_1m`` vs ``read_csv`` + ``resample('1D')``. Target: >= 10x faster.
+   over ``symbol_bars`` (and over ``bars_1m``) vs ``read_csv`` + ``resample('1D')``.
+   Target: >= 10x faster.
 3. cross-symbol filter: every bar of every symbol in June 2025 with volume above the
    99th percentile: DuckDB over ``bars_1m`` with a ``ts`` range vs reading every CSV.
    Target: >= 10x faster.
 
-Each query runs ``--reps`` times (default 3) after one untimed warm-up, alternating
-DuckDB on an open connection, the ``sql`` command end to end and pandas; the figure is the
-ratio of the medians (the target is judged on the open connection), and all contenders
-must return the same answer. Results go to
+Each query runs ``--reps`` times (default 5) after one untimed warm-up, alternating
+the contenders; the figure is the ratio of the medians (the target is judged on the
+documented query on an open connection: ``symbol_bars`` for the daily query, the
+``bars_1m`` view for the cross-symbol one), and all contenders must return the same
+answer. Results go to
 ``benchmarks/results/store_vs_csv.{json,md}``. Run ``python -m benchmarks.bench_store``
 from the repository root (or the file by path); it takes about a minute.
 """
@@ -173,14 +178,16 @@ def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, index_col="ts", parse_dates=["ts"])
 
 
-def daily_sql() -> str:
+def daily_sql(over_view: bool = False) -> str:
+    """The daily query over ``symbol_bars`` (default) or over the ``bars_1m`` view."""
     lo, hi = year_bounds_utc(QUERY_YEAR)
+    source = (f"bars_1m WHERE symbol = '{QUERY_SYMBOL}' AND" if over_view
+              else f"symbol_bars('1m', '{QUERY_SYMBOL}') WHERE")
     return f"""
         SELECT CAST(timezone('{PARTITION_TZ}', ts) AS DATE) AS day,
                arg_min(open, ts) AS open, max(high) AS high, min(low) AS low,
                arg_max(close, ts) AS close, sum(volume) AS volume
-        FROM bars_1m
-        WHERE symbol = '{QUERY_SYMBOL}' AND ts >= '{lo}' AND ts < '{hi}'
+        FROM {source} ts >= '{lo}' AND ts < '{hi}'
         GROUP BY day ORDER BY day"""
 
 
@@ -270,13 +277,15 @@ def check_filter(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 def diagnose(con: duckdb.DuckDBPyConnection, data_dir: Path, daily: str,
              reps: int) -> dict[str, float]:
-    """Where the daily query's time goes (medians, ms): listing the view's files, and the
+    """Where the daily query's time goes (medians, ms): listing the view's files; reading
+    the six columns it needs from AAPL's 2025 files with no aggregation at all; and the
     same aggregation over the same rows already in memory (no file access at all)."""
     glob = f"{data_dir.resolve().as_posix()}/bars/timeframe=1m/symbol=*/period=*/data.parquet"
     lo, hi = year_bounds_utc(QUERY_YEAR)
     con.execute(f"CREATE OR REPLACE TEMP TABLE diag AS SELECT * FROM bars_1m WHERE symbol = "
                 f"'{QUERY_SYMBOL}' AND ts >= '{lo}' AND ts < '{hi}'")
-    in_memory = daily.replace("FROM bars_1m", "FROM diag")
+    in_memory = daily.replace(f"symbol_bars('1m', '{QUERY_SYMBOL}')", "diag")
+    assert "FROM diag" in in_memory, in_memory
     utc_days = in_memory.replace(f"CAST(timezone('{PARTITION_TZ}', ts) AS DATE)",
                                  "CAST(epoch(ts)::BIGINT // 86400 AS BIGINT)")
 
@@ -288,7 +297,10 @@ def diagnose(con: duckdb.DuckDBPyConnection, data_dir: Path, daily: str,
             runs.append(time.perf_counter() - t0)
         return round(statistics.median(runs[1:]) * 1000, 2)
 
+    read_only = (f"SELECT max(ts), max(open), max(high), min(low), max(close), max(volume) "
+                 f"FROM symbol_bars('1m', '{QUERY_SYMBOL}') WHERE ts >= '{lo}' AND ts < '{hi}'")
     out = {"list_files_ms": median_ms(f"SELECT count(*) FROM glob('{glob}')"),
+           "read_columns_ms": median_ms(read_only),
            "aggregate_in_memory_ms": median_ms(in_memory),
            "aggregate_in_memory_utc_days_ms": median_ms(utc_days)}
     con.execute("DROP TABLE diag")
@@ -297,13 +309,16 @@ def diagnose(con: duckdb.DuckDBPyConnection, data_dir: Path, daily: str,
 
 # -- report -------------------------------------------------------------------------------
 def summary(times: dict[str, list[float]]) -> dict[str, Any]:
-    """Medians and speedups; the target is judged on the query over an open connection."""
+    """Medians and speedups against pandas; the target is judged on ``duckdb`` (the
+    documented query on an open connection)."""
     med = {name: statistics.median(t) for name, t in times.items()}
     csv_s = med["csv"]
     out: dict[str, Any] = {f"{name}_s": [round(t, 4) for t in ts] for name, ts in times.items()}
     out.update({f"{name}_median_s": round(m, 4) for name, m in med.items()})
     out["speedup"] = round(csv_s / med["duckdb"], 1)
-    out["speedup_sql_command"] = round(csv_s / med["sql_command"], 1)
+    for name in med:
+        if name not in ("csv", "duckdb"):
+            out[f"speedup_{name}"] = round(csv_s / med[name], 1)
     out["target_speedup"] = TARGET_SPEEDUP
     out["met"] = csv_s / med["duckdb"] >= TARGET_SPEEDUP
     return out
@@ -344,29 +359,35 @@ def markdown(res: dict[str, Any]) -> str:
             f"{q['speedup']}x | {ok(q['met'])} |")
     lines += [
         "",
-        "Query times: *Parquet + DuckDB* is the SQL query over the `bars_1m` view on an open "
-        "connection (the views defined once, as in a notebook or DBeaver session; every "
-        "query still reads the Parquet files); *CSV + pandas* is `read_csv` of the needed "
-        "file(s) plus the pandas work. The `sql` command additionally opens an in-memory "
-        "DuckDB and defines the views on every call; end to end it takes "
+        "Query times: *Parquet + DuckDB* is the SQL query on an open connection (the views "
+        "defined once, as in a notebook or DBeaver session; every query still reads the "
+        "Parquet files): the daily query over `symbol_bars('1m', 'AAPL')`, which lists only "
+        "AAPL's files, the cross-symbol query over the `bars_1m` view; *CSV + pandas* is "
+        "`read_csv` of the needed file(s) plus the pandas work. The same daily query over the "
+        f"`bars_1m` view (`WHERE symbol = 'AAPL'`), which lists all {d['store_files']} files "
+        f"of the timeframe before pruning them, takes {q1['view_median_s'] * 1000:.1f} ms "
+        f"({q1['speedup_view']}x). The `sql` command additionally opens an in-memory DuckDB "
+        "and defines the views on every call; end to end it takes "
         + " and ".join(f"{q['sql_command_median_s'] * 1000:.1f} ms "
                        f"({q['speedup_sql_command']}x)" for _, q in queries)
         + " for the two queries.",
         "",
         f"About the daily query: pandas reads one {d['query_csv_bytes'] / 1e6:.0f} MB CSV and "
         f"resamples it in {q1['csv_median_s'] * 1000:.0f} ms on this machine, so 10x would "
-        f"mean {q1['csv_median_s'] * 100:.1f} ms for DuckDB. Measured in this run: listing the "
-        f"view's {d['store_files']} files takes {diag['list_files_ms']} ms per query, and the "
-        "aggregation alone, over the same rows already in memory, takes "
-        f"{diag['aggregate_in_memory_ms']} ms ({diag['aggregate_in_memory_utc_days_ms']} ms "
-        "when days are cut in UTC instead of converting every timestamp to exchange time "
-        "with ICU). The cross-symbol query, which pandas can only answer by reading every "
-        "file, shows the other side.",
+        f"mean {q1['csv_median_s'] * 100:.1f} ms for DuckDB. Measured in this run: reading the "
+        "six columns the query needs from AAPL's 2025 files, with no aggregation at all, takes "
+        f"{diag['read_columns_ms']} ms; the aggregation alone, over the same rows already in "
+        f"memory, {diag['aggregate_in_memory_ms']} ms ({diag['aggregate_in_memory_utc_days_ms']}"
+        " ms when days are cut in UTC instead of converting every timestamp to exchange time "
+        f"with ICU); listing the view's {d['store_files']} files {diag['list_files_ms']} ms "
+        "(which `symbol_bars` avoids). The cross-symbol query, which pandas can only answer by "
+        "reading every file, shows the other side.",
         "",
         f"Daily query: {res['daily_resample']['rows']} days; filter query: "
         f"{res['cross_symbol_filter']['rows']} bars (volume > "
         f"{res['cross_symbol_filter']['threshold']:g}). All contenders returned identical "
-        "answers. Runs alternate (DuckDB, `sql` command, pandas) x reps; every run is in "
+        "answers. Runs alternate (DuckDB, [view,] `sql` command, pandas) x reps; every run is "
+        "in "
         "`store_vs_csv.json`.",
         "",
     ]
@@ -406,12 +427,13 @@ def run(work: Path, n_symbols: int, reps: int) -> dict[str, Any]:
 
     con = memory_connection(data_dir)
     try:
-        q1, q2 = daily_sql(), filter_sql(threshold)
+        q1, q1_view, q2 = daily_sql(), daily_sql(over_view=True), filter_sql(threshold)
         t1, r1 = alternate(reps, {"duckdb": lambda: on_connection(con, q1),
+                                  "view": lambda: on_connection(con, q1_view),
                                   "sql_command": lambda: end_to_end(data_dir, q1),
                                   "csv": lambda: daily_pandas(csv_dir)})
-        check_daily(r1["duckdb"].set_index("day"), r1["csv"])
-        check_daily(r1["sql_command"].set_index("day"), r1["csv"])
+        for name in ("duckdb", "view", "sql_command"):
+            check_daily(r1[name].set_index("day"), r1["csv"])
         log.info("daily resample: %s", t1)
         t2, r2 = alternate(reps, {"duckdb": lambda: on_connection(con, q2),
                                   "sql_command": lambda: end_to_end(data_dir, q2),
@@ -443,7 +465,8 @@ def run(work: Path, n_symbols: int, reps: int) -> dict[str, Any]:
                   "ratio": round(ratio, 4), "target_ratio": TARGET_BYTES_RATIO,
                   "met": ratio <= TARGET_BYTES_RATIO},
         "daily_resample": {"symbol": QUERY_SYMBOL, "year": QUERY_YEAR, "sql": " ".join(
-            q1.split()), "rows": len(r1["duckdb"]), **summary(t1)},
+            q1.split()), "sql_view": " ".join(q1_view.split()), "rows": len(r1["duckdb"]),
+            **summary(t1)},
         "cross_symbol_filter": {"month": QUERY_MONTH, "threshold": threshold,
                                 "sql": " ".join(q2.split()), "rows": len(r2["duckdb"]),
                                 **summary(t2)},
@@ -454,7 +477,7 @@ def run(work: Path, n_symbols: int, reps: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--symbols", type=int, default=20, help="number of symbols (20)")
-    p.add_argument("--reps", type=int, default=3, help="runs per query and contender (3)")
+    p.add_argument("--reps", type=int, default=5, help="runs per query and contender (5)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     p.add_argument("--keep", type=Path, help="build the data here and keep it (default: a "
                                              "temporary directory, removed at the end)")

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -697,6 +698,61 @@ def test_new_files_are_visible_without_refresh(tmp_path: Path,
         con.close()
 
 
+def test_symbol_bars_equals_the_filtered_view_and_reads_only_that_symbol(
+        tmp_path: Path) -> None:
+    frames = _fill(BarStore(tmp_path))
+    write(BarStore(tmp_path), "1m", "MSFT", "2026-11", minute_frame("2026-11-02 14:30", 9))
+    cols = "symbol, ts, open, high, low, close, volume, wap, bar_count, period"
+    by_view = cat.run_query(tmp_path, f"SELECT {cols} FROM bars_1m WHERE symbol = 'AAPL' "
+                                      "ORDER BY ts")
+    by_macro = cat.run_query(tmp_path, "SELECT * FROM symbol_bars('1m', 'AAPL') ORDER BY ts")
+    assert by_macro.columns == by_view.columns
+    assert by_macro.types == by_view.types
+    assert by_macro.rows == by_view.rows and len(by_macro.rows) == len(frames["AAPL"])
+    # it lists AAPL's two monthly files only, not the four files of the timeframe
+    con = cat.memory_connection(tmp_path)
+    try:
+        plans = {sql: con.execute("EXPLAIN ANALYZE " + sql).fetchall()[0][1] for sql in (
+            "SELECT count(*) FROM symbol_bars('1m', 'AAPL')",
+            "SELECT count(*) FROM bars_1m WHERE symbol = 'AAPL'")}
+    finally:
+        con.close()
+
+    def listed(plan: str) -> int:
+        """Files the scan considered: all of the glob's when it pruned some by path."""
+        pruned = re.search(r"Scanning Files:\s*\d+/(\d+)", plan)
+        read = re.search(r"Total Files Read:\s*(\d+)", plan)
+        assert read, plan
+        return int(pruned.group(1) if pruned else read.group(1))
+
+    assert [listed(plan) for plan in plans.values()] == [2, 4], plans
+    # the same macro is in the catalog file, for other tools
+    cat.refresh_catalog(tmp_path)
+    con = cat.connect_readonly(tmp_path, refresh=False)
+    try:
+        assert con.execute("SELECT count(*) FROM symbol_bars('1d', 'AAPL')").fetchone() == (
+            len(frames["AAPL_1d"]),)
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    ("'1x', 'AAPL'", r"unknown timeframe '1x'; allowed: .*\b1m\b"),
+    ("NULL, 'AAPL'", r"unknown timeframe NULL; allowed"),
+    ("'1m', '../AAPL'", r"invalid symbol '\.\./AAPL'; expected a storage key"),
+    ("'1m', 'A/B'", r"invalid symbol 'A/B'"),
+    ("'1m', 'AA..PL'", r"invalid symbol 'AA\.\.PL'"),
+    ("'1m', 'aapl'", r"invalid symbol 'aapl'"),
+    ("'1m', 'MSFT'", r"no 1m bars stored for symbol 'MSFT'; symbols with 1m bars: AAPL, SPY"),
+    ("'5m', 'AAPL'", r"no 5m bars stored for symbol 'AAPL'; symbols with 5m bars: none"),
+])
+def test_symbol_bars_refuses_bad_arguments_clearly(tmp_path: Path, args: str,
+                                                   message: str) -> None:
+    _fill(BarStore(tmp_path))
+    with pytest.raises(cat.QueryError, match=message):
+        cat.run_query(tmp_path, f"SELECT count(*) FROM symbol_bars({args})")
+
+
 def _hold_write_lock(path: Path, seconds: float) -> subprocess.Popen:
     code = ("import duckdb, sys, time\n"
             "con = duckdb.connect(sys.argv[1])\n"
@@ -740,6 +796,8 @@ def test_queries_do_not_wait_for_a_writer_holding_the_catalog(tmp_path: Path) ->
     "CREATE TABLE t AS SELECT 1",
     "CREATE VIEW v AS SELECT 1",
     "DROP VIEW bars",
+    "DROP MACRO TABLE symbol_bars",
+    "CREATE MACRO m(x) AS x + 1",
     "COPY (SELECT 1) TO '{out}'",
     "COPY bars TO '{out}' (FORMAT parquet)",
     "EXPORT DATABASE '{dir}'",

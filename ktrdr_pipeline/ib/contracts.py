@@ -36,6 +36,9 @@ CURRENCIES = frozenset(
 )
 SEC_TYPES = ("STK", "CASH", "FUT", "IND", "OPT", "CONTFUT")
 _PLAIN = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}$")
+#: The shape of every storage key (``SymbolSpec.key``), as a regular expression without
+#: anchors; keys never contain ``..`` either. SQL in the catalog checks keys with it.
+STORAGE_KEY_PATTERN = r"[A-Z0-9][A-Z0-9._-]*"
 _FX_FORMS = re.compile(r"^([A-Z]{3})[./]([A-Z]{3})$")
 _EXPLICIT = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}(:[A-Z0-9._-]{0,16}){1,4}$")
 

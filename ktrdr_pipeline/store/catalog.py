@@ -15,6 +15,14 @@ Views (identical in the catalog file and in :func:`query`'s in-memory database):
 ``coverage``
     per symbol and timeframe: ``first_bar``, ``last_bar``, ``rows``, ``partitions``
     (periods holding at least one bar).
+``symbol_bars(timeframe, symbol)``
+    a table macro: one symbol's bars of one timeframe, the columns of ``bars_<tf>``. It
+    reads only ``timeframe=<tf>/symbol=<SYM>/``, whereas a filter on ``symbol`` over a view
+    still lists and prunes every stored file of the timeframe (DuckDB cannot push the
+    filter into its glob), a cost that grows with the universe: use it for one-symbol
+    queries, e.g. ``SELECT ... FROM symbol_bars('1m', 'AAPL') WHERE ts >= ...``. Unknown
+    timeframes and malformed symbols are refused with the allowed forms; a symbol with
+    nothing stored at that timeframe is an error naming it.
 
 A view whose glob would match no file is defined over an empty relation of the same types
 instead (DuckDB refuses a glob matching nothing), so every view works on an empty store.
@@ -55,6 +63,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -64,6 +73,7 @@ from typing import Any
 
 import duckdb
 
+from ..ib.contracts import STORAGE_KEY_PATTERN
 from ..timeframes import TIMEFRAMES, Timeframe, enabled_timeframes
 
 log = logging.getLogger(__name__)
@@ -74,6 +84,8 @@ GREEKS_ALIAS = "greeks"
 FORMATS = ("table", "csv", "json")
 LOCK_TIMEOUT_S = 10.0
 _SIGNATURE_PREFIX = "ktrdr views "
+#: The table macro reading one symbol of one timeframe (see the module docstring).
+SYMBOL_BARS = "symbol_bars"
 
 #: The ``bars`` view's columns and their DuckDB types, in order.
 BARS_COLUMNS: list[tuple[str, str]] = [
@@ -182,12 +194,40 @@ def view_statements(data_dir: Path,
     return statements
 
 
+def macro_statements(data_dir: Path) -> list[str]:
+    """The ``CREATE OR REPLACE MACRO`` statements of the catalog: ``symbol_bars``.
+
+    Its arguments are checked before they become a path: the timeframe against the
+    registry, the symbol against the storage-key shape (no separators, no ``..``), each
+    failure raised by DuckDB's ``error()`` with what is allowed.
+    """
+    prefix = _glob(data_dir).split("/timeframe=", 1)[0] + "/timeframe="
+    allowed = ", ".join(TIMEFRAMES)
+    names = ", ".join(_sql_str(n) for n in TIMEFRAMES)
+    per_tf = ", ".join(c for c, _ in BARS_COLUMNS if c != "timeframe")
+    # the parameters must not be named like columns: a macro substitutes them everywhere
+    return [
+        f"CREATE OR REPLACE MACRO {SYMBOL_BARS}(tf_name, symbol_key) AS TABLE "
+        f"SELECT {per_tf} FROM read_parquet(CASE "
+        f"WHEN coalesce(tf_name NOT IN ({names}), true) THEN error("
+        f"'{SYMBOL_BARS}: unknown timeframe ' || coalesce('''' || tf_name || '''', 'NULL') "
+        f"|| '; allowed: {allowed}') "
+        f"WHEN coalesce(NOT regexp_full_match(symbol_key, {_sql_str(STORAGE_KEY_PATTERN)}) "
+        f"OR contains(symbol_key, '..'), true) THEN error("
+        f"'{SYMBOL_BARS}: invalid symbol ' || coalesce('''' || symbol_key || '''', 'NULL') "
+        f"|| '; expected a storage key as in the symbol column: upper-case letters, digits, "
+        f"''.'', ''-'', ''_'' (e.g. ''AAPL'', ''EURUSD'')') "
+        f"ELSE {_sql_str(prefix)} || tf_name || '/symbol=' || symbol_key || "
+        f"'/period=*/data.parquet' END, hive_partitioning = true, hive_types = "
+        "{'timeframe': VARCHAR, 'symbol': VARCHAR, 'period': VARCHAR})"
+    ]
+
+
 def define_views(con: duckdb.DuckDBPyConnection, data_dir: Path,
                  timeframes: Iterable[str | Timeframe] | None = None) -> list[str]:
-    """Create (or replace) the views on ``con``; returns the view names. ``bars_*`` views
-    of timeframes no longer wanted are dropped."""
-    statements = view_statements(data_dir, timeframes)
-    return _apply(con, statements)
+    """Create (or replace) the views and macros on ``con``; returns the view names.
+    ``bars_*`` views of timeframes no longer wanted are dropped."""
+    return _apply(con, view_statements(data_dir, timeframes), macro_statements(data_dir))
 
 
 def _view_names(statements: Sequence[str]) -> list[str]:
@@ -198,7 +238,8 @@ def _view_names(statements: Sequence[str]) -> list[str]:
     return names
 
 
-def _apply(con: duckdb.DuckDBPyConnection, statements: Sequence[str]) -> list[str]:
+def _apply(con: duckdb.DuckDBPyConnection, statements: Sequence[str],
+           macros: Sequence[str] = ()) -> list[str]:
     names = _view_names(statements)
     existing = [r[0] for r in con.execute(
         "SELECT view_name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main' "
@@ -206,7 +247,7 @@ def _apply(con: duckdb.DuckDBPyConnection, statements: Sequence[str]) -> list[st
     for old in existing:
         if old.startswith("bars_") and old not in names:
             con.execute(f"DROP VIEW IF EXISTS {_ident(old)}")
-    for st in statements:
+    for st in [*statements, *macros]:
         con.execute(st)
     return names
 
@@ -280,14 +321,15 @@ def refresh_catalog(data_dir: Path | str, *,
     data_dir.mkdir(parents=True, exist_ok=True)
     path = catalog_path(data_dir)
     statements = view_statements(data_dir, timeframes)
-    signature = _signature(statements)
+    macros = macro_statements(data_dir)
+    signature = _signature([*statements, *macros])
     if not force and path.exists() and _stored_signature(path) == signature:
         return False
     con = _connect(path, read_only=False, timeout_s=timeout_s)
     try:
         con.execute("BEGIN TRANSACTION")
         try:
-            _apply(con, statements)
+            _apply(con, statements, macros)
             con.execute(f"COMMENT ON VIEW bars IS {_sql_str(signature)}")
             con.execute("COMMIT")
         except BaseException:
@@ -415,6 +457,26 @@ def memory_connection(data_dir: Path | str,
     return con
 
 
+#: DuckDB's error for a ``symbol_bars`` call whose symbol has no file at that timeframe.
+_NOTHING_STORED = re.compile(r'No files found that match the pattern "[^"]*/timeframe='
+                             r'([^/"]+)/symbol=([^/"]+)/period=\*/data\.parquet"')
+
+
+def _query_error(exc: duckdb.Error, data_dir: Path) -> QueryError:
+    """DuckDB's error, with what is stored when ``symbol_bars`` found nothing."""
+    text = str(exc)
+    found = _NOTHING_STORED.search(text)
+    if found:
+        tf, symbol = found.groups()
+        from .parquet import BarStore
+
+        stored = BarStore(data_dir).symbols(tf)
+        return QueryError(
+            f"{SYMBOL_BARS}: no {tf} bars stored for symbol {symbol!r}; symbols with {tf} "
+            f"bars: {', '.join(stored) if stored else 'none'} (see the coverage view)")
+    return QueryError(text)
+
+
 def run_query(data_dir: Path | str, sql: str,
               timeframes: Iterable[str | Timeframe] | None = None) -> QueryResult:
     """Run one read-only statement over the store; see the module docstring."""
@@ -425,7 +487,7 @@ def run_query(data_dir: Path | str, sql: str,
         description = cur.description or []
         rows = cur.fetchall() if description else []
     except duckdb.Error as exc:
-        raise QueryError(str(exc)) from exc
+        raise _query_error(exc, Path(data_dir)) from exc
     finally:
         con.close()
     return QueryResult([d[0] for d in description], [str(d[1]) for d in description], rows)
