@@ -301,8 +301,12 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("symbol")
     p.set_defaults(func=cmd_ranges)
 
-    p = sub.add_parser("sql", help="run a read-only DuckDB query against the catalog")
-    p.add_argument("query")
+    p = sub.add_parser(
+        "sql", help="run a read-only DuckDB query against the catalog",
+        description="Run one read-only statement. Views: bars (all timeframes), bars_<tf>, "
+                    "coverage; table macro symbol_bars('<tf>', '<SYMBOL>') reads one "
+                    "symbol's bars (faster than filtering a view on symbol).")
+    p.add_argument("query", help="e.g. \"SELECT * FROM coverage\"")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=cmd_sql)
 
