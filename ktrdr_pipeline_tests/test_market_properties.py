@@ -189,3 +189,61 @@ def test_weekly_and_monthly_bars_aggregate_daily_bars(size):
     assert big[:, V].sum() == daily[:, V].sum()
     assert big[:, H].max() == daily[:, H].max() and big[:, L].min() == daily[:, L].min()
     assert len(big) == (12 if size == "1 month" else 53)
+
+
+# -- trades-only bars: a thin instrument leaves holes, consistently across bar sizes ------
+ILLQ = UNIVERSE.by_symbol("ILLQ", "STK")[0]
+THIN = [ILLQ, UNIVERSE.instruments[265598]]  # the thin one, and a liquid one for contrast
+
+
+@PROPS
+@given(inst=st.sampled_from(THIN), day=days, use_rth=st.booleans())
+def test_trades_bars_are_the_minutes_that_traded(inst, day, use_rth):
+    session = _session(inst, day, use_rth)
+    if session is None:
+        return
+    every = MODEL.bars(inst, "1 min", session.open, session.close, use_rth, NOW)
+    traded = MODEL.bars(inst, "1 min", session.open, session.close, use_rth, NOW, trades=True)
+    _assert_same_bars(traded, every[every[:, V] > 0])
+    assert (traded[:, V] > 0).all() and (traded[:, N] > 0).all()
+    if inst is ILLQ:  # thin: holes in every session (most of them outside regular hours)
+        assert 0 < len(traded) < len(every)
+
+
+@PROPS
+@given(day=days, size=intraday_sizes, use_rth=st.booleans())
+def test_larger_trades_bars_are_aggregates_of_one_minute_trades_bars(day, size, use_rth):
+    session = _session(ILLQ, day, use_rth)
+    if session is None:
+        return
+    big = MODEL.bars(ILLQ, size, session.open, session.close, use_rth, NOW, trades=True)
+    small = MODEL.bars(ILLQ, "1 min", session.open, session.close, use_rth, NOW, trades=True)
+    _assert_same_bars(big, _aggregate_like(small, big[:, T]))
+    # a bar keeps its place on the grid even when its first minutes did not trade
+    grid = MODEL.bars(ILLQ, size, session.open, session.close, use_rth, NOW)
+    assert set(big[:, T]) <= set(grid[:, T])
+    daily = MODEL.bars(ILLQ, "1 day", session.open, session.close, use_rth, NOW, trades=True)
+    expected = MarketModel.aggregate(small, np.zeros(len(small)))
+    np.testing.assert_array_equal(daily[0, [O, H, L, C, V, N]], expected[0, [O, H, L, C, V, N]])
+
+
+@PROPS
+@given(day=days, size=st.sampled_from(["1 secs", "5 secs", "30 secs"]),
+       minute=st.integers(0, 360))
+def test_second_trades_bars_aggregate_to_their_minute(day, size, minute):
+    session = _session(ILLQ, day, True)
+    if session is None:
+        return
+    start = session.open + timedelta(minutes=minute)
+    end = min(start + timedelta(minutes=5), session.close)
+    if start >= end:
+        return
+    secs = MODEL.bars(ILLQ, size, start, end, True, NOW, trades=True)
+    minutes = MODEL.bars(ILLQ, "1 min", start, end, True, NOW, trades=True)
+    quotes = MODEL.bars(ILLQ, size, start, end, True, NOW)
+    assert len(quotes) == (end - start).total_seconds() // BAR_SIZE_SECONDS[size]
+    assert (secs[:, V] > 0).all() and len(secs) <= len(quotes)
+    if len(minutes):
+        _assert_same_bars(minutes, _aggregate_like(secs, minutes[:, T]))
+    else:
+        assert len(secs) == 0

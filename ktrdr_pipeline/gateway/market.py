@@ -14,7 +14,15 @@ The model is generated top-down so every bar size agrees exactly:
 
 Bars of one minute and longer aggregate minute bars; bars under a minute aggregate second
 bars. So a 1-hour bar equals the aggregate of its 1-minute bars, and overlapping requests
-return identical bars. Only the bar in progress (at the simulator's clock) is partial: it
+return identical bars.
+
+**Trades only.** As with IB, TRADES bars exist only where something traded: a minute (or
+second) without volume yields no TRADES bar, while quote-based data (MIDPOINT, BID, ASK)
+has every bar. Liquid instruments trade every second; a thin one (the default universe's
+``ILLQ``) leaves holes that a loader must not mistake for missing data. Inside a minute the
+price stays at the minute's open until its first trade and at its close after its last, and
+its high and low fall on traded seconds, so trades-only bars of every size still aggregate
+exactly. Only the bar in progress (at the simulator's clock) is partial: it
 aggregates the seconds completed so far and converges to the final bar as time passes.
 
 Each session and each minute has its own random stream, so generation is lazy and costs
@@ -148,21 +156,24 @@ class MarketModel:
                              int(minute[N]))
         tick = inst.tick
         steps = rng.normal(0.0, 1.0, 60)
-        walk = np.concatenate([[0.0], np.cumsum(steps)])
-        bridge = walk - np.linspace(0, 1, 61) * walk[-1]
-        scale = max(h - lo, tick) / 4.0
-        x = o + (c - o) * np.linspace(0, 1, 61) + scale * bridge
-        x = np.clip(_round_tick(x, tick), lo, h)
-        x[0], x[-1] = o, c
-        so, sc = x[:-1], x[1:]
-        sh, sl = np.maximum(so, sc), np.minimum(so, sc)
-        sh[int(np.argmax(sh))] = h
-        sl[int(np.argmin(sl))] = lo
         if v > 0:
             sv = rng.multinomial(v, np.full(60, 1 / 60)).astype(float)
             sn = rng.multinomial(n, sv / v).astype(float) if n > 0 else np.zeros(60)
         else:
             sv, sn = np.zeros(60), np.zeros(60)
+        walk = np.concatenate([[0.0], np.cumsum(steps)])
+        bridge = walk - np.linspace(0, 1, 61) * walk[-1]
+        scale = max(h - lo, tick) / 4.0
+        x = o + (c - o) * np.linspace(0, 1, 61) + scale * bridge
+        x = np.clip(_round_tick(x, tick), lo, h)
+        # extremes belong to traded seconds (all of them when nothing traded)
+        traded = np.flatnonzero(sv > 0) if v > 0 else np.arange(60)
+        x[:traded[0] + 1] = o  # no trade yet: still at the open
+        x[traded[-1] + 1:] = c  # no more trades: already at the close
+        so, sc = x[:-1], x[1:]
+        sh, sl = np.maximum(so, sc), np.minimum(so, sc)
+        sh[traded[int(np.argmax(sh[traded]))]] = h
+        sl[traded[int(np.argmin(sl[traded]))]] = lo
         sw = (sh + sl + sc) / 3.0
         # shift the seconds' WAPs so that their volume-weighted mean is the minute's WAP
         sw = sw + ((minute[W] * v - float(np.dot(sw, sv))) / v if v > 0 else minute[W] - sw)
@@ -192,11 +203,12 @@ class MarketModel:
         return out
 
     def _session_rows(self, inst: Instrument, idx: int, use_rth: bool, now: float,
-                      seconds: bool, window: tuple[float, float] | None = None) -> np.ndarray:
+                      seconds: bool, window: tuple[float, float] | None = None,
+                      trades: bool = False) -> np.ndarray:
         """Minute (or second) rows of one session up to ``now``, the last one partial.
 
         ``window`` limits the rows to the minutes overlapping [start, end) (second bars are
-        generated only where they are asked for)."""
+        generated only where they are asked for); ``trades`` keeps only rows with volume."""
         sch = calendars.schedule(inst.profile.name)
         minutes = self.session_minutes(inst, idx)
         lo, hi = sch.bounds(use_rth)
@@ -204,6 +216,8 @@ class MarketModel:
         keep = (t >= lo[idx]) & (t < hi[idx]) & (t < now)
         if window is not None:
             keep &= (t + 60 > window[0]) & (t < window[1])
+        if trades:
+            keep &= minutes[:, V] > 0
         rows = minutes[keep]
         if len(rows) == 0:
             return rows
@@ -213,22 +227,28 @@ class MarketModel:
         if seconds:
             blocks = [self.minute_seconds(inst, idx, m) for m in rows]
             secs = np.concatenate(blocks)
-            return secs[secs[:, T] < now]
+            secs = secs[secs[:, T] < now]
+            return secs[secs[:, V] > 0] if trades else secs
         partial = self.minute_seconds(inst, idx, last)
         partial = partial[partial[:, T] < now]
+        if trades:
+            partial = partial[partial[:, V] > 0]
+        if len(partial) == 0:  # the minute in progress has not traded yet
+            return rows[:-1]
         agg = self.aggregate(partial, np.full(len(partial), last[T]))
         return np.concatenate([rows[:-1], agg])
 
-    def daily_row(self, inst: Instrument, idx: int, use_rth: bool, now: float) -> np.ndarray | None:
+    def daily_row(self, inst: Instrument, idx: int, use_rth: bool, now: float,
+                  trades: bool = False) -> np.ndarray | None:
         """The aggregate of one session (None when it has no bars before ``now``)."""
         sch = calendars.schedule(inst.profile.name)
         complete = sch.all_close[idx] <= now
-        key = (inst.con_id, idx, use_rth)
+        key = (inst.con_id, idx, use_rth, trades)
         if complete:
             row = self._daily.get(key)
             if row is not None:
                 return row
-        rows = self._session_rows(inst, idx, use_rth, now, seconds=False)
+        rows = self._session_rows(inst, idx, use_rth, now, seconds=False, trades=trades)
         if len(rows) == 0:
             return None
         row = self.aggregate(rows, np.zeros(len(rows)))[0]
@@ -247,12 +267,13 @@ class MarketModel:
         return found[0].open if found else inst.head
 
     def bars(self, inst: Instrument, bar_size: str, start: datetime, end: datetime,
-             use_rth: bool, now: datetime) -> np.ndarray:
+             use_rth: bool, now: datetime, trades: bool = False) -> np.ndarray:
         """Bars whose start lies in [start, end), up to ``now`` (the last may be partial).
 
         Returns an (n, 8) array; for daily and larger bars column T holds the epoch of the
         session date at 00:00 UTC. Data exists only from the instrument's head timestamp
-        and, for futures, up to the expiry's session.
+        and, for futures, up to the expiry's session. ``trades``: only bars in which
+        something traded (IB's TRADES data); otherwise every bar (quote-based data).
         """
         size = BAR_SIZE_SECONDS[bar_size]
         profile = inst.profile
@@ -267,14 +288,15 @@ class MarketModel:
             return np.empty((0, 8))
         sch = calendars.schedule(profile.name)
         if size >= DAILY_BAR_SECONDS:
-            return self._daily_bars(inst, bar_size, s, e, use_rth, now_s)
+            return self._daily_bars(inst, bar_size, s, e, use_rth, now_s, trades)
         i, j = calendars.session_index_range(profile, s, e, use_rth)
         out = []
         tz = ZoneInfo(profile.tz)
         for idx in range(i, j):
             small = size < 60
             window = (s.timestamp(), e.timestamp()) if small else None
-            rows = self._session_rows(inst, idx, use_rth, now_s, seconds=small, window=window)
+            rows = self._session_rows(inst, idx, use_rth, now_s, seconds=small, window=window,
+                                      trades=trades)
             if len(rows) == 0:
                 continue
             lo = sch.bounds(use_rth)[0][idx]
@@ -301,13 +323,13 @@ class MarketModel:
         return np.maximum(lab, float(session_open))
 
     def _daily_bars(self, inst: Instrument, bar_size: str, s: datetime, e: datetime,
-                    use_rth: bool, now_s: float) -> np.ndarray:
+                    use_rth: bool, now_s: float, trades: bool = False) -> np.ndarray:
         profile = inst.profile
         sch = calendars.schedule(profile.name)
         i, j = calendars.session_index_range(profile, s, e, use_rth)
         rows, days = [], []
         for idx in range(i, j):
-            row = self.daily_row(inst, idx, use_rth, now_s)
+            row = self.daily_row(inst, idx, use_rth, now_s, trades)
             if row is None:
                 continue
             rows.append(row)
@@ -336,7 +358,8 @@ class MarketModel:
         """The last traded price at ``now`` (the previous close when the market is shut)."""
         profile = inst.profile
         look_back = now - timedelta(days=10)
-        bars = self.bars(inst, "1 min", look_back, now + timedelta(minutes=1), False, now)
+        bars = self.bars(inst, "1 min", look_back, now + timedelta(minutes=1), False, now,
+                         trades=inst.sec_type != "CASH")
         if len(bars):
             return float(bars[-1, C])
         _, log_close = self._session_levels(inst)

@@ -103,6 +103,10 @@ DEFAULT_STOCKS = [
     _stock(76792991, "TSLA", "NASDAQ", "TESLA INC", "2010-06-29", 379.0, 0.60, 120000),
     _stock(4815747, "NVDA", "NASDAQ", "NVIDIA CORP", "2005-01-03", 138.0, 0.50, 300000),
     _stock(479624278, "RBLX", "NYSE", "ROBLOX CORP -CLASS A", "2021-03-10", 58.0, 0.55, 15000),
+    # thin: about one lot a minute, so many minutes (most outside regular hours) see no
+    # trade and have no TRADES bar, as with real illiquid names
+    _stock(618034011, "ILLQ", "NYSE", "ILLIQUID DEMO CORP (SIMULATED)", "2015-06-01", 12.4,
+           0.45, 1.2),
 ]
 DEFAULT_FX = [
     _fx(12087792, "EURUSD", 1.0350, 0.00005),
