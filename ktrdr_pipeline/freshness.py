@@ -1,8 +1,9 @@
 """Which stored partitions are behind the market (pure logic over the store).
 
 A partition is stale when its stored bars end before the last *completed* bar IB should
-have for the instrument (per its exchange calendar): a closed market or a holiday is not
-stale. The contract facts come from the resolver's cache; a symbol never loaded is stale
+have for the instrument (per its exchange calendar) and IB has not been asked for that bar
+since it closed: a closed market or a holiday is not stale, and neither is a thin
+instrument's minute without a trade (asked for, no bar, see :mod:`ktrdr_pipeline.loader`). The contract facts come from the resolver's cache; a symbol never loaded is stale
 from the start (its current period needs an initial load).
 """
 
@@ -12,9 +13,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
+
 from . import calendars, gaps
 from .ib.contracts import JsonCache
-from .loader import default_use_rth, stored_partial_from
+from .loader import default_use_rth, newest_unasked, stored_partial_from
 from .store.parquet import BarStore
 from .timeframes import Timeframe
 
@@ -28,14 +31,14 @@ class StalePartition:
     last_stored: datetime | None
 
 
-def last_expected_bar(profile: calendars.HoursProfile, tf: Timeframe, use_rth: bool,
-                      now: datetime) -> datetime | None:
-    """The start of the newest bar that has closed by ``now``."""
+def recent_expected_bars(profile: calendars.HoursProfile, tf: Timeframe, use_rth: bool,
+                         now: datetime) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (epoch seconds) of the bars closed by ``now`` over a look-back that
+    always reaches the previous session."""
     lookback = timedelta(days=40 if tf.is_daily_or_larger else 12)
     if tf.bar_size in ("1 week", "1 month"):
         lookback = timedelta(days=70)
-    starts, _ = gaps.expected_bars(profile, tf.bar_size, now - lookback, now, use_rth, now=now)
-    return datetime.fromtimestamp(int(starts[-1]), UTC) if len(starts) else None
+    return gaps.expected_bars(profile, tf.bar_size, now - lookback, now, use_rth, now=now)
 
 
 def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timeframe],
@@ -54,16 +57,24 @@ def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timefr
                 continue
             profile = calendars.profile_for(cached["sec_type"])
             use_rth = (rth_overrides or {}).get(symbol, default_use_rth(cached["sec_type"]))
-            expected = last_expected_bar(profile, tf, use_rth, now)
-            if expected is None:
+            starts, ends = recent_expected_bars(profile, tf, use_rth, now)
+            if not len(starts):
                 continue
+            expected = datetime.fromtimestamp(int(starts[-1]), UTC)
             period = tf.period_key(expected)
+            lo, hi = tf.period_bounds(period)
+            inside = (starts >= lo.timestamp()) & (starts < hi.timestamp())
             frame = store.read(tf.name, symbol, period)
-            partial = stored_partial_from(store.read_meta(tf.name, symbol, period))
+            meta = store.read_meta(tf.name, symbol, period)
+            partial = stored_partial_from(meta)
             stored = frame.index
             if partial is not None:
                 stored = stored[stored.asi8 // 10**9 < partial]
             last = stored[-1].to_pydatetime() if len(stored) else None
-            if last is None or last < expected:
-                out.append(StalePartition(tf.name, symbol, period, expected, last))
+            if last is not None and last >= expected:
+                continue
+            if meta is not None and newest_unasked(starts[inside], ends[inside],
+                                                   stored.asi8 // 10**9, meta) is None:
+                continue  # IB was asked after every missing bar closed: it has none
+            out.append(StalePartition(tf.name, symbol, period, expected, last))
     return out

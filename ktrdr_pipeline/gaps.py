@@ -129,3 +129,43 @@ def missing_segments(expected_starts: np.ndarray, expected_ends: np.ndarray,
                 datetime.fromtimestamp(int(expected_ends[b]), UTC), int(b - a + 1))
         for a, b in zip(run_starts, run_ends, strict=True)
     ]
+
+
+#: [start, end) epoch spans of consecutive expected bars, sorted and disjoint.
+Runs = list[tuple[int, int]]
+
+
+def runs_of(expected_starts: np.ndarray, expected_ends: np.ndarray, flags: np.ndarray) -> Runs:
+    """The flagged expected bars as [start, end) spans of consecutive ones (compact enough
+    to keep in a partition's metadata)."""
+    idx = np.flatnonzero(flags)
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    firsts = np.r_[idx[0], idx[breaks + 1]]
+    lasts = np.r_[idx[breaks], idx[-1]]
+    return [(int(expected_starts[a]), int(expected_ends[b]))
+            for a, b in zip(firsts, lasts, strict=True)]
+
+
+def in_runs(starts: np.ndarray, runs: Runs) -> np.ndarray:
+    """Which bar ``starts`` (epoch seconds) lie inside one of ``runs``."""
+    out = np.zeros(len(starts), dtype=bool)
+    if not runs or len(starts) == 0:
+        return out
+    spans = np.asarray(runs, dtype=np.int64)
+    k = np.searchsorted(spans[:, 0], starts, side="right") - 1
+    inside = k >= 0
+    out[inside] = starts[inside] < spans[k[inside], 1]
+    return out
+
+
+def runs_outside(runs: Runs, lo: int, hi: int) -> Runs:
+    """The parts of ``runs`` outside [lo, hi)."""
+    out: Runs = []
+    for a, b in runs:
+        if a < lo:
+            out.append((a, min(b, lo)))
+        if b > hi:
+            out.append((max(a, hi), b))
+    return out

@@ -6,12 +6,21 @@ should have in that period (clamped to the head timestamp and to now); fetch onl
 missing segments (tail, backfill and inner gaps alike); merge with the stored bars (a newer
 fetch wins, so a partial bar is replaced), validate, and write atomically. A complete
 partition makes no IB request at all.
+
+**Bars IB does not have.** TRADES bars exist only where something traded, so a thin
+instrument's sessions have holes no request can fill. A missing bar that an answered
+request covered, and that had closed at least :data:`HOLE_SETTLE` before it, is recorded
+in the partition's metadata (``empty_runs``) and counts as present from then on, so later
+fills do not ask for it again; mode ``full`` forgets them and asks afresh. ``asked_until``
+records up to when IB was last asked, so freshness checks do not chase a bar that never
+traded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,7 +38,7 @@ from .ib.fetch import HistoricalFetcher, empty_bars
 from .ib.governor import PacingGovernor
 from .ib.ledger import SqlitePacingLedger
 from .ib.limits import PacingLimits
-from .planning import plan_requests
+from .planning import plan_ranges
 from .settings import Settings
 from .store.parquet import BarStore
 from .store.schema import validate_bars
@@ -39,6 +48,9 @@ from .universe import load_universe, universe_path
 log = logging.getLogger(__name__)
 
 MODES = ("fill", "full")
+#: A missing bar is taken as "IB has none" only when an answered request covered it at
+#: least this long after the bar closed (IB publishes the newest bars with a short delay).
+HOLE_SETTLE = timedelta(minutes=15)
 
 
 class LoadError(Exception):
@@ -61,6 +73,7 @@ class PartitionResult:
     gaps_found: int = 0
     gaps_filled: int = 0
     missing_bars: int = 0
+    known_empty_bars: int = 0
     segments_fetched: int = 0
     ib_requests_made: int = 0
     fetched_bars: int = 0
@@ -125,6 +138,37 @@ def stored_partial_from(meta: dict[str, Any] | None) -> int | None:
     return int(raw) if raw not in (None, "", "None") else None
 
 
+def stored_empty_runs(meta: dict[str, Any] | None) -> gaps.Runs:
+    """The spans of expected bars IB answered without a bar (see the module docstring)."""
+    raw = (meta or {}).get("empty_runs") or []
+    return sorted((int(a), int(b)) for a, b in raw)
+
+
+def stored_asked_until(meta: dict[str, Any] | None) -> int | None:
+    """Epoch up to which IB was last asked for this partition's bars (None: unknown)."""
+    raw = (meta or {}).get("asked_until")
+    return int(raw) if raw not in (None, "") else None
+
+
+def expected_but_missing(exp_start: np.ndarray, stored_starts: np.ndarray,
+                         meta: dict[str, Any] | None) -> np.ndarray:
+    """Which expected bars are neither stored nor known to be empty at IB."""
+    return ~np.isin(exp_start, stored_starts) & ~gaps.in_runs(exp_start,
+                                                              stored_empty_runs(meta))
+
+
+def newest_unasked(exp_start: np.ndarray, exp_end: np.ndarray, stored_starts: np.ndarray,
+                   meta: dict[str, Any] | None) -> int | None:
+    """Index of the newest expected bar that is missing and that IB has not been asked for
+    since it closed (None: the partition is as current as IB can make it)."""
+    missing = expected_but_missing(exp_start, stored_starts, meta)
+    asked = stored_asked_until(meta)
+    if asked is not None:
+        missing &= exp_end > asked
+    found = np.flatnonzero(missing)
+    return int(found[-1]) if len(found) else None
+
+
 async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Timeframe,
                          period: str, mode: str = "fill",
                          progress: Callable[[int, int], None] | None = None,
@@ -180,7 +224,11 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     partial_from = stored_partial_from(meta)
     if partial_from is not None and mode != "full":
         stored_s = stored_s[stored_s < partial_from]  # a stored partial bar is a gap
-    segments = gaps.missing_segments(exp_start, exp_end, stored_s)
+    lo_s, hi_s = int(p_start.timestamp()), math.ceil(p_end.timestamp())
+    old_runs = stored_empty_runs(meta)  # full mode asks again for the window's
+    known_empty = gaps.in_runs(exp_start, [] if mode == "full" else old_runs)
+    segments = gaps.missing_segments(exp_start, exp_end,
+                                     np.concatenate([stored_s, exp_start[known_empty]]))
     tail_partial = _in_progress_bar_missing(tf, exp_end, p_start, p_end, now, profile,
                                             use_rth, head)
     if tail_partial is not None:
@@ -190,14 +238,14 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
         segments.append(tail_partial)
     result.gaps_found = len(segments)
     result.missing_bars = sum(s.bars for s in segments)
+    result.known_empty_bars = int(known_empty.sum())
     if not segments:
         result.status = "complete"
         _finish(result, stored)
         return result
-    plan = []
-    for seg in segments:
-        plan += plan_requests(profile, tf.bar_size, seg.start, min(seg.end, p_end), what,
-                              use_rth, head_timestamp=head, now=now)
+    plan = plan_ranges(profile, tf.bar_size,
+                       [(seg.start, min(seg.end, p_end)) for seg in segments], what, use_rth,
+                       head_timestamp=head, now=now)
     log.info("%s %s %s: %d stored, %d gap(s) with %d missing bar(s), %d IB request(s)", key,
              tf.name, period, len(stored), len(segments), result.missing_bars, len(plan))
     fetched = await ctx.fetcher.fetch(contract.contract(), plan, progress)
@@ -219,17 +267,42 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
         merged = merged[~stale]
     validate_bars(merged, tf, profile, use_rth)
     new_partial = _partial_start(merged, exp_start)
-    after = set(merged.index.asi8 // 10**9)
+    merged_s = merged.index.asi8 // 10**9
+    present = np.isin(exp_start, merged_s)
+    # every missing expected bar was in a segment, and every request was answered: what is
+    # still missing and had long closed, IB does not have
+    settled = exp_end <= int((now - HOLE_SETTLE).timestamp())
+    known_empty = (known_empty | settled) & ~present
+    result.known_empty_bars = int(known_empty.sum())
+    runs = sorted(gaps.runs_outside(old_runs, lo_s, hi_s)
+                  + gaps.runs_of(exp_start, exp_end, known_empty))
+    resolved = present | known_empty
+    after = set(merged_s)
     result.gaps_filled = sum(
         1 for seg in segments
-        if int(seg.start.timestamp()) in after or seg.bars == 0)
+        if _segment_resolved(seg, exp_start, resolved, after))
+    asked_until = min(int(now.timestamp()), max(int(seg.end.timestamp()) for seg in segments))
     ctx.store.write(tf.name, key, period, merged, use_rth=use_rth, what_to_show=what,
                     extra_meta={"con_id": str(contract.con_id),
                                 "partial_from": "" if new_partial is None else str(new_partial),
-                                "fetched_at": now.isoformat()})
+                                "fetched_at": now.isoformat(),
+                                "asked_until": max(asked_until,
+                                                   stored_asked_until(meta) or 0),
+                                "empty_runs": [list(r) for r in runs]})
     result.bars_written = len(merged)
     _finish(result, merged)
     return result
+
+
+def _segment_resolved(seg: gaps.Segment, exp_start: np.ndarray, resolved: np.ndarray,
+                      stored: set[int]) -> bool:
+    """Whether no expected bar of ``seg`` is still missing (the bar in progress, which is
+    not expected yet, counts when it came back)."""
+    lo, hi = seg.start.timestamp(), seg.end.timestamp()
+    inside = (exp_start >= lo) & (exp_start < hi)
+    if inside.any():
+        return bool(resolved[inside].all())
+    return int(lo) in stored
 
 
 def _in_progress_bar_missing(tf: Timeframe, exp_end: np.ndarray,

@@ -479,6 +479,38 @@ def plan_requests(
     return plan
 
 
+def plan_ranges(
+    profile: HoursProfile | str,
+    bar_size: str,
+    ranges: Sequence[Interval],
+    what_to_show: str,
+    use_rth: bool,
+    head_timestamp: datetime | None = None,
+    now: datetime | None = None,
+) -> list[HistoricalRequest]:
+    """Requests covering several ranges (sorted, disjoint), oldest first.
+
+    IB paces requests, not bars: when the newest request planned so far can be stretched
+    to cover the next range with fewer requests than planning that range on its own, it
+    is (re-fetching the bars in between costs nothing in pacing terms). A thin
+    instrument's scattered missing bars thus cost about one request per maximum duration,
+    not one each. Every request still fits the limits; the ``covers`` of the plan stay
+    disjoint and hold every range's trading time.
+    """
+    plan: list[HistoricalRequest] = []
+    for start, end in ranges:
+        alone = plan_requests(profile, bar_size, start, end, what_to_show, use_rth,
+                              head_timestamp, now)
+        if plan and alone:
+            stretched = plan_requests(profile, bar_size, plan[-1].covers[0], end, what_to_show,
+                                      use_rth, head_timestamp, now)
+            if len(stretched) < 1 + len(alone):
+                plan[-1:] = stretched
+                continue
+        plan += alone
+    return plan
+
+
 # --- gap analysis ------------------------------------------------------------------------
 
 

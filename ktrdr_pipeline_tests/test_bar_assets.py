@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -191,7 +192,106 @@ def test_mixing_rth_is_refused_unless_full(env):
     assert result.use_rth is False and result.rows > 252 * 7
     assert BarStore(data_dir).read_meta("1h", "SPY", "2025")["use_rth"] in (False, "False",
                                                                               "false")
-    assert timedelta(0) == timedelta(0) and datetime.now(UTC)
+
+
+# -- a thin stock: TRADES bars only where something traded --------------------------------
+def _load(gw, data_dir: Path, symbol: str, tf: str, period: str, mode: str = "fill"):
+    from ktrdr_pipeline.loader import PipelineContext, load_partition
+    from ktrdr_pipeline.settings import Settings
+
+    async def go():
+        ctx = PipelineContext.from_settings(Settings(ib_port=gw.port, data_dir=data_dir,
+                                                     ib_client_id=71))
+        try:
+            return await load_partition(ctx, symbol, tf, period, mode=mode)
+        finally:
+            await ctx.close()
+
+    return asyncio.run(go())
+
+
+def test_thin_stock_bars_without_trades_are_asked_for_once(env):
+    gw, instance, _, data_dir, audit_path = env
+    inst = gw.server.universe.by_symbol("ILLQ", "STK")[0]
+    start, end = get_timeframe("1m").period_bounds("2026-10")
+    traded = gw.server.market.bars(inst, "1 min", start, end, True, MARKET_OPEN, trades=True)
+    every = gw.server.market.bars(inst, "1 min", start, end, True, MARKET_OPEN)
+    holes = len(every) - len(traded)
+    assert holes > 1000  # a thin stock: a third of its regular-hours minutes see no trade
+
+    first = _load(gw, data_dir, "ILLQ", "1m", "2026-10")
+    stored = BarStore(data_dir).read("1m", "ILLQ", "2026-10")
+    np.testing.assert_array_equal(stored.index.asi8 // 10**9, traded[:, T].astype(np.int64))
+    np.testing.assert_array_equal(stored["close"].to_numpy(), traded[:, C])
+    assert first.known_empty_bars == holes
+    assert 0 < first.ib_requests_made <= 22  # at most one per session of the month
+
+    before = len(_requests(audit_path))
+    again = _load(gw, data_dir, "ILLQ", "1m", "2026-10")
+    assert again.status == "complete" and again.ib_requests_made == 0
+    assert again.known_empty_bars == holes and len(_requests(audit_path)) == before
+
+    # a lost day is fetched again, the holes of other days are not asked for
+    store = BarStore(data_dir)
+    meta = store.read_meta("1m", "ILLQ", "2026-10")
+    day = (stored.index >= pd.Timestamp("2026-10-14", tz=UTC)) & (
+        stored.index < pd.Timestamp("2026-10-15", tz=UTC))
+    store.write("1m", "ILLQ", "2026-10", stored[~day], use_rth=True, what_to_show="TRADES",
+                extra_meta={k: meta[k] for k in ("con_id", "partial_from", "fetched_at",
+                                                 "asked_until", "empty_runs")})
+    refill = _load(gw, data_dir, "ILLQ", "1m", "2026-10")
+    new = _requests(audit_path)[before:]
+    assert len(new) == 1  # that session's trading hours, no more
+    assert new[0]["duration"] in ("1 D", *(f"{n} S" for n in range(60, 23401, 60)))
+    assert refill.fetched_bars == day.sum() and store.read("1m", "ILLQ", "2026-10").equals(stored)
+
+    # mode full forgets them, asks again and finds the same
+    full = _load(gw, data_dir, "ILLQ", "1m", "2026-10", mode="full")
+    assert full.ib_requests_made == first.ib_requests_made and full.known_empty_bars == holes
+
+    # the calendar check tells the holes apart from gaps
+    instance.add_dynamic_partitions("symbols", ["ILLQ"])
+    meta, checks = _materialize("1m", "ILLQ", "2026-10", env)
+    assert meta["ib_requests"].value == 0
+    gaps_check = checks["calendar_gaps"]
+    assert gaps_check.passed, gaps_check.metadata
+    assert gaps_check.metadata["known_empty_bars"].value == holes
+
+
+def test_thin_stock_tail_confirms_holes_once_they_settle(env):
+    from ktrdr_pipeline.freshness import stale_partitions
+    from ktrdr_pipeline.loader import HOLE_SETTLE
+
+    gw, _, _, data_dir, audit_path = env
+    tf = get_timeframe("1m")
+    inst = gw.server.universe.by_symbol("ILLQ", "STK")[0]
+    first = _load(gw, data_dir, "ILLQ", "1m", "2026-11")
+    assert first.known_empty_bars > 0
+    meta = BarStore(data_dir).read_meta("1m", "ILLQ", "2026-11")
+    asked = meta["asked_until"]
+    assert abs(asked - MARKET_OPEN.timestamp()) < 60
+    newest_hole = max(b for _, b in meta["empty_runs"])
+    assert newest_hole <= asked - HOLE_SETTLE.total_seconds()  # recent holes not trusted yet
+    # the minute before the clock saw no trade; IB was asked after it closed, so there is
+    # nothing to chase
+    assert len(gw.server.market.bars(inst, "1 min", MARKET_OPEN - timedelta(minutes=1),
+                                     MARKET_OPEN, True, MARKET_OPEN, trades=True)) == 0
+    assert stale_partitions(data_dir, ["ILLQ"], [tf], gw.server.clock.now()) == []
+
+    gw.server.clock.shift(20 * 60)
+    now = gw.server.clock.now()
+    [stale] = stale_partitions(data_dir, ["ILLQ"], [tf], now)
+    assert stale.period == "2026-11"
+    before = len(_requests(audit_path))
+    tail = _load(gw, data_dir, "ILLQ", "1m", "2026-11")
+    assert tail.ib_requests_made == 1 and len(_requests(audit_path)) == before + 1
+    assert tail.known_empty_bars > first.known_empty_bars  # the then-recent holes settled
+    stored = BarStore(data_dir).read("1m", "ILLQ", "2026-11")
+    start, _ = tf.period_bounds("2026-11")
+    traded = gw.server.market.bars(inst, "1 min", start, now, True, now, trades=True)
+    closed = stored.index.asi8 // 10**9 < int(now.timestamp()) // 60 * 60
+    np.testing.assert_array_equal(stored.index.asi8[closed] // 10**9,
+                                  traded[:, T].astype(np.int64)[:closed.sum()])
 
 
 def test_dagster_definitions_validate(tmp_path):

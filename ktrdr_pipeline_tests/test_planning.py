@@ -537,3 +537,74 @@ def test_intraday_greedy_on_synthetic_intervals(bar_size, shape, unit):
     for r in plan:
         assert parse_duration(r.duration).span <= limit
         assert r.end - r.span <= r.covers[0] < r.covers[1] == r.end
+
+
+# --- several ranges: scattered gaps share requests ------------------------------------------
+
+
+@st.composite
+def range_sets(draw):
+    profile: HoursProfile = draw(PROFILES)
+    bar_size = draw(st.sampled_from(["5 secs", "1 min", "5 mins", "1 hour", "1 day"]))
+    use_rth = draw(st.booleans())
+    t = draw(st.datetimes(min_value=datetime(2010, 1, 1), max_value=datetime(2022, 12, 31),
+                          timezones=st.just(UTC)))
+    unit = MAX_DURATION[bar_size]
+    ranges = []
+    for _ in range(draw(st.integers(1, 12))):
+        t += unit * draw(st.floats(0.0, 1.5)) + timedelta(seconds=draw(st.integers(1, 600)))
+        end = t + unit * draw(st.floats(0.001, 0.8)) + timedelta(seconds=1)
+        ranges.append((t, end))
+        t = end
+    return profile, bar_size, use_rth, ranges
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(range_sets())
+def test_plan_ranges_covers_every_range_with_no_more_requests(case):
+    from ktrdr_pipeline.planning import plan_ranges
+
+    profile, bar_size, use_rth, ranges = case
+    plan = plan_ranges(profile, bar_size, ranges, "MIDPOINT", use_rth)
+    separate = [plan_requests(profile, bar_size, a, b, "MIDPOINT", use_rth) for a, b in ranges]
+    assert len(plan) <= sum(len(p) for p in separate)
+    covers = [r.covers for r in plan]
+    assert covers == sorted(covers)
+    assert all(a[1] <= b[0] for a, b in zip(covers, covers[1:], strict=False)), "overlap"
+    for r in plan:
+        assert r.span <= MAX_DURATION[bar_size] or is_daily_or_larger(bar_size)
+        assert r.end - r.span <= r.covers[0]
+    # every trading second of every range lies in some request's covers
+    covered = merge(covers)
+    for a, b in ranges:
+        for lo, hi in trading_intervals(profile, a, b, use_rth):
+            assert any(c0 <= lo and hi <= c1 for c0, c1 in covered), (lo, hi)
+
+
+def test_plan_ranges_puts_a_days_scattered_minutes_in_one_request():
+    from ktrdr_pipeline.planning import plan_ranges
+
+    day = utc(2025, 6, 10, 13, 30)
+    holes = [(day + timedelta(minutes=m), day + timedelta(minutes=m + 1))
+             for m in (3, 17, 18, 90, 200, 387)]
+    plan = plan_ranges(STOCK, "1 min", holes, "TRADES", True)
+    assert len(plan) == 1 and plan[0].covers[0] <= holes[0][0]
+    assert plan[0].covers[1] >= holes[-1][1]
+    # a week apart they stay separate requests
+    apart = [holes[0], (holes[0][0] + timedelta(days=7), holes[0][1] + timedelta(days=7))]
+    assert len(plan_ranges(STOCK, "1 min", apart, "TRADES", True)) == 2
+
+
+def test_runs_of_expected_bars_round_trip():
+    from ktrdr_pipeline.gaps import in_runs, runs_of, runs_outside
+
+    starts = np.arange(0, 600, 60, dtype=np.int64) + 1_000_000
+    ends = starts + 60
+    flags = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=bool)
+    runs = runs_of(starts, ends, flags)
+    assert runs == [(1_000_060, 1_000_180), (1_000_240, 1_000_300), (1_000_420, 1_000_600)]
+    assert (in_runs(starts, runs) == flags).all()
+    assert not in_runs(np.array([999_999, 1_000_600]), runs).any()
+    assert runs_outside(runs, 1_000_100, 1_000_450) == [(1_000_060, 1_000_100),
+                                                        (1_000_450, 1_000_600)]
+    assert runs_of(starts, ends, np.zeros(10, bool)) == [] and not in_runs(starts, []).any()

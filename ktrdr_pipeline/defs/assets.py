@@ -50,6 +50,8 @@ def _metadata(results: list[PartitionResult]) -> dict[str, object]:
         "bars_fetched": sum(r.fetched_bars for r in results),
         "gaps_found": sum(r.gaps_found for r in results),
         "gaps_filled": sum(r.gaps_filled for r in results),
+        # expected bars IB answered without (nothing traded): not asked for again
+        "known_empty_bars": sum(r.known_empty_bars for r in results),
         "use_rth": results[0].use_rth if results else True,
         "what_to_show": results[0].what_to_show if results else "",
     }
