@@ -123,7 +123,6 @@ def _bar_jobs(names: tuple[str, ...]) -> tuple:
     return tuple(
         dg.define_asset_job(bar_job_name(tf.name),
                             selection=dg.AssetSelection.assets(f"bars_{tf.name}"),
-                            partitions_def=bar_partitions(tf),
                             tags={"ktrdr/timeframe": tf.name})
         for tf in (get_timeframe(n) for n in names)
     )
