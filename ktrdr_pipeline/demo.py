@@ -19,22 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from .gateway.server import GatewayServer
+from .services import GraphQL, Processes, bin_path, free_port, port_free
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,92 +67,8 @@ STATUS = """query Backfill($id: String!) {
     __typename ... on PartitionBackfill { status numPartitions }
   }
 }"""
-LOCATION = """query { workspaceOrError { __typename ... on Workspace { locationEntries {
-  name loadStatus locationOrLoadError { __typename } } } } }"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-class GraphQL:
-    def __init__(self, port: int):
-        self.url = f"http://127.0.0.1:{port}/graphql"
-
-    def __call__(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = json.dumps({"query": query, "variables": variables or {}}).encode()
-        req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            data = json.loads(resp.read())
-        if data.get("errors"):
-            raise RuntimeError(f"GraphQL error: {data['errors']}")
-        return data["data"]
-
-    def wait_ready(self, timeout_s: float, alive) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not alive():
-                raise RuntimeError("dagster-webserver exited during start-up")
-            try:
-                entries = self(LOCATION)["workspaceOrError"]["locationEntries"]
-                if entries and all(e["loadStatus"] == "LOADED" for e in entries):
-                    bad = [e for e in entries
-                           if e["locationOrLoadError"]["__typename"] != "RepositoryLocation"]
-                    if bad:
-                        raise RuntimeError(f"the code location failed to load: {bad}")
-                    return
-            except (urllib.error.URLError, ConnectionError, OSError, KeyError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"dagster-webserver did not come up within {timeout_s:.0f}s")
-
-
-class Processes:
-    """Child processes, each in its own process group, stopped together."""
-
-    def __init__(self, log_dir: Path):
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        out.close()
-        self.procs[name] = proc
-        return proc
-
-    def stop(self, timeout_s: float = 20) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-
-
 def _bin(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else (shutil.which(name) or name)
+    return bin_path(name) or name
 
 
 def prepare_home(data_dir: Path) -> Path:
@@ -242,7 +153,9 @@ async def run_demo(settings: Settings, out: TextIO = sys.stdout, forever: bool =
     finally:
         out.write("stopping the webserver, the daemon and the simulator...\n")
         out.flush()
-        await asyncio.to_thread(procs.stop)
+        left = await asyncio.to_thread(procs.stop)
+        if left:
+            log.warning("killed what outlived SIGTERM: %s", left)
         await gw.stop()
         out.write("stopped\n")
         out.flush()

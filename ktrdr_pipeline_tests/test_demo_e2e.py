@@ -14,14 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .test_e2e_dagster import (
-    BACKFILL_STATUS,
-    CHECK_EXECUTIONS,
-    MATERIALIZATIONS,
-    GraphQL,
-    _free_port,
-    _port_open,
-)
+from ktrdr_pipeline.services import GraphQL, free_port, port_open
+
+from .test_e2e_dagster import BACKFILL_STATUS, CHECK_EXECUTIONS, MATERIALIZATIONS
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -42,7 +37,7 @@ def _processes_mentioning(text: str) -> list[str]:
 @pytest.mark.slow
 def test_demo_command_backfills_and_stops_cleanly(tmp_path):
     data_dir = tmp_path / "demo-data"
-    ib_port, ui_port = _free_port(), _free_port()
+    ib_port, ui_port = free_port(), free_port()
     env = {**os.environ, "KTRDR_DATA_DIR": str(data_dir), "IB_PORT": str(ib_port),
            "KTRDR_RESET_WINDOW": "off", "PYTHONUNBUFFERED": "1"}
     env.pop("DAGSTER_HOME", None)
@@ -86,7 +81,7 @@ def test_demo_command_backfills_and_stops_cleanly(tmp_path):
         assert "stopped" in rest
         time.sleep(1)
         assert not _processes_mentioning(str(data_dir)), _processes_mentioning(str(data_dir))
-        assert not _port_open(ui_port) and not _port_open(ib_port)
+        assert not port_open(ui_port) and not port_open(ib_port)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -9,19 +9,16 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+
+from ktrdr_pipeline.services import GraphQL, Processes, bin_path, free_port, port_open
 
 REPO = Path(__file__).resolve().parents[1]
 #: The simulator's clock: Wednesday 2026-11-18, 10:00 US/Eastern.
@@ -56,99 +53,10 @@ def _multi_key(symbol: str, period: str) -> str:
 
 
 def _bin(name: str) -> str:
-    exe = Path(sys.executable).parent / name
-    if exe.exists():
-        return str(exe)
-    found = shutil.which(name)
+    found = bin_path(name)
     if not found:
         pytest.skip(f"{name} is not installed")
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    if not path.exists():
-        return f"({path.name}: no output)"
-    text = path.read_text(errors="replace").splitlines()[-lines:]
-    return f"--- {path.name} (last {len(text)} lines) ---\n" + "\n".join(text)
-
-
-class Processes:
-    """Every process the test starts, each in its own session (process group)."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str],
-              stdout_pipe: bool = False) -> subprocess.Popen:
-        out = subprocess.PIPE if stdout_pipe else (self.logs / f"{name}.log").open("wb")
-        err = (self.logs / f"{name}.err.log").open("wb") if stdout_pipe else subprocess.STDOUT
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs.append((name, proc))
-        return proc
-
-    def tails(self) -> str:
-        return "\n".join(_tail(p) for p in sorted(self.logs.glob("*.log")))
-
-    def group_members(self) -> dict[str, list[int]]:
-        """Live (non-zombie) processes in each started process group, from /proc."""
-        pgids = {proc.pid: name for name, proc in self.procs}
-        live: dict[str, list[int]] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            state, pgrp = fields[0], int(fields[2])
-            if pgrp in pgids and state != "Z":
-                live.setdefault(pgids[pgrp], []).append(int(stat.parent.name))
-        return live
-
-    def stop(self, timeout: float = 30) -> dict[str, list[int]]:
-        """SIGTERM every group (the daemon and webserver shut their code servers and run
-        workers down), wait, then SIGKILL what is left. Returns what SIGTERM left alive."""
-        for _, proc in reversed(self.procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
-        leftovers = self.group_members() if Path("/proc").is_dir() else {}
-        while leftovers and time.monotonic() < deadline:
-            time.sleep(0.5)
-            leftovers = self.group_members()
-        for _, proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            if proc.stdout:
-                proc.stdout.close()
-        return leftovers
 
 
 def _read_first_line(proc: subprocess.Popen, timeout: float) -> str:
@@ -158,30 +66,6 @@ def _read_first_line(proc: subprocess.Popen, timeout: float) -> str:
         raise AssertionError(f"no output from the gateway within {timeout}s")
     return proc.stdout.readline().decode().strip()
 
-
-class GraphQL:
-    def __init__(self, port: int):
-        self.url = f"http://127.0.0.1:{port}/graphql"
-
-    def __call__(self, query: str, variables: dict | None = None, timeout: float = 30) -> dict:
-        body = json.dumps({"query": query, "variables": variables or {}}).encode()
-        req = urllib.request.Request(self.url, data=body,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                payload = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:  # GraphQL validation errors come as 400
-            raise AssertionError(f"GraphQL {exc.code}: {exc.read().decode()[:2000]}") from None
-        assert not payload.get("errors"), payload["errors"]
-        return payload["data"]
-
-
-WORKSPACE_QUERY = """
-{ workspaceOrError { __typename
-    ... on Workspace { locationEntries { name loadStatus
-        locationOrLoadError { __typename ... on PythonError { message } } } }
-    ... on PythonError { message } } }
-"""
 
 LAUNCH_BACKFILL = """
 mutation Launch($params: LaunchBackfillParams!) {
@@ -260,22 +144,10 @@ query Checks($key: AssetKeyInput!, $name: String!) {
 
 
 def _wait_for_location(gql: GraphQL, procs: Processes, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            data = gql(WORKSPACE_QUERY, timeout=5)["workspaceOrError"]
-            entries = data.get("locationEntries") or []
-            last = entries or data
-            if entries and all(e["loadStatus"] == "LOADED" for e in entries):
-                errors = [e for e in entries
-                          if e["locationOrLoadError"]["__typename"] != "RepositoryLocation"]
-                assert not errors, f"code location failed to load: {errors}\n{procs.tails()}"
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
-            last = exc
-        time.sleep(0.5)
-    raise AssertionError(f"webserver not ready after {timeout}s ({last!r})\n{procs.tails()}")
+    try:
+        gql.wait_ready(timeout)
+    except RuntimeError as exc:
+        raise AssertionError(f"{exc}\n{procs.tails()}") from None
 
 
 def _stop_automation(gql: GraphQL) -> list[str]:
@@ -353,8 +225,8 @@ def test_backfill_over_graphql_with_webserver_and_daemon(tmp_path):
     home.mkdir()
     (home / "dagster.yaml").write_text(DAGSTER_YAML)
     data_dir = tmp_path / "data"
-    web_port = _free_port()
-    procs = Processes(logs)
+    web_port = free_port()
+    procs = Processes(logs, cwd=REPO)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -473,6 +345,6 @@ def test_backfill_over_graphql_with_webserver_and_daemon(tmp_path):
         leftovers = procs.stop()
         tails = procs.tails()
     assert not leftovers, f"processes survived SIGTERM: {leftovers}\n{tails}"
-    assert not _port_open(web_port), "the webserver's port is still open"
+    assert not port_open(web_port), "the webserver's port is still open"
     if ib_port is not None:
-        assert not _port_open(ib_port), "the gateway's port is still open"
+        assert not port_open(ib_port), "the gateway's port is still open"

@@ -1,0 +1,54 @@
+"""Child-process handling shared by the demo and the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from ktrdr_pipeline.services import GraphQL, Processes, free_port, port_free, port_open
+
+#: A child that starts a grandchild ignoring SIGTERM in the same process group.
+STUBBORN = """
+import signal, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c",
+                  "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "print('grandchild', flush=True); time.sleep(60)"])
+print('child', flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_stop_reports_and_kills_what_outlives_sigterm(tmp_path: Path) -> None:
+    procs = Processes(tmp_path)
+    polite = procs.start("polite", [sys.executable, "-c", "import time; time.sleep(60)"],
+                         dict(os.environ))
+    stubborn = procs.start("stubborn", [sys.executable, "-u", "-c", STUBBORN],
+                           dict(os.environ), stdout_pipe=True)
+    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"child\n"
+    assert stubborn.stdout.readline() == b"grandchild\n"
+    assert set(procs.group_members()) == {"polite", "stubborn"}
+    left = procs.stop(timeout_s=2)
+    assert list(left) == ["stubborn"] and len(left["stubborn"]) == 1  # the grandchild
+    assert procs.group_members() == {}  # killed afterwards
+    assert polite.returncode is not None and stubborn.returncode is not None
+
+
+def test_ports() -> None:
+    port = free_port()
+    assert port_free(port) and not port_open(port)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        assert port_open(port) and not port_free(port)
+
+
+def test_graphql_wait_ready_gives_up_clearly() -> None:
+    with pytest.raises(RuntimeError, match="exited during start-up"):
+        GraphQL(free_port()).wait_ready(5, alive=lambda: False)
+    with pytest.raises(RuntimeError, match="not ready after 1 s"):
+        GraphQL(free_port()).wait_ready(1)
