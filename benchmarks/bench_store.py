@@ -1,9 +1,9 @@
 """Bar store benchmark: Parquet + DuckDB against the original one-CSV-per-series design.
 
-Data: 1-minute RTH bars of 20 stocks over two calendar years (2024-2025, about 500 NYSE
-sessions, ~3.9 M rows), generated with the simulator's :class:`MarketModel` session by
-session (the default universe's six stocks plus synthetic ones made with
-``dataclasses.replace``). Both contenders hold the same frames:
+Data: 1-minute RTH TRADES bars of 20 stocks over two calendar years (2024-2025, about 500
+NYSE sessions, ~3.8 M rows), generated with the simulator's :class:`MarketModel` session by
+session (the default universe's seven stocks, the thin ILLQ among them, plus synthetic ones
+made with ``dataclasses.replace``). Both contenders hold the same frames:
 
 - **CSV** (the original design): one file per symbol and timeframe,
   ``<SYMBOL>_1m.csv``, columns ts,open,high,low,close,volume,wap,bar_count, as written by
@@ -111,7 +111,8 @@ def instruments(count: int) -> list[Instrument]:
 
 
 def minute_frame(model: MarketModel, inst: Instrument) -> pd.DataFrame:
-    """RTH 1-minute bars of ``inst`` over [FIRST_DAY, LAST_DAY], one session at a time."""
+    """RTH 1-minute TRADES bars of ``inst`` over [FIRST_DAY, LAST_DAY], one session at a
+    time."""
     sch = calendars.schedule(inst.profile.name)
     i = int(np.searchsorted(sch.dates, np.datetime64(FIRST_DAY, "D"), side="left"))
     j = int(np.searchsorted(sch.dates, np.datetime64(LAST_DAY, "D"), side="right"))
@@ -119,6 +120,7 @@ def minute_frame(model: MarketModel, inst: Instrument) -> pd.DataFrame:
     for idx in range(i, j):
         block = model.session_minutes(inst, idx)
         keep = (block[:, T] >= sch.rth_open[idx]) & (block[:, T] < sch.rth_close[idx])
+        keep &= block[:, V] > 0  # TRADES bars: a minute without a trade has none
         blocks.append(block[keep])
     b = np.concatenate(blocks)
     index = pd.DatetimeIndex(
