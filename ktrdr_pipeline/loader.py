@@ -269,9 +269,11 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     new_partial = _partial_start(merged, exp_start)
     merged_s = merged.index.asi8 // 10**9
     present = np.isin(exp_start, merged_s)
-    # every missing expected bar was in a segment, and every request was answered: what is
-    # still missing and had long closed, IB does not have
-    settled = exp_end <= int((now - HOLE_SETTLE).timestamp())
+    # every request was answered: a bar one of them covered that is still missing and had
+    # long closed, IB does not have (bars no request covered — older than IB keeps, say —
+    # stay missing)
+    settled = _asked(plan, exp_start, exp_end, tf) & (
+        exp_end <= int((now - HOLE_SETTLE).timestamp()))
     known_empty = (known_empty | settled) & ~present
     result.known_empty_bars = int(known_empty.sum())
     runs = sorted(gaps.runs_outside(old_runs, lo_s, hi_s)
@@ -292,6 +294,17 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     result.bars_written = len(merged)
     _finish(result, merged)
     return result
+
+
+def _asked(plan: list, exp_start: np.ndarray, exp_end: np.ndarray,
+           tf: Timeframe) -> np.ndarray:
+    """Which expected bars a request of ``plan`` covered: an intraday bar by its start, a
+    daily or larger one (keyed by session date) by its session's close."""
+    covers = sorted((int(r.covers[0].timestamp()), math.ceil(r.covers[1].timestamp()))
+                    for r in plan)
+    if tf.is_daily_or_larger:  # close in (c0, c1]
+        return gaps.in_runs(exp_end - 1, covers)
+    return gaps.in_runs(exp_start, covers)
 
 
 def _segment_resolved(seg: gaps.Segment, exp_start: np.ndarray, resolved: np.ndarray,

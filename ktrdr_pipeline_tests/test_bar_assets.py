@@ -334,3 +334,24 @@ def test_backfill_mode_ranges_and_symbols_commands(env, tmp_path):
     assert symbols("list").stdout.split() == ["AAPL", "EURUSD"]
     assert json.loads(symbols("remove", "AAPL").stdout) == {"removed": ["AAPL"]}
     assert symbols("list").stdout.split() == ["EURUSD"]
+
+
+def test_thin_stock_second_bars_and_what_ib_no_longer_keeps(env):
+    gw, _, _, data_dir, audit_path = env
+    inst = gw.server.universe.by_symbol("ILLQ", "STK")[0]
+    # yesterday's 5-second bars: most seconds see no trade; asked for once
+    first = _load(gw, data_dir, "ILLQ", "5s", "2026-11-17")
+    start, end = get_timeframe("5s").period_bounds("2026-11-17")
+    traded = gw.server.market.bars(inst, "5 secs", start, end, True, MARKET_OPEN, trades=True)
+    stored = BarStore(data_dir).read("5s", "ILLQ", "2026-11-17")
+    np.testing.assert_array_equal(stored.index.asi8 // 10**9, traded[:, T].astype(np.int64))
+    assert first.known_empty_bars == 390 * 12 - len(traded) > 0
+    assert first.ib_requests_made == 4  # 6.5 hours in 2-hour requests
+    before = len(_requests(audit_path))
+    again = _load(gw, data_dir, "ILLQ", "5s", "2026-11-17")
+    assert again.ib_requests_made == 0 and len(_requests(audit_path)) == before
+    # IB keeps no 5-second bars older than about six months: nothing is asked for, and the
+    # bars are not taken for "IB answered without" either — they stay missing
+    old = _load(gw, data_dir, "ILLQ", "5s", "2026-03-02")
+    assert old.ib_requests_made == 0 and old.known_empty_bars == 0 and old.rows == 0
+    assert old.missing_bars == 390 * 12
