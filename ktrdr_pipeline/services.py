@@ -132,6 +132,10 @@ class Processes:
                 proc.wait(timeout=10)
             if proc.stdout:
                 proc.stdout.close()
+        # SIGKILL is delivered asynchronously: return once the groups are really gone
+        settle = time.monotonic() + 5
+        while procfs and self.group_members() and time.monotonic() < settle:
+            time.sleep(0.05)
         return leftovers
 
 
