@@ -10,6 +10,7 @@ but never counted as a gap.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -109,49 +110,53 @@ def _expected_daily(sessions, bar_size: str, lo: int, hi: int, head_s: int | Non
 
 
 def missing_segments(expected_starts: np.ndarray, expected_ends: np.ndarray,
-                     stored_starts: np.ndarray) -> list[Segment]:
-    """Runs of expected bars absent from ``stored_starts`` (epoch seconds), as segments.
+                     stored_starts: np.ndarray, known_empty: Runs = ()) -> list[Segment]:
+    """Runs of expected bars absent from ``stored_starts`` (epoch seconds), as segments;
+    bars inside ``known_empty`` (IB has none) count as present.
 
     Consecutive missing bars form one segment even across a closed period between them
     (the planner skips the closed hours); a stored bar between two missing ones splits
     them."""
-    if len(expected_starts) == 0:
-        return []
-    present = np.isin(expected_starts, stored_starts)
-    missing = np.flatnonzero(~present)
-    if len(missing) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(missing) != 1)
-    run_starts = np.r_[missing[0], missing[breaks + 1]]
-    run_ends = np.r_[missing[breaks], missing[-1]]
+    missing = ~present(expected_starts, stored_starts, known_empty)
     return [
         Segment(datetime.fromtimestamp(int(expected_starts[a]), UTC),
                 datetime.fromtimestamp(int(expected_ends[b]), UTC), int(b - a + 1))
-        for a, b in zip(run_starts, run_ends, strict=True)
+        for a, b in _consecutive(missing)
     ]
 
 
-#: [start, end) epoch spans of consecutive expected bars, sorted and disjoint.
-Runs = list[tuple[int, int]]
+def present(expected_starts: np.ndarray, stored_starts: np.ndarray,
+            known_empty: Runs = ()) -> np.ndarray:
+    """Which expected bars are stored or known to have no bar at IB."""
+    return np.isin(expected_starts, stored_starts) | in_runs(expected_starts, known_empty)
 
 
-def runs_of(expected_starts: np.ndarray, expected_ends: np.ndarray, flags: np.ndarray) -> Runs:
-    """The flagged expected bars as [start, end) spans of consecutive ones (compact enough
-    to keep in a partition's metadata)."""
+def _consecutive(flags: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) index of every run of consecutive true ``flags``."""
     idx = np.flatnonzero(flags)
     if len(idx) == 0:
         return []
     breaks = np.flatnonzero(np.diff(idx) != 1)
     firsts = np.r_[idx[0], idx[breaks + 1]]
     lasts = np.r_[idx[breaks], idx[-1]]
-    return [(int(expected_starts[a]), int(expected_ends[b]))
-            for a, b in zip(firsts, lasts, strict=True)]
+    return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
+
+
+#: [start, end) epoch spans of consecutive expected bars, sorted and disjoint.
+Runs = Sequence[tuple[int, int]]
+
+
+def runs_of(expected_starts: np.ndarray, expected_ends: np.ndarray,
+            flags: np.ndarray) -> list[tuple[int, int]]:
+    """The flagged expected bars as [start, end) spans of consecutive ones (compact enough
+    to keep in a partition's metadata)."""
+    return [(int(expected_starts[a]), int(expected_ends[b])) for a, b in _consecutive(flags)]
 
 
 def in_runs(starts: np.ndarray, runs: Runs) -> np.ndarray:
     """Which bar ``starts`` (epoch seconds) lie inside one of ``runs``."""
     out = np.zeros(len(starts), dtype=bool)
-    if not runs or len(starts) == 0:
+    if len(runs) == 0 or len(starts) == 0:
         return out
     spans = np.asarray(runs, dtype=np.int64)
     k = np.searchsorted(spans[:, 0], starts, side="right") - 1
@@ -160,9 +165,9 @@ def in_runs(starts: np.ndarray, runs: Runs) -> np.ndarray:
     return out
 
 
-def runs_outside(runs: Runs, lo: int, hi: int) -> Runs:
+def runs_outside(runs: Runs, lo: int, hi: int) -> list[tuple[int, int]]:
     """The parts of ``runs`` outside [lo, hi)."""
-    out: Runs = []
+    out: list[tuple[int, int]] = []
     for a, b in runs:
         if a < lo:
             out.append((a, min(b, lo)))

@@ -138,7 +138,7 @@ def stored_partial_from(meta: dict[str, Any] | None) -> int | None:
     return int(raw) if raw not in (None, "", "None") else None
 
 
-def stored_empty_runs(meta: dict[str, Any] | None) -> gaps.Runs:
+def stored_empty_runs(meta: dict[str, Any] | None) -> list[tuple[int, int]]:
     """The spans of expected bars IB answered without a bar (see the module docstring)."""
     raw = (meta or {}).get("empty_runs") or []
     return sorted((int(a), int(b)) for a, b in raw)
@@ -153,8 +153,7 @@ def stored_asked_until(meta: dict[str, Any] | None) -> int | None:
 def expected_but_missing(exp_start: np.ndarray, stored_starts: np.ndarray,
                          meta: dict[str, Any] | None) -> np.ndarray:
     """Which expected bars are neither stored nor known to be empty at IB."""
-    return ~np.isin(exp_start, stored_starts) & ~gaps.in_runs(exp_start,
-                                                              stored_empty_runs(meta))
+    return ~gaps.present(exp_start, stored_starts, stored_empty_runs(meta))
 
 
 def newest_unasked(exp_start: np.ndarray, exp_end: np.ndarray, stored_starts: np.ndarray,
@@ -225,10 +224,10 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     if partial_from is not None and mode != "full":
         stored_s = stored_s[stored_s < partial_from]  # a stored partial bar is a gap
     lo_s, hi_s = int(p_start.timestamp()), math.ceil(p_end.timestamp())
-    old_runs = stored_empty_runs(meta)  # full mode asks again for the window's
-    known_empty = gaps.in_runs(exp_start, [] if mode == "full" else old_runs)
-    segments = gaps.missing_segments(exp_start, exp_end,
-                                     np.concatenate([stored_s, exp_start[known_empty]]))
+    old_runs = stored_empty_runs(meta)
+    trusted_runs = [] if mode == "full" else old_runs  # full mode asks again
+    known_empty = gaps.in_runs(exp_start, trusted_runs)
+    segments = gaps.missing_segments(exp_start, exp_end, stored_s, trusted_runs)
     tail_partial = _in_progress_bar_missing(tf, exp_end, p_start, p_end, now, profile,
                                             use_rth, head)
     if tail_partial is not None:

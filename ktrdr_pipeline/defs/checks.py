@@ -116,8 +116,9 @@ def _calendar_gaps(view: PartitionView) -> dg.AssetCheckResult:
     exp_s, exp_e = gaps.expected_bars(view.profile, tf.bar_size, start, end, view.use_rth,
                                       head=view.head, now=now)
     stored = view.frame.index.asi8 // 10**9 if len(view.frame) else np.empty(0, np.int64)
-    known_empty = gaps.in_runs(exp_s, stored_empty_runs(view.meta))
-    segments = gaps.missing_segments(exp_s, exp_e, np.concatenate([stored, exp_s[known_empty]]))
+    empty_runs = stored_empty_runs(view.meta)
+    known_empty = gaps.in_runs(exp_s, empty_runs)
+    segments = gaps.missing_segments(exp_s, exp_e, stored, empty_runs)
     missing_sessions = sorted({
         s.date.isoformat()
         for seg in segments
