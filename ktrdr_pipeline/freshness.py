@@ -3,8 +3,9 @@
 A partition is stale when its stored bars end before the last *completed* bar IB should
 have for the instrument (per its exchange calendar) and IB has not been asked for that bar
 since it closed: a closed market or a holiday is not stale, and neither is a thin
-instrument's minute without a trade (asked for, no bar, see :mod:`ktrdr_pipeline.loader`). The contract facts come from the resolver's cache; a symbol never loaded is stale
-from the start (its current period needs an initial load).
+instrument's minute without a trade (asked for, no bar, see :mod:`ktrdr_pipeline.loader`).
+The contract facts come from the resolver's cache; a symbol never loaded is stale from the
+start (its current period needs an initial load).
 """
 
 from __future__ import annotations

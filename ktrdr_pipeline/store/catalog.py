@@ -75,6 +75,7 @@ import duckdb
 
 from ..ib.contracts import STORAGE_KEY_PATTERN
 from ..timeframes import TIMEFRAMES, Timeframe, enabled_timeframes
+from .parquet import BarStore
 
 log = logging.getLogger(__name__)
 
@@ -468,8 +469,6 @@ def _query_error(exc: duckdb.Error, data_dir: Path) -> QueryError:
     found = _NOTHING_STORED.search(text)
     if found:
         tf, symbol = found.groups()
-        from .parquet import BarStore
-
         stored = BarStore(data_dir).symbols(tf)
         return QueryError(
             f"{SYMBOL_BARS}: no {tf} bars stored for symbol {symbol!r}; symbols with {tf} "
