@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from . import calendars, gaps
 from .ib.contracts import JsonCache
@@ -42,6 +44,24 @@ def recent_expected_bars(profile: calendars.HoursProfile, tf: Timeframe, use_rth
     return gaps.expected_bars(profile, tf.bar_size, now - lookback, now, use_rth, now=now)
 
 
+def completed_starts(frame: pd.DataFrame, meta: dict[str, Any] | None) -> np.ndarray:
+    """Starts (epoch seconds) of the stored bars that had closed when fetched: the bar
+    still in progress then does not count."""
+    stored = frame.index.asi8 // 10**9 if len(frame) else np.empty(0, np.int64)
+    partial = stored_partial_from(meta)
+    return stored[stored < partial] if partial is not None else stored
+
+
+def behind(completed: np.ndarray, meta: dict[str, Any] | None, exp_start: np.ndarray,
+           exp_end: np.ndarray) -> bool:
+    """Whether a partition lacks a closed bar (``exp_start``/``exp_end``: the bars its
+    period should have by now; ``completed``: :func:`completed_starts`) that IB has not
+    been asked for since it closed."""
+    if not len(exp_start) or (len(completed) and completed[-1] >= exp_start[-1]):
+        return False
+    return newest_unasked(exp_start, exp_end, completed, meta) is not None
+
+
 def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timeframe],
                      now: datetime, rth_overrides: dict[str, bool] | None = None,
                      wants=lambda symbol, tf: True) -> list[StalePartition]:
@@ -67,15 +87,8 @@ def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timefr
             inside = (starts >= lo.timestamp()) & (starts < hi.timestamp())
             frame = store.read(tf.name, symbol, period)
             meta = store.read_meta(tf.name, symbol, period)
-            partial = stored_partial_from(meta)
-            stored = frame.index
-            if partial is not None:
-                stored = stored[stored.asi8 // 10**9 < partial]
-            last = stored[-1].to_pydatetime() if len(stored) else None
-            if last is not None and last >= expected:
-                continue
-            if meta is not None and newest_unasked(starts[inside], ends[inside],
-                                                   stored.asi8 // 10**9, meta) is None:
-                continue  # IB was asked after every missing bar closed: it has none
-            out.append(StalePartition(tf.name, symbol, period, expected, last))
+            done = completed_starts(frame, meta)
+            if behind(done, meta, starts[inside], ends[inside]):
+                last = datetime.fromtimestamp(int(done[-1]), UTC) if len(done) else None
+                out.append(StalePartition(tf.name, symbol, period, expected, last))
     return out

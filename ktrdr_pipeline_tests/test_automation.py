@@ -117,3 +117,27 @@ def test_daily_schedule_skips_holidays(setup):
                                     resources=resources)
     request = daily_tail_fill(ctx)
     assert isinstance(request, dg.RunRequest) and "2026-11-27" in request.run_key
+
+
+def test_sensor_and_fresh_check_share_one_test_of_behind():
+    """The stored bar in progress does not make a partition current once it has closed;
+    a missing bar IB was asked for after it closed does not make it behind."""
+    import numpy as np
+    import pandas as pd
+
+    from ktrdr_pipeline.freshness import behind, completed_starts
+
+    t0 = 1_763_478_000  # 2025-11-18 15:00 UTC
+    starts = np.arange(t0, t0 + 5 * 60, 60, dtype=np.int64)
+    ends = starts + 60
+    index = pd.DatetimeIndex(pd.to_datetime(starts, unit="s", utc=True), name="ts").as_unit("ns")
+    frame = pd.DataFrame({"close": np.arange(5.0)}, index=index)
+    # the last bar was fetched while in progress, and it has closed since
+    meta = {"partial_from": str(int(starts[-1])), "asked_until": int(starts[-1]) + 30}
+    done = completed_starts(frame, meta)
+    assert list(done) == list(starts[:-1])
+    assert behind(done, meta, starts, ends)
+    # fetched again after it closed: IB returned nothing newer (a minute without a trade)
+    assert not behind(done, {**meta, "asked_until": int(ends[-1])}, starts, ends)
+    assert not behind(completed_starts(frame, {}), {}, starts, ends)
+    assert behind(completed_starts(frame.iloc[:0], None), None, starts, ends)

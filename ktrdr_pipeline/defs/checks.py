@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from .. import calendars, gaps
+from ..freshness import behind, completed_starts
 from ..ib.contracts import JsonCache
-from ..loader import default_use_rth, newest_unasked, stored_empty_runs
+from ..loader import default_use_rth, stored_empty_runs
 from ..settings import pipeline_now
 from ..store.parquet import BarStore
 from ..store.schema import duplicate_or_unsorted, ohlc_violations, session_violations
@@ -144,10 +145,9 @@ def _fresh(view: PartitionView) -> dg.AssetCheckResult:
                                       head=view.head, now=now)
     last_expected = datetime.fromtimestamp(int(exp_s[-1]), UTC) if len(exp_s) else None
     last_stored = view.frame.index[-1].to_pydatetime() if len(view.frame) else None
-    stored = view.frame.index.asi8 // 10**9 if len(view.frame) else np.empty(0, np.int64)
-    # behind only when a missing bar closed after IB was last asked (a thin instrument's
-    # minute without a trade was asked for and has no bar)
-    ok = newest_unasked(exp_s, exp_e, stored, view.meta) is None
+    # the same test as the tail-fill sensor's: behind only when a missing bar closed after
+    # IB was last asked (a thin instrument's minute without a trade has no bar)
+    ok = not behind(completed_starts(view.frame, view.meta), view.meta, exp_s, exp_e)
     return dg.AssetCheckResult(
         passed=ok, severity=dg.AssetCheckSeverity.WARN,
         metadata={"last_expected_bar": str(last_expected), "last_stored_bar": str(last_stored)})
