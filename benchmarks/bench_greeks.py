@@ -106,17 +106,10 @@ def schedule_run_config(env: dict[str, str], tick: datetime) -> dict[str, Any]:
 
     from ktrdr_pipeline.defs.greeks import SCHEDULE_NAME, greeks_definitions
 
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        defs = greeks_definitions(standalone=True)
-        sched = defs.resolve_schedule_def(SCHEDULE_NAME)
-        result = sched.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick))
-        (request,) = result.run_requests
-        return dict(request.run_config)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    sched = greeks_definitions(env, standalone=True).resolve_schedule_def(SCHEDULE_NAME)
+    result = sched.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick))
+    (request,) = result.run_requests
+    return dict(request.run_config)
 
 
 def measure(db_path: Path, start: datetime, end: datetime, interval: float) -> dict[str, Any]:

@@ -83,6 +83,12 @@ def test_schedule_is_configurable(tmp_path):
     sched = _defs(env).resolve_schedule_def(SCHEDULE_NAME)
     assert sched.cron_schedule == "*/5 8-17 * * *"
     assert sched.execution_timezone == "Europe/London"
+    # the run lasts until the next tick of this schedule, not of the process's environment
+    tick = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+    result = sched.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick))
+    (request,) = result.run_requests
+    until = datetime.fromisoformat(request.run_config["ops"][ASSET_NAME]["config"]["until"])
+    assert until == datetime(2026, 11, 21, 12, 5, 30, tzinfo=UTC)  # + the default 30 s
 
 
 def test_scheduled_run_snapshots_until_the_next_tick(monkeypatch, tmp_path, dagster_instance):

@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from ..greeks.config import GreeksConfig, schedule_settings
-from ..greeks.cron import CronSchedule
 from ..greeks.health import check_freshness
 from ..greeks.runner import run_snapshots
 from .resources import KtrdrSettings
@@ -101,8 +100,7 @@ def run_config_for_tick(scheduled: datetime,
                         env: Mapping[str, str] | None = None) -> dict[str, object]:
     """The run config the schedule gives the run of tick ``scheduled``."""
     cfg = GreeksConfig.from_env(env)
-    until = CronSchedule(cfg.schedule_cron, cfg.schedule_timezone).run_end(
-        scheduled, cfg.run_overlap)
+    until = cfg.schedule().run_end(scheduled, cfg.run_overlap)
     return {"ops": {ASSET_NAME: {"config": {"until": until.isoformat(),
                                             "scheduled": scheduled.isoformat()}}}}
 
@@ -123,7 +121,7 @@ def build_schedule(env: Mapping[str, str] | None = None) -> dg.ScheduleDefinitio
         scheduled = context.scheduled_execution_time or datetime.now(UTC)
         if scheduled.tzinfo is None:
             scheduled = scheduled.replace(tzinfo=UTC)
-        run_config = run_config_for_tick(scheduled)
+        run_config = run_config_for_tick(scheduled, env)
         return dg.RunRequest(run_config=run_config,
                              tags={"ktrdr/greeks_until":
                                    run_config["ops"][ASSET_NAME]["config"]["until"]})
