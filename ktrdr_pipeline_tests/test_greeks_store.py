@@ -244,3 +244,13 @@ def test_unavailable_directory_buffers(tmp_path):
     time.sleep(0.15)
     assert store.write_snapshot(snap(1)) == "written"
     assert ticks(store.db_path) == [snap(0).tick_time, snap(1).tick_time]
+
+
+def test_reading_a_missing_database_fails_at_once(tmp_path):
+    from ktrdr_pipeline.greeks.store import read_rows
+
+    t0 = time.monotonic()
+    with pytest.raises(duckdb.IOException):
+        read_rows(tmp_path / "absent.duckdb", "SELECT 1", timeout_s=5.0)
+    assert time.monotonic() - t0 < 1.0  # not retried as if it were locked
+    assert not (tmp_path / "absent.duckdb").exists()

@@ -45,6 +45,7 @@ try:  # POSIX; elsewhere the buffer is only guarded within this process
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
+from ..store.catalog import is_lock_error
 from .model import Snapshot
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ class GreeksStore:
             try:
                 return self._write(batches)
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() + delay > deadline:
+                if not is_lock_error(exc) or time.monotonic() + delay > deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
@@ -403,7 +404,8 @@ class GreeksStore:
 # -- reading -----------------------------------------------------------------------------------
 def connect_readonly(db_path: Path, timeout_s: float = 5.0) -> duckdb.DuckDBPyConnection:
     """A read-only connection, retrying while a writer holds the file (each write holds
-    it for milliseconds). Raises the last ``duckdb.Error`` after ``timeout_s``."""
+    it for milliseconds). Raises the last ``duckdb.Error`` after ``timeout_s``, and any
+    other error (a missing file) at once."""
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while True:
@@ -411,8 +413,8 @@ def connect_readonly(db_path: Path, timeout_s: float = 5.0) -> duckdb.DuckDBPyCo
             con = duckdb.connect(str(db_path), read_only=True)
             con.execute("SET TimeZone = 'UTC'")
             return con
-        except duckdb.IOException:
-            if time.monotonic() + delay > deadline:
+        except duckdb.IOException as exc:
+            if not is_lock_error(exc) or time.monotonic() + delay > deadline:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 0.2)

@@ -263,7 +263,8 @@ def catalog_path(data_dir: Path) -> Path:
     return Path(data_dir) / CATALOG_FILE
 
 
-def _is_lock_error(exc: BaseException) -> bool:
+def is_lock_error(exc: BaseException) -> bool:
+    """Whether DuckDB refused a file because another process holds its lock."""
     text = str(exc).lower()
     return "lock" in text and ("conflicting" in text or "could not set" in text)
 
@@ -276,7 +277,7 @@ def _connect(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyCo
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
-            if not _is_lock_error(exc):
+            if not is_lock_error(exc):
                 raise
             if time.monotonic() + delay > deadline:
                 raise CatalogLockedError(
@@ -448,7 +449,7 @@ def memory_connection(data_dir: Path | str,
                     con.execute(f"SET search_path = 'memory.main,{GREEKS_ALIAS}.main'")
                     break
                 except duckdb.Error as exc:  # locked by its writer, or not a DuckDB file
-                    if attempt == 9 or not _is_lock_error(exc):
+                    if attempt == 9 or not is_lock_error(exc):
                         log.info("not attaching %s: %s", greeks, exc)
                         break
                     time.sleep(0.1)
