@@ -10,10 +10,10 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
-from .settings import Settings, SettingsError, load_env_file, validate_port
+from .settings import Settings, SettingsError, load_env_file, parse_utc_time, validate_port
 
 log = logging.getLogger("ktrdr_pipeline")
 
@@ -38,11 +38,10 @@ def _port_or_zero(text: str) -> int:
 
 def _iso_time(text: str) -> datetime:
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_utc_time(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid time {text!r}: use ISO 8601, e.g. 2025-03-03T15:00:00+00:00") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _positive_float(text: str) -> float:

@@ -99,9 +99,14 @@ def pipeline_now(env: Mapping[str, str] | None = None) -> datetime:
     if not raw:
         return datetime.now(UTC)
     try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        return parse_utc_time(raw)
     except ValueError:
         raise SettingsError(f"KTRDR_CLOCK must be an ISO 8601 time, got {raw!r}") from None
+
+
+def parse_utc_time(text: str) -> datetime:
+    """An ISO 8601 time (``Z`` allowed; UTC when it names no zone); ``ValueError`` else."""
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 

@@ -25,6 +25,7 @@ import dagster as dg
 from ..greeks.config import GreeksConfig, schedule_settings
 from ..greeks.health import check_freshness
 from ..greeks.runner import run_snapshots
+from ..settings import parse_utc_time
 from .resources import KtrdrSettings
 
 ASSET_NAME = "portfolio_greeks"
@@ -46,10 +47,9 @@ def _meta(values: Mapping[str, object]) -> dict[str, object]:
 
 def _parse_time(text: str, name: str) -> datetime:
     try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_utc_time(text)
     except ValueError:
         raise dg.Failure(f"{name} must be an ISO 8601 time, got {text!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 @dg.asset(

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import requests
 from ib_async import Contract, Ticker
 
+from ..ib import limits
 from ..ib.connection import IBConnection, ResetWindow
 from ..ib.errors import GatewayUnreachable
 from .config import GreeksConfig
@@ -37,8 +38,6 @@ from .watchdog import BACKOFF_S, Watchdog
 
 log = logging.getLogger(__name__)
 
-#: Notices that are not errors (farm connection OK / inactive).
-INFO_CODES = frozenset({2104, 2106, 2107, 2108, 2119, 2158})
 
 
 class BridgeUnavailable(Exception):
@@ -111,7 +110,7 @@ class SocketBridge:
         self.store.log_event(event, mode=self.mode, **fields)
 
     def _on_error(self, req_id: int, code: int, message: str, contract: Any) -> None:
-        if code in INFO_CODES:
+        if code in limits.INFO_CODES:
             return
         if (code, message) == self._last_error:
             return  # one row per distinct error in a row, not one per tick

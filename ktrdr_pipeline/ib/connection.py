@@ -132,7 +132,7 @@ class IBConnection:
 
     # -- events -------------------------------------------------------------------------
     def _on_error(self, req_id: int, code: int, message: str, contract) -> None:
-        if code in (2104, 2106, 2158, 2107, 2108, 2119):
+        if code in limits.INFO_CODES:
             return  # farm status notices
         self.status_info.last_error = f"{code}: {message}"
         if code == limits.ERR_CONNECTIVITY_LOST:

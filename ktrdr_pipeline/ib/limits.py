@@ -200,6 +200,8 @@ ERR_NO_QUERY = 366
 ERR_CONNECTIVITY_LOST = 1100
 ERR_RESTORED_DATA_LOST = 1101
 ERR_RESTORED_DATA_MAINTAINED = 1102
+#: Farm status notices (connection OK / inactive but available): not errors.
+INFO_CODES = frozenset({2104, 2106, 2107, 2108, 2119, 2158})
 
 MSG_PACING_VIOLATION = HMDS_PREFIX + "Historical data request pacing violation"
 MSG_NO_DATA = HMDS_PREFIX + "HMDS query returned no data"
