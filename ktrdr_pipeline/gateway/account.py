@@ -102,6 +102,22 @@ class PortfolioRow:
     unrealized_pnl: float
 
 
+@dataclass(frozen=True)
+class Quote:
+    """Last, bid and ask of one instrument (and an option's Greeks), as both APIs show
+    them: a spread of 5 basis points, at least one tick, around the last price."""
+
+    price: float
+    bid: float
+    ask: float
+    greeks: OptionGreeks | None = None
+
+
+def price_text(x: float) -> str:
+    """A price as IB prints it (socket API and Client Portal alike): no float noise."""
+    return format(round(float(x), 8), ".10g")
+
+
 class AccountBook:
     """The paper account: positions valued from the market model at the clock's time."""
 
@@ -127,6 +143,13 @@ class AccountBook:
         spot = self.market.last_price(self.underlying_of(inst), now)
         return black_scholes(spot, inst.strike, option_years(inst, now), smile_vol(inst, spot),
                              inst.right)
+
+    def quote(self, inst: Instrument, now: datetime | None = None) -> Quote:
+        now = now or self.clock.now()
+        greeks = self.greeks(inst, now) if inst.sec_type == "OPT" else None
+        price = greeks.price if greeks is not None else self.market.last_price(inst, now)
+        spread = max(inst.tick, round(price * 0.0005 / inst.tick) * inst.tick)
+        return Quote(price, round(price - spread / 2, 6), round(price + spread / 2, 6), greeks)
 
     def portfolio(self, now: datetime | None = None) -> list[PortfolioRow]:
         now = now or self.clock.now()

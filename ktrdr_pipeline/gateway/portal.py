@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .account import AccountBook
+from .account import AccountBook, price_text
 from .universe import Instrument
 
 log = logging.getLogger(__name__)
@@ -142,11 +142,6 @@ class Request:
 
 
 # -- formatting ---------------------------------------------------------------------------
-def price_text(x: float) -> str:
-    """A price as the socket API sends it (``server._num``): no float noise."""
-    return format(round(float(x), 8), ".10g")
-
-
 def decimal_text(x: float, significant: int = 12) -> str:
     """A plain decimal (never an exponent) with ``significant`` significant digits."""
     x = float(x)
@@ -783,14 +778,8 @@ class PortalServer:
     ) -> dict[str, str]:
         """The requested fields of one instrument, computed as the socket API does."""
         book = self.book
-        if inst.sec_type == "OPT":
-            g = book.greeks(inst, now)
-            price = g.price
-        else:
-            g = None
-            price = book.price(inst, now)
-        spread = max(inst.tick, round(price * 0.0005 / inst.tick) * inst.tick)
-        bid, ask = round(price - spread / 2, 6), round(price + spread / 2, 6)
+        q = book.quote(inst, now)
+        price, bid, ask, g = q.price, q.bid, q.ask, q.greeks
         und = ""
         if inst.sec_type == "OPT":
             with contextlib.suppress(KeyError):
