@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from . import calendars
 from .ib.contracts import parse_symbol
@@ -54,7 +55,7 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
     head = await ctx.heads.get(contract, contract.what_to_show, use_rth)
     await ctx.connection.ensure_connected()
     now = ctx.clock()
-    tz = ctx_tz(profile)
+    tz = ZoneInfo(profile.tz)
     today = now.astimezone(tz).date()
     first_day = start or head.astimezone(tz).date()
     last_day = end or today
@@ -100,12 +101,6 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
         if progress is not None:
             progress(period, k + 1, len(periods))
     return summary
-
-
-def ctx_tz(profile: calendars.HoursProfile):
-    from zoneinfo import ZoneInfo
-
-    return ZoneInfo(profile.tz)
 
 
 async def ranges(ctx: PipelineContext, symbol: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -84,9 +84,6 @@ class PartitionResult:
     use_rth: bool = True
     what_to_show: str = "TRADES"
     preview: list[dict[str, Any]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

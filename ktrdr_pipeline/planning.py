@@ -3,8 +3,10 @@
 Pure functions only (no I/O, no IB): given an hours profile, a bar size and a UTC range,
 :func:`plan_requests` returns the fewest :class:`HistoricalRequest` objects whose spans
 cover every trading second of the range, each within this project's maximum duration per
-request (``ib.limits.MAX_DURATION``). :func:`trading_intervals` and
-:func:`missing_intervals` are the building blocks a loader also uses for gap analysis.
+request (``ib.limits.MAX_DURATION``); :func:`plan_ranges` does the same for several
+ranges, sharing requests between nearby ones. :func:`trading_intervals` gives the trading
+time a plan must cover; :func:`missing_intervals` is gap analysis on time intervals (the
+loader's own works on the bar grid, :mod:`ktrdr_pipeline.gaps`).
 
 Semantics of one IB request (``shared/ib-facts.md`` §2): it returns the bars whose start
 ``t`` satisfies ``end - span <= t < end``, where ``span`` is the duration's wall-clock

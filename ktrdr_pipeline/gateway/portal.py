@@ -432,7 +432,6 @@ class PortalServer:
         self.started = time.time()
         self.last_tickle: float | None = None
         self.tickles = 0
-        self.requests = 0
         self._compute = compute
         self._tmpdir: str | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -549,7 +548,6 @@ class PortalServer:
 
     async def handle(self, req: Request) -> tuple[int, Any]:
         """Route one parsed request; returns the status and the JSON payload."""
-        self.requests += 1
         log.debug("client portal: %s %s", req.method, req.target)
         if not req.path.startswith(API_PREFIX + "/"):
             return 404, error_body(404, f"no such endpoint: {req.path}")

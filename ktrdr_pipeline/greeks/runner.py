@@ -240,7 +240,6 @@ async def run_snapshots(
     bridge: Bridge | None = None,
     claims: bool = True,
     connect_wait: float = 10.0,
-    bridge_kwargs: dict[str, Any] | None = None,
 ) -> tuple[RunStats, Snapshot | None]:
     """Start the bridge ``config.mode`` selects, take snapshots (until ``until``, for
     ever, or ``once``), stop. Returns the run's statistics and the last snapshot of a
@@ -250,7 +249,6 @@ async def run_snapshots(
         kwargs = {"greeks_timeout": default_greeks_timeout(config)}
         if once and config.mode == "SOCKET":
             kwargs["keep_trying"] = False
-        kwargs.update(bridge_kwargs or {})
         bridge = make_bridge(config, store, **kwargs)
     runner = SnapshotRunner(bridge, store, config.poll_interval,
                             claims=TickClaims(config.claims_path) if claims else None)

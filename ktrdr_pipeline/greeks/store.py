@@ -253,9 +253,6 @@ class GreeksStore:
         self.now = now
         self._next_flush = float("-inf")  # a buffer left by an earlier process: flush now
         self._unavailable_since: float | None = None
-        self.writes = 0
-        self.buffered = 0
-        self.flushed = 0
 
     # -- schema ------------------------------------------------------------------------------
     def bootstrap(self) -> bool:
@@ -334,10 +331,8 @@ class GreeksStore:
                 except (duckdb.Error, OSError) as exc:
                     self._went_unavailable(exc)
                 else:
-                    self.writes += 1
                     return "written"
             self.buffer.append(batch)
-            self.buffered += 1
             return "buffered"
 
     def _went_unavailable(self, exc: BaseException) -> None:
@@ -381,7 +376,6 @@ class GreeksStore:
                      len(batches), exc, self.flush_interval)
             return 0
         self.buffer.clear()  # only now: the rows are committed
-        self.flushed += len(batches)
         since = self._unavailable_since
         self._unavailable_since = None
         self._next_flush = float("-inf")

@@ -144,9 +144,6 @@ class IBConnection:
             log.warning("disconnected from IB Gateway at %s:%d", self.host, self.port)
 
     # -- connecting ---------------------------------------------------------------------
-    def is_connected(self) -> bool:
-        return self.ib.isConnected()
-
     async def connect(self) -> IBConnection:
         """Connect, retrying with exponential backoff; a client id in use moves to the
         next id of the range. Raises :class:`GatewayUnreachable` naming host and port."""
@@ -158,7 +155,7 @@ class IBConnection:
 
     async def _connect_locked(self) -> None:
         ids = list(self.client_ids)
-        start = ids.index(self._preferred) if self._preferred in ids else 0
+        start = ids.index(self._preferred)  # always one of them (checked in __init__)
         ids = ids[start:] + ids[:start]
         last_exc: BaseException | None = None
         failures = 0
