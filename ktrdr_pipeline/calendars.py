@@ -44,6 +44,18 @@ PROFILES = {p.name: p for p in (STOCK, FX, FUTURE)}
 PROFILE_BY_SECTYPE = {"STK": STOCK, "CASH": FX, "FUT": FUTURE, "OPT": STOCK, "IND": STOCK}
 
 
+def resolve_profile(profile: HoursProfile | str) -> HoursProfile:
+    """``profile`` itself, or the profile of that name."""
+    if isinstance(profile, HoursProfile):
+        return profile
+    try:
+        return PROFILES[profile]
+    except KeyError:
+        raise ValueError(
+            f"unknown hours profile {profile!r}; known: {', '.join(sorted(PROFILES))}"
+        ) from None
+
+
 def profile_for(sec_type: str) -> HoursProfile:
     try:
         return PROFILE_BY_SECTYPE[sec_type]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .calendars import PROFILES, SCHEDULE_START, HoursProfile, schedule
+from .calendars import SCHEDULE_START, HoursProfile, resolve_profile, schedule
 from .ib import limits
 from .ib.limits import (
     BAR_SIZE_SECONDS,
@@ -75,15 +75,6 @@ def _utc(seconds: int) -> datetime:
     return _EPOCH + timedelta(seconds=int(seconds))
 
 
-def _resolve_profile(profile: HoursProfile | str) -> HoursProfile:
-    if isinstance(profile, HoursProfile):
-        return profile
-    try:
-        return PROFILES[profile]
-    except KeyError:
-        raise ValueError(
-            f"unknown hours profile {profile!r}; known: {', '.join(sorted(PROFILES))}"
-        ) from None
 
 
 # --- the request -------------------------------------------------------------------------
@@ -244,7 +235,7 @@ def trading_intervals(
     or all hours.
     """
     lo, hi = _clamp_bounds(start, end, head_timestamp, now)
-    starts, ends = _trading_arrays(_resolve_profile(profile), lo, hi, use_rth)
+    starts, ends = _trading_arrays(resolve_profile(profile), lo, hi, use_rth)
     return [(_utc(a), _utc(b)) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
@@ -450,7 +441,7 @@ def plan_requests(
     _require_aware("end", end)
     if start >= end:
         raise ValueError(f"start {start.isoformat()} must be before end {end.isoformat()}")
-    prof = _resolve_profile(profile)
+    prof = resolve_profile(profile)
     if prof.name == "fx" and what_to_show not in _FX_WHAT_TO_SHOW:
         logger.warning(
             "whatToShow %s is not served for forex (IB answers 162 no data); use one of %s",

@@ -8,7 +8,7 @@ import dagster as dg
 
 from ..loader import MODES, PartitionResult, PipelineContext, load_partition
 from ..timeframes import Timeframe, enabled_timeframes, get_timeframe
-from .partitions import bar_partitions
+from .partitions import bar_partitions, symbol_period
 from .resources import KtrdrSettings
 
 #: Runs of IB-bound assets share this concurrency pool (see dagster.yaml in the README).
@@ -26,15 +26,6 @@ class BarLoadConfig(dg.Config):
     """``fill`` (default) fetches only the missing bars; ``full`` re-fetches whole periods."""
 
     mode: str = "fill"
-
-
-def _keys(context: dg.AssetExecutionContext) -> list[tuple[str, str]]:
-    keys = []
-    for key in context.partition_keys:
-        dims = key.keys_by_dimension if isinstance(key, dg.MultiPartitionKey) else (
-            dg.MultiPartitionKey.from_str(key).keys_by_dimension if "|" in key else {})
-        keys.append((dims["symbol"], dims["period"]))
-    return keys
 
 
 def _metadata(results: list[PartitionResult]) -> dict[str, object]:
@@ -80,7 +71,7 @@ def build_bar_asset(tf: Timeframe) -> dg.AssetsDefinition:
               ktrdr: KtrdrSettings) -> dg.MaterializeResult:
         if config.mode not in MODES:
             raise dg.Failure(f"unknown mode {config.mode!r}; allowed: {', '.join(MODES)}")
-        keys = _keys(context)
+        keys = [symbol_period(k) for k in context.partition_keys]
         results = asyncio.run(_load_all(context, ktrdr, tf, keys, config.mode))
         from ..store.catalog import CatalogLockedError, refresh_catalog
 

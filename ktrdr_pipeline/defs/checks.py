@@ -21,15 +21,10 @@ from ..settings import pipeline_now
 from ..store.parquet import BarStore
 from ..store.schema import duplicate_or_unsorted, ohlc_violations, session_violations
 from ..timeframes import Timeframe, enabled_timeframes
-from .partitions import bar_partitions
+from .partitions import bar_partitions, symbol_period
 from .resources import KtrdrSettings
 
 MAX_ROWS_SHOWN = 20
-
-
-def _split(key: str | dg.MultiPartitionKey) -> tuple[str, str]:
-    mk = key if isinstance(key, dg.MultiPartitionKey) else dg.MultiPartitionKey.from_str(key)
-    return mk.keys_by_dimension["symbol"], mk.keys_by_dimension["period"]
 
 
 def _partitions(context: dg.AssetCheckExecutionContext) -> list[tuple[str, str]]:
@@ -37,8 +32,8 @@ def _partitions(context: dg.AssetCheckExecutionContext) -> list[tuple[str, str]]
     packed backfill run."""
     op_ctx = context.op_execution_context
     if op_ctx.has_partition_key:
-        return [_split(op_ctx.partition_key)]
-    return [_split(k) for k in op_ctx.partition_keys]
+        return [symbol_period(op_ctx.partition_key)]
+    return [symbol_period(k) for k in op_ctx.partition_keys]
 
 
 def _combine(results: list[tuple[str, dg.AssetCheckResult]],

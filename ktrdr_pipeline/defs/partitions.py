@@ -39,3 +39,9 @@ def bar_partitions(tf: Timeframe, start: str | None = None) -> dg.MultiPartition
         "symbol": symbols_partitions,
         "period": period_partitions(tf.period, start or partitions_start()),
     })
+
+
+def symbol_period(key: str | dg.MultiPartitionKey) -> tuple[str, str]:
+    """The (symbol, period) of a bar partition key (``"2025|AAPL"`` or its object)."""
+    mk = key if isinstance(key, dg.MultiPartitionKey) else dg.MultiPartitionKey.from_str(key)
+    return mk.keys_by_dimension["symbol"], mk.keys_by_dimension["period"]

@@ -178,10 +178,9 @@ class SnapshotRunner:
         log.debug("snapshot %s %s: %s", snap.snapshot_id, outcome, dict(snap.summary()))
         return snap
 
-    async def once(self) -> Snapshot | None:
+    async def once(self, stats: RunStats | None = None) -> Snapshot | None:
         """One snapshot now (its tick time is now, off the grid); no claim."""
-        stats = RunStats()
-        return await self.take(self.clock(), stats)
+        return await self.take(self.clock(), stats if stats is not None else RunStats())
 
     async def run(self, until: datetime | None = None,
                   stop: asyncio.Event | None = None) -> RunStats:
@@ -262,7 +261,7 @@ async def run_snapshots(
         if once:
             if not bridge.available and hasattr(bridge, "wait_connected"):
                 await bridge.wait_connected(connect_wait)
-            snap = await runner.take(time.time(), stats)
+            snap = await runner.once(stats)
             if snap is None:
                 raise BridgeUnavailable(runner.last_failure or "no snapshot could be taken")
         else:

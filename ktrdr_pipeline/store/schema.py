@@ -81,16 +81,6 @@ def _timeframe(tf: str | Timeframe) -> Timeframe:
     return tf if isinstance(tf, Timeframe) else get_timeframe(tf)
 
 
-def _profile(profile: str | HoursProfile) -> HoursProfile:
-    if isinstance(profile, HoursProfile):
-        return profile
-    try:
-        return calendars.PROFILES[profile]
-    except KeyError:
-        raise ValueError(f"unknown hours profile {profile!r}; known: "
-                         f"{', '.join(calendars.PROFILES)}") from None
-
-
 def _flat(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with ``ts`` as a column and a positional index, so that every failure
     points at exactly one row even when ``ts`` has duplicates."""
@@ -254,7 +244,7 @@ def session_violations(frame: pd.DataFrame, timeframe: str | Timeframe,
     """Rows whose ``ts`` is not a bar start of ``timeframe`` (``ts_aligned``) or lies
     outside every session of ``profile`` (``in_session``)."""
     flat = _flat(frame)
-    return _failures(flat, _session_masks(flat, _timeframe(timeframe), _profile(profile),
+    return _failures(flat, _session_masks(flat, _timeframe(timeframe), calendars.resolve_profile(profile),
                                           use_rth))
 
 
@@ -284,7 +274,7 @@ def bar_schema(timeframe: str | Timeframe, profile: str | HoursProfile,
                use_rth: bool) -> pa.DataFrameSchema:
     """The pandera schema of a *flat* bar frame (``ts`` as a column, positional index) —
     :func:`validate_bars` flattens the frame first so failures point at single rows."""
-    tf, prof = _timeframe(timeframe), _profile(profile)
+    tf, prof = _timeframe(timeframe), calendars.resolve_profile(profile)
 
     def sessions(df: pd.DataFrame) -> Masks:
         return _session_masks(df, tf, prof, use_rth)
@@ -341,7 +331,7 @@ def validate_bars(frame: pd.DataFrame, timeframe: str | Timeframe,
                   profile: str | HoursProfile, use_rth: bool) -> None:
     """Raise :class:`BarValidationError` (with every offending row) unless ``frame`` is a
     valid bar frame of ``timeframe`` for an instrument of ``profile``."""
-    tf, prof = _timeframe(timeframe), _profile(profile)
+    tf, prof = _timeframe(timeframe), calendars.resolve_profile(profile)
     flat = _flat(frame)
     schema = bar_schema(tf, prof, use_rth)
     try:
