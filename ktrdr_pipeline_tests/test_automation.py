@@ -141,3 +141,24 @@ def test_sensor_and_fresh_check_share_one_test_of_behind():
     assert not behind(done, {**meta, "asked_until": int(ends[-1])}, starts, ends)
     assert not behind(completed_starts(frame, {}), {}, starts, ends)
     assert behind(completed_starts(frame.iloc[:0], None), None, starts, ends)
+
+
+@pytest.mark.parametrize("tags", [
+    {"dagster/partition": "2026|AAPL"},
+    # a packed backfill run names its first and last partition instead
+    {"dagster/asset_partition_range_start": "2024|AAPL",
+     "dagster/asset_partition_range_end": "2026|AAPL"},
+])
+def test_tail_fill_skips_partitions_a_queued_or_running_run_holds(setup, tags):
+    from dagster._core.test_utils import create_run_for_test
+
+    gw, instance, resources, data_dir, monkeypatch = setup
+    instance.add_dynamic_partitions("symbols", ["AAPL", "EURUSD"])
+    for sym in ("AAPL", "EURUSD"):
+        _load(gw, data_dir, sym, "1h", "2026")
+        _load(gw, data_dir, sym, "1d", "2026")
+    monkeypatch.setenv("KTRDR_CLOCK", "2026-11-18T17:05:00+00:00")
+    create_run_for_test(instance, job_name="bars_1h_job", status=dg.DagsterRunStatus.STARTED,
+                        tags=tags, asset_selection=frozenset({dg.AssetKey("bars_1h")}))
+    result = tail_fill_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert [str(r.partition_key) for r in result.run_requests] == ["2026|EURUSD"]

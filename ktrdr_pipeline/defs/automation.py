@@ -15,6 +15,7 @@ from ..settings import pipeline_now
 from ..timeframes import enabled_timeframes
 from ..universe import load_universe, universe_path
 from .assets import bar_job_name, bar_jobs
+from .partitions import symbol_period
 from .resources import KtrdrSettings
 
 ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
@@ -65,15 +66,29 @@ def _partition_key(symbol: str, period: str) -> dg.MultiPartitionKey:
     return dg.MultiPartitionKey({"symbol": symbol, "period": period})
 
 
-def _active_partitions(instance: dg.DagsterInstance) -> set[tuple[str, str]]:
-    """(asset, partition) of every run queued or in progress."""
+def _active_partitions(instance: dg.DagsterInstance) -> set[tuple[str, str, str, str]]:
+    """(asset, symbol, first period, last period) of every run queued or in progress: one
+    partition, or the range a packed backfill run holds (tagged with its first and last
+    partition instead of one ``dagster/partition``)."""
     active = set()
     for record in instance.get_run_records(filters=dg.RunsFilter(statuses=ACTIVE)):
-        run = record.dagster_run
-        partition = run.tags.get("dagster/partition")
-        for key in run.asset_selection or []:
-            active.add((key.to_user_string(), partition))
+        tags = record.dagster_run.tags
+        first = tags.get("dagster/partition") or tags.get("dagster/asset_partition_range_start")
+        last = tags.get("dagster/partition") or tags.get("dagster/asset_partition_range_end")
+        if not first or not last:
+            continue
+        (sym_a, lo), (sym_b, hi) = symbol_period(first), symbol_period(last)
+        for key in record.dagster_run.asset_selection or []:
+            for symbol in {sym_a, sym_b}:  # one symbol per packed run
+                active.add((key.to_user_string(), symbol, lo, hi))
     return active
+
+
+def _is_active(active: set[tuple[str, str, str, str]], asset: str, symbol: str,
+               period: str) -> bool:
+    """Whether a queued or running run holds this partition (period keys of one asset
+    share one format, so they compare as strings)."""
+    return any(a == asset and s == symbol and lo <= period <= hi for a, s, lo, hi in active)
 
 
 @dg.sensor(name="tail_fill_sensor", jobs=bar_jobs(),
@@ -98,7 +113,7 @@ def tail_fill_sensor(context: dg.SensorEvaluationContext, ktrdr: KtrdrSettings):
         key = _partition_key(item.symbol, item.period)
         target = item.last_expected.isoformat() if item.last_expected else "initial"
         slot = f"{asset}|{key}"
-        if (asset, str(key)) in active or cursor.get(slot) == target:
+        if _is_active(active, asset, item.symbol, item.period) or cursor.get(slot) == target:
             continue  # a run for this work is queued, running, or was already requested
         cursor[slot] = target
         runs.append(dg.RunRequest(run_key=f"{slot}|{target}", partition_key=key,

@@ -42,6 +42,13 @@ def bar_partitions(tf: Timeframe, start: str | None = None) -> dg.MultiPartition
 
 
 def symbol_period(key: str | dg.MultiPartitionKey) -> tuple[str, str]:
-    """The (symbol, period) of a bar partition key (``"2025|AAPL"`` or its object)."""
-    mk = key if isinstance(key, dg.MultiPartitionKey) else dg.MultiPartitionKey.from_str(key)
-    return mk.keys_by_dimension["symbol"], mk.keys_by_dimension["period"]
+    """The (symbol, period) of a bar partition key: the object, or its text as run tags
+    hold it (``"2025|AAPL"``: Dagster joins the values in sorted dimension order)."""
+    if isinstance(key, dg.MultiPartitionKey):
+        dims = key.keys_by_dimension
+    else:
+        values = key.split("|")
+        if len(values) != 2:
+            raise ValueError(f"not a bar partition key: {key!r}; expected 'PERIOD|SYMBOL'")
+        dims = dict(zip(("period", "symbol"), values, strict=True))
+    return dims["symbol"], dims["period"]
