@@ -85,8 +85,7 @@ def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timefr
             period = tf.period_key(expected)
             lo, hi = tf.period_bounds(period)
             inside = (starts >= lo.timestamp()) & (starts < hi.timestamp())
-            frame = store.read(tf.name, symbol, period)
-            meta = store.read_meta(tf.name, symbol, period)
+            frame, meta = store.read_with_meta(tf.name, symbol, period)
             done = completed_starts(frame, meta)
             if behind(done, meta, starts[inside], ends[inside]):
                 last = datetime.fromtimestamp(int(done[-1]), UTC) if len(done) else None

@@ -184,7 +184,7 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     use_rth = ctx.rth_overrides.get(key, default_use_rth(contract.sec_type))
     what = contract.what_to_show
     result = PartitionResult(key, tf.name, period, use_rth=use_rth, what_to_show=what)
-    meta = ctx.store.read_meta(tf.name, key, period)
+    stored, meta = ctx.store.read_with_meta(tf.name, key, period)
     if meta is not None and mode != "full":
         stored_rth = str(meta.get("use_rth")).lower() in ("true", "1")
         if stored_rth != use_rth:
@@ -193,7 +193,6 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
                 f"load asks for useRTH={int(use_rth)}; mixing them is refused — re-fetch the "
                 f"period with mode 'full' to switch")
     await ctx.connection.ensure_connected()  # also measures IB's clock
-    stored = ctx.store.read(tf.name, key, period)
     if mode == "full":  # re-fetch the window: what is stored inside it is replaced
         inside = (stored.index >= p_start) & (stored.index < p_end)
         outside, stored = stored[~inside], empty_bars()

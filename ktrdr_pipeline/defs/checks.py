@@ -64,8 +64,8 @@ class PartitionView:
     def __init__(self, data_dir: Path, tf: Timeframe, symbol: str, period: str):
         self.tf, self.symbol, self.period = tf, symbol, period
         store = BarStore(data_dir)
-        self.frame = store.read(tf.name, symbol, period)
-        self.meta = store.read_meta(tf.name, symbol, period) or {}
+        self.frame, meta = store.read_with_meta(tf.name, symbol, period)
+        self.meta = meta or {}
         contract = JsonCache(data_dir / "cache" / "contracts.json", float("inf")).get(symbol)
         self.sec_type = (contract or {}).get("sec_type")
         self.con_id = (contract or {}).get("con_id")

@@ -209,14 +209,20 @@ class BarStore:
     # -- reading --------------------------------------------------------------------------
     def read(self, tf: str | Timeframe, symbol: str, period: str) -> pd.DataFrame:
         """The partition's bars (an empty frame when it was never written)."""
+        return self.read_with_meta(tf, symbol, period)[0]
+
+    def read_with_meta(self, tf: str | Timeframe, symbol: str,
+                       period: str) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+        """The partition's bars and its metadata (:meth:`read_meta`) from one read of the
+        file; an empty frame and None when it was never written."""
         path = self.path(tf, symbol, period)
         try:
             table = pq.read_table(path, columns=SCHEMA.names)
         except FileNotFoundError:
-            return empty_bars()
+            return empty_bars(), None
         except (pa.ArrowInvalid, OSError) as exc:
             raise OSError(f"cannot read bar file {path}: {exc}") from exc
-        return _table_to_frame(table)
+        return _table_to_frame(table), _meta_of(table.schema)
 
     def read_meta(self, tf: str | Timeframe, symbol: str, period: str) -> dict[str, Any] | None:
         """The metadata written with the partition, or None when it does not exist."""
@@ -227,10 +233,7 @@ class BarStore:
             return None
         except (pa.ArrowInvalid, OSError) as exc:
             raise OSError(f"cannot read bar file {path}: {exc}") from exc
-        raw = (schema.metadata or {}).get(META_KEY)
-        if raw is None:
-            return {}
-        return json.loads(raw)
+        return _meta_of(schema)
 
     def read_range(self, tf: str | Timeframe, symbol: str, start: datetime | date,
                    end: datetime | date) -> pd.DataFrame:
@@ -391,6 +394,11 @@ class BarStore:
             log.info("removing stale temporary file %s", entry.path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
+
+
+def _meta_of(schema: pa.Schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(META_KEY)
+    return {} if raw is None else json.loads(raw)
 
 
 def _frame_to_table(frame: pd.DataFrame, lo: datetime, hi: datetime, what: str) -> pa.Table:
