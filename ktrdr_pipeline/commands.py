@@ -61,7 +61,7 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
     last_day = end or today
     if first_day > last_day:
         raise LoadError(f"start {first_day} is after end {last_day}")
-    stored = [p for p in ctx.store.partitions(tf.name, key)]
+    stored = ctx.store.partitions(tf.name, key)
     stored_bars = None
     if stored and mode != "full":
         first_p, last_p = stored[0][2], stored[-1][2]
@@ -110,18 +110,15 @@ async def ranges(ctx: PipelineContext, symbol: str) -> dict[str, Any]:
     use_rth = ctx.rth_overrides.get(key, default_use_rth(contract.sec_type))
     head = await ctx.heads.get(contract, contract.what_to_show, use_rth)
     stored: dict[str, Any] = {}
-    for tf_name in ctx.store.timeframes():
-        parts = ctx.store.partitions(tf_name, key)
-        if not parts:
-            continue
-        first = ctx.store.read(tf_name, key, parts[0][2])
-        last = ctx.store.read(tf_name, key, parts[-1][2])
-        rows = sum(len(ctx.store.read(tf_name, key, p[2])) for p in parts)
-        stored[tf_name] = {
-            "first_bar": first.index[0].isoformat() if len(first) else None,
-            "last_bar": last.index[-1].isoformat() if len(last) else None,
-            "rows": rows, "partitions": len(parts),
-        }
+    for tf_name, _, period in ctx.store.partitions(symbol=key):  # each file read once
+        bars = ctx.store.read(tf_name, key, period)
+        entry = stored.setdefault(tf_name, {"first_bar": None, "last_bar": None, "rows": 0,
+                                            "partitions": 0})
+        entry["partitions"] += 1
+        entry["rows"] += len(bars)
+        if len(bars):
+            entry["first_bar"] = entry["first_bar"] or bars.index[0].isoformat()
+            entry["last_bar"] = bars.index[-1].isoformat()
     return {"symbol": key, "con_id": contract.con_id, "sec_type": contract.sec_type,
             "local_symbol": contract.local_symbol, "what_to_show": contract.what_to_show,
             "use_rth": use_rth, "ib_earliest": head.isoformat(), "stored": stored,
