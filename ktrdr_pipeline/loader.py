@@ -175,8 +175,7 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     tf = get_timeframe(timeframe) if isinstance(timeframe, str) else timeframe
     if mode not in MODES:
         raise LoadError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-    period_start, period_end = tf.period_bounds(period)
-    p_start, p_end = period_start, period_end
+    p_start, p_end = tf.period_bounds(period)
     if window is not None:
         p_start, p_end = max(p_start, window[0]), min(p_end, window[1])
     key = parse_symbol(symbol).key
@@ -245,9 +244,7 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
              tf.name, period, len(stored), len(segments), result.missing_bars, len(plan))
     fetched = await ctx.fetcher.fetch(contract.contract(), plan, progress)
     frame = fetched.frame
-    frame = frame[(frame.index >= period_start) & (frame.index < period_end)]
-    if window is not None:
-        frame = frame[(frame.index >= p_start) & (frame.index < p_end)]
+    frame = frame[(frame.index >= p_start) & (frame.index < p_end)]  # the window, if any
     if tf.is_daily_or_larger:
         frame = frame[frame.index >= pd.Timestamp(head.date(), tz=UTC)]
     else:
