@@ -63,12 +63,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow  # noqa: E402
 
-from ktrdr_pipeline import calendars  # noqa: E402
+from ktrdr_pipeline.domain import calendars  # noqa: E402
+from ktrdr_pipeline.domain.timeframes import PARTITION_TZ  # noqa: E402
 from ktrdr_pipeline.gateway.market import C, H, L, MarketModel, N, O, T, V, W  # noqa: E402
 from ktrdr_pipeline.gateway.universe import Instrument, build_universe, stable_id  # noqa: E402
 from ktrdr_pipeline.store.catalog import memory_connection, run_query  # noqa: E402
 from ktrdr_pipeline.store.parquet import BarStore  # noqa: E402
-from ktrdr_pipeline.timeframes import PARTITION_TZ  # noqa: E402
 
 log = logging.getLogger("benchmarks.bench_store")
 

@@ -283,7 +283,7 @@ def cmd_symbols(args: argparse.Namespace) -> int:
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
-    from .timeframes import TIMEFRAMES
+    from .domain.timeframes import TIMEFRAMES
 
     p = sub.add_parser("load", help="load bars for a symbol and timeframe (same code as the "
                                     "assets)")

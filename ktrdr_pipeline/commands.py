@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from . import calendars
+from .domain import calendars
+from .domain.timeframes import TIMEFRAMES, Timeframe, get_timeframe
 from .ib.contracts import parse_symbol
 from .loader import LoadError, LoadSummary, PipelineContext, default_use_rth, load_partition
 from .settings import Settings
-from .timeframes import TIMEFRAMES, Timeframe, get_timeframe
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import calendars, gaps
+from .domain import calendars, gaps
+from .domain.timeframes import Timeframe
 from .ib.contracts import JsonCache
 from .loader import default_use_rth, newest_unasked, stored_partial_from
 from .store.parquet import BarStore
-from .timeframes import Timeframe
 
 
 @dataclass(frozen=True)

@@ -30,19 +30,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import calendars, gaps
+from .domain import calendars, gaps
+from .domain.ib_rules import PacingLimits
+from .domain.planning import plan_ranges
+from .domain.timeframes import Timeframe, get_timeframe
 from .ib.connection import IBConnection
 from .ib.contracts import ContractResolver, HeadTimestamps, parse_symbol
 from .ib.errors import ErrorKind, IBError
 from .ib.fetch import HistoricalFetcher, empty_bars
 from .ib.governor import PacingGovernor
 from .ib.ledger import SqlitePacingLedger
-from .ib.limits import PacingLimits
-from .planning import plan_ranges
 from .settings import Settings
 from .store.parquet import BarStore
 from .store.schema import validate_bars
-from .timeframes import Timeframe, get_timeframe
 from .universe import load_universe, universe_path
 
 log = logging.getLogger(__name__)

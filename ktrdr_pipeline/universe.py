@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
+from .domain.timeframes import get_timeframe
 from .ib.contracts import parse_symbol
 from .ib.errors import SymbolError
-from .timeframes import get_timeframe
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import pytest
 from ktrdr_pipeline.defs.assets import build_bar_asset
 from ktrdr_pipeline.defs.checks import build_checks
 from ktrdr_pipeline.defs.resources import KtrdrSettings
+from ktrdr_pipeline.domain.timeframes import get_timeframe
 from ktrdr_pipeline.gateway.market import C, H, L, O, T, V
 from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.store.parquet import BarStore
-from ktrdr_pipeline.timeframes import get_timeframe
 
 from .conftest import MARKET_OPEN, read_audit
 

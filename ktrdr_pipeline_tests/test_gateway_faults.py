@@ -8,7 +8,7 @@ import urllib.request
 
 from ib_async import Stock
 
-from ktrdr_pipeline.ib import limits
+from ktrdr_pipeline.domain import ib_rules
 
 from .conftest import ErrorLog, connect, read_audit
 
@@ -60,8 +60,8 @@ def test_nightly_reset_with_data_maintained(gateway, ib):
     assert time.perf_counter() - started > 0.25
     done.result(5)
     ib.sleep(0.1)
-    assert limits.ERR_CONNECTIVITY_LOST in errors.codes()
-    assert limits.ERR_RESTORED_DATA_MAINTAINED in errors.codes()
+    assert ib_rules.ERR_CONNECTIVITY_LOST in errors.codes()
+    assert ib_rules.ERR_RESTORED_DATA_MAINTAINED in errors.codes()
     assert ib.isConnected()
 
 
@@ -70,7 +70,7 @@ def test_nightly_reset_ending_in_a_closed_socket(gateway, ib):
     gateway.reset(pause=0.2, restore="close").result(5)
     _wait_disconnected(ib)
     assert not ib.isConnected()
-    assert limits.ERR_CONNECTIVITY_LOST in errors.codes()
+    assert ib_rules.ERR_CONNECTIVITY_LOST in errors.codes()
 
 
 def test_injected_pacing_violations(gateway, ib):
@@ -79,7 +79,7 @@ def test_injected_pacing_violations(gateway, ib):
     assert len(_bars(ib)) == 0
     assert len(_bars(ib)) == 0
     assert len(_bars(ib)) == 7
-    assert [m for _, c, m in errors.items if c == 162] == [limits.MSG_PACING_VIOLATION] * 2
+    assert [m for _, c, m in errors.items if c == 162] == [ib_rules.MSG_PACING_VIOLATION] * 2
 
 
 def test_injected_322_errors(gateway, ib):
@@ -87,7 +87,7 @@ def test_injected_322_errors(gateway, ib):
     gateway.inject("error_322", 1)
     assert len(_bars(ib)) == 0
     assert len(_bars(ib)) == 7
-    assert errors.codes().count(limits.ERR_PROCESSING) == 1
+    assert errors.codes().count(ib_rules.ERR_PROCESSING) == 1
 
 
 def test_stalled_request_is_never_answered(gateway, ib, audit_path):

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from ib_async import Contract, Forex, Stock
 
+from ktrdr_pipeline.domain import ib_rules
 from ktrdr_pipeline.gateway.server import GatewayThread
-from ktrdr_pipeline.ib import limits
 
 from .conftest import MARKET_OPEN, ErrorLog, RawClient, connect, read_audit
 
@@ -38,7 +38,7 @@ def test_identical_request_within_15_seconds_is_a_pacing_violation(gateway, ib):
     end = "20261117 15:00:00 US/Eastern"
     assert len(_small_bars(ib, AAPL, end)) == 360
     assert len(_small_bars(ib, AAPL, end)) == 0
-    assert _codes_for(errors, 162) == [limits.MSG_PACING_VIOLATION]
+    assert _codes_for(errors, 162) == [ib_rules.MSG_PACING_VIOLATION]
     # a different end time is not identical and is served
     assert len(_small_bars(ib, AAPL, "20261117 14:00:00 US/Eastern")) == 360
 
@@ -60,7 +60,7 @@ def test_six_requests_for_one_contract_within_two_seconds(gateway, ib):
     results = [len(_small_bars(ib, AAPL, e)) for e in ends]
     assert results[:5] == [360] * 5
     assert results[5] == 0
-    assert _codes_for(errors, 162) == [limits.MSG_PACING_VIOLATION]
+    assert _codes_for(errors, 162) == [ib_rules.MSG_PACING_VIOLATION]
     # another contract has its own budget
     assert len(_small_bars(ib, Stock("MSFT", "SMART", "USD"), ends[0])) == 360
 
@@ -71,7 +71,7 @@ def test_bid_ask_counts_twice(gateway, ib):
     served = [len(_small_bars(ib, AAPL, e, "BID_ASK")) for e in ends]
     # 2 + 2 = 4 of 5 allowed; a third BID_ASK would make 6
     assert served == [360, 360, 0]
-    assert _codes_for(errors, 162) == [limits.MSG_PACING_VIOLATION]
+    assert _codes_for(errors, 162) == [ib_rules.MSG_PACING_VIOLATION]
 
 
 def test_sixty_requests_per_ten_minutes(fast_pacing, audit_path):
@@ -89,7 +89,7 @@ def test_sixty_requests_per_ten_minutes(fast_pacing, audit_path):
             served += bool(bars)
         violations = [e for e in read_audit(audit_path) if e["message"] == "pacing"]
         assert served == 60, violations
-        assert _codes_for(errors, 162) == [limits.MSG_PACING_VIOLATION]
+        assert _codes_for(errors, 162) == [ib_rules.MSG_PACING_VIOLATION]
         assert len(violations) == 1 and "60" in violations[0]["rule"]
     finally:
         ib.disconnect()
@@ -101,7 +101,7 @@ def test_head_timestamp_requests_are_paced(gateway, ib):
     ib.RaiseRequestErrors = False
     second = ib.reqHeadTimeStamp(AAPL, "TRADES", True, 2)
     assert second in ([], None)
-    assert _codes_for(errors, 162) == [limits.MSG_PACING_VIOLATION]
+    assert _codes_for(errors, 162) == [ib_rules.MSG_PACING_VIOLATION]
 
 
 def test_bars_of_one_minute_and_larger_are_not_hard_paced(gateway, ib):
@@ -119,7 +119,7 @@ def test_fifty_open_historical_requests(gateway):
             raw.send(20, req_id, *contract, 0, "20261117 16:00:00 US/Eastern", "1 min",
                      "1 D", 1, "TRADES", 2, 0, "")
         answer = raw.read_until("4", "51")
-        assert answer[3] == str(limits.ERR_PROCESSING)
+        assert answer[3] == str(ib_rules.ERR_PROCESSING)
         assert "50 simultaneous" in answer[4]
         # cancelling one stalled request frees a slot
         raw.send(25, 1, 1)

@@ -26,7 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from ktrdr_pipeline.ib.governor import PacingGovernor, head_timestamp_request, paced_request_for
+from ktrdr_pipeline.domain.ib_rules import PacingLimits
+from ktrdr_pipeline.domain.pacing import (
+    PacedRequest,
+    PacingEvent,
+    PacingWindow,
+    bars_pacing_key,
+    head_timestamp_pacing_key,
+)
+from ktrdr_pipeline.ib.governor import PacingGovernor
 from ktrdr_pipeline.ib.ledger import (
     CONTRACT,
     GLOBAL,
@@ -42,8 +50,6 @@ from ktrdr_pipeline.ib.ledger import (
     SqlitePacingLedger,
     pid_alive,
 )
-from ktrdr_pipeline.ib.limits import PacingLimits
-from ktrdr_pipeline.ib.pacing import PacedRequest, PacingEvent, PacingWindow
 
 FAST = PacingLimits(time_scale=0.01)  # identical 0.15 s, contract 20 ms, global 6 s
 
@@ -131,7 +137,7 @@ class CountingLedger(MemoryPacingLedger):
 def key(i: int, tick: str | None = None, what: str = "TRADES") -> PacedRequest:
     """A distinct small-bar request; same ``tick`` → same contract + tick type."""
     contract = tick if tick is not None else f"C{i}"
-    return paced_request_for(contract, "SMART", f"20260101 {i:06d}", "1800 S", "1 secs", what, True)
+    return bars_pacing_key(contract, "SMART", f"20260101 {i:06d}", "1800 S", "1 secs", what, True)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -171,31 +177,31 @@ def decided(ledger: PacingLedger, limits: PacingLimits) -> list[float]:
 
 
 def test_request_keys() -> None:
-    a = paced_request_for(
+    a = bars_pacing_key(
         "265598", "SMART", "20260105 16:00:00 UTC", "1800 S", "1 secs", "TRADES", True
     )
-    same = paced_request_for(
+    same = bars_pacing_key(
         "265598", "smart", "20260105 16:00:00 UTC", "1800 S", "1 secs", "trades", True
     )
-    other_end = paced_request_for(
+    other_end = bars_pacing_key(
         "265598", "SMART", "20260105 15:30:00 UTC", "1800 S", "1 secs", "TRADES", True
     )
-    other_rth = paced_request_for(
+    other_rth = bars_pacing_key(
         "265598", "SMART", "20260105 16:00:00 UTC", "1800 S", "1 secs", "TRADES", False
     )
-    bid_ask = paced_request_for(
+    bid_ask = bars_pacing_key(
         "265598", "SMART", "20260105 16:00:00 UTC", "1800 S", "1 secs", "BID_ASK", True
     )
-    head = head_timestamp_request("265598", "SMART", "TRADES", True)
+    head = head_timestamp_pacing_key("265598", "SMART", "TRADES", True)
     assert a == same
     assert a.weight == 1 and bid_ask.weight == 2
-    assert head_timestamp_request("265598", "SMART", "BID_ASK", True).weight == 2
+    assert head_timestamp_pacing_key("265598", "SMART", "BID_ASK", True).weight == 2
     assert other_end.identity != a.identity and other_end.tick_key == a.tick_key
     assert other_rth.identity != a.identity and other_rth.tick_key == a.tick_key
     assert bid_ask.tick_key != a.tick_key
     assert head.identity != a.identity and head.tick_key == a.tick_key
-    assert paced_request_for("1", "ARCA", "", "1 D", "5 secs", "TRADES", True).tick_key != (
-        paced_request_for("1", "SMART", "", "1 D", "5 secs", "TRADES", True).tick_key
+    assert bars_pacing_key("1", "ARCA", "", "1 D", "5 secs", "TRADES", True).tick_key != (
+        bars_pacing_key("1", "SMART", "", "1 D", "5 secs", "TRADES", True).tick_key
     )
 
 

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 from ib_async import IB, Contract
 
-from ktrdr_pipeline import calendars
+from ktrdr_pipeline.domain import calendars, ib_rules
+from ktrdr_pipeline.domain.ib_rules import PacingLimits
+from ktrdr_pipeline.domain.planning import HistoricalRequest, plan_requests
 from ktrdr_pipeline.gateway.server import GatewayThread
-from ktrdr_pipeline.ib import limits
 from ktrdr_pipeline.ib.connection import IBConnection, ResetWindow
 from ktrdr_pipeline.ib.contracts import ContractResolver, HeadTimestamps, parse_symbol
 from ktrdr_pipeline.ib.errors import (
@@ -31,8 +32,6 @@ from ktrdr_pipeline.ib.errors import (
 from ktrdr_pipeline.ib.fetch import BAR_COLUMNS, HistoricalFetcher, default_what_to_show
 from ktrdr_pipeline.ib.governor import PacingGovernor
 from ktrdr_pipeline.ib.ledger import MemoryPacingLedger
-from ktrdr_pipeline.ib.limits import PacingLimits
-from ktrdr_pipeline.planning import HistoricalRequest, plan_requests
 
 from .conftest import MARKET_OPEN, read_audit
 
@@ -301,11 +300,11 @@ def test_small_bars_are_paced_without_violations(audit_path):
 
 
 def test_error_classification():
-    assert classify(162, limits.MSG_PACING_VIOLATION) is ErrorKind.PACING
-    assert classify(162, limits.MSG_NO_DATA + ": AAPL") is ErrorKind.NO_DATA
-    assert classify(162, limits.MSG_QUERY_CANCELLED + ": 4") is ErrorKind.CANCELLED
+    assert classify(162, ib_rules.MSG_PACING_VIOLATION) is ErrorKind.PACING
+    assert classify(162, ib_rules.MSG_NO_DATA + ": AAPL") is ErrorKind.NO_DATA
+    assert classify(162, ib_rules.MSG_QUERY_CANCELLED + ": 4") is ErrorKind.CANCELLED
     assert classify(162, "No market data permissions for NYSE STK") is ErrorKind.PERMISSIONS
-    assert classify(200, limits.MSG_NO_SECURITY) is ErrorKind.UNKNOWN_CONTRACT
+    assert classify(200, ib_rules.MSG_NO_SECURITY) is ErrorKind.UNKNOWN_CONTRACT
     assert classify(321, "Error validating request") is ErrorKind.VALIDATION
     assert classify(354, "not subscribed") is ErrorKind.PERMISSIONS
     for code in (322, 366, 502, 504, 1100):

@@ -1,4 +1,4 @@
-"""Unit and property tests for the pure pacing rules in ``ktrdr_pipeline.ib.pacing``."""
+"""Unit and property tests for the pure pacing rules in ``ktrdr_pipeline.domain.pacing``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ktrdr_pipeline.ib.limits import PacingLimits
-from ktrdr_pipeline.ib.pacing import PacedRequest, PacingEvent, PacingWindow
+from ktrdr_pipeline.domain.ib_rules import PacingLimits
+from ktrdr_pipeline.domain.pacing import PacedRequest, PacingEvent, PacingWindow
 
 LIM = PacingLimits()  # 15 s identical, 5 per 2 s per contract+tick, 60 per 600 s
 

@@ -1,4 +1,4 @@
-"""Tests for ktrdr_pipeline.planning: request planning and gap analysis."""
+"""Tests for ktrdr_pipeline.domain.planning: request planning and gap analysis."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ktrdr_pipeline.calendars import FUTURE, FX, STOCK, HoursProfile, sessions_between
-from ktrdr_pipeline.ib.limits import (
+from ktrdr_pipeline.domain.calendars import FUTURE, FX, STOCK, HoursProfile, sessions_between
+from ktrdr_pipeline.domain.ib_rules import (
     BAR_SIZE_SECONDS,
     MAX_DURATION,
     SMALL_BAR_HISTORY,
@@ -21,7 +21,7 @@ from ktrdr_pipeline.ib.limits import (
     is_small_bar,
     parse_duration,
 )
-from ktrdr_pipeline.planning import (
+from ktrdr_pipeline.domain.planning import (
     WHAT_TO_SHOW,
     HistoricalRequest,
     max_span_seconds,
@@ -514,7 +514,7 @@ def test_missing_matches_brute_force(shape, bar, data):
 )
 def test_intraday_greedy_on_synthetic_intervals(bar_size, shape, unit):
     """Arbitrary gaps and session lengths (in units scaled to the max span) stay optimal."""
-    from ktrdr_pipeline.planning import _plan_intraday
+    from ktrdr_pipeline.domain.planning import _plan_intraday
 
     limit = MAX_DURATION[bar_size]
     scale = max(1, int(limit.total_seconds()) * unit // (100 * 86400))
@@ -562,7 +562,7 @@ def range_sets(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(range_sets())
 def test_plan_ranges_covers_every_range_with_no_more_requests(case):
-    from ktrdr_pipeline.planning import plan_ranges
+    from ktrdr_pipeline.domain.planning import plan_ranges
 
     profile, bar_size, use_rth, ranges = case
     plan = plan_ranges(profile, bar_size, ranges, "MIDPOINT", use_rth)
@@ -582,7 +582,7 @@ def test_plan_ranges_covers_every_range_with_no_more_requests(case):
 
 
 def test_plan_ranges_puts_a_days_scattered_minutes_in_one_request():
-    from ktrdr_pipeline.planning import plan_ranges
+    from ktrdr_pipeline.domain.planning import plan_ranges
 
     day = utc(2025, 6, 10, 13, 30)
     holes = [(day + timedelta(minutes=m), day + timedelta(minutes=m + 1))
@@ -596,7 +596,7 @@ def test_plan_ranges_puts_a_days_scattered_minutes_in_one_request():
 
 
 def test_runs_of_expected_bars_round_trip():
-    from ktrdr_pipeline.gaps import in_runs, runs_of, runs_outside
+    from ktrdr_pipeline.domain.gaps import in_runs, runs_of, runs_outside
 
     starts = np.arange(0, 600, 60, dtype=np.int64) + 1_000_000
     ends = starts + 60

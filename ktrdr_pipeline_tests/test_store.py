@@ -22,7 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ktrdr_pipeline import calendars
+from ktrdr_pipeline.domain import calendars
+from ktrdr_pipeline.domain.timeframes import get_timeframe
 from ktrdr_pipeline.gateway.market import C, H, L, MarketModel, N, O, T, V, W
 from ktrdr_pipeline.gateway.universe import build_universe
 from ktrdr_pipeline.ib.fetch import BAR_COLUMNS, empty_bars
@@ -37,7 +38,6 @@ from ktrdr_pipeline.store.schema import (
     session_violations,
     validate_bars,
 )
-from ktrdr_pipeline.timeframes import get_timeframe
 
 REPO = Path(__file__).resolve().parents[1]
 TODAY = date(2026, 11, 30)

@@ -6,8 +6,8 @@ import functools
 
 import dagster as dg
 
+from ..domain.timeframes import Timeframe, enabled_timeframes, get_timeframe
 from ..loader import MODES, PartitionResult, PipelineContext, load_partition
-from ..timeframes import Timeframe, enabled_timeframes, get_timeframe
 from .partitions import bar_partitions, symbol_period
 from .resources import KtrdrSettings
 

@@ -9,10 +9,10 @@ from zoneinfo import ZoneInfo
 
 import dagster as dg
 
-from .. import calendars
+from ..domain import calendars
+from ..domain.timeframes import enabled_timeframes
 from ..freshness import stale_partitions
 from ..settings import pipeline_now
-from ..timeframes import enabled_timeframes
 from ..universe import load_universe, universe_path
 from .assets import bar_job_name, bar_jobs
 from .partitions import symbol_period

@@ -13,14 +13,14 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from .. import calendars, gaps
+from ..domain import calendars, gaps
+from ..domain.timeframes import Timeframe, enabled_timeframes
 from ..freshness import behind, completed_starts
 from ..ib.contracts import JsonCache
 from ..loader import default_use_rth, stored_empty_runs
 from ..settings import pipeline_now
 from ..store.parquet import BarStore
 from ..store.schema import duplicate_or_unsorted, ohlc_violations, session_violations
-from ..timeframes import Timeframe, enabled_timeframes
 from .partitions import bar_partitions, symbol_period
 from .resources import KtrdrSettings
 

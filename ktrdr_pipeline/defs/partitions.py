@@ -8,7 +8,7 @@ from datetime import datetime
 
 import dagster as dg
 
-from ..timeframes import PARTITION_TZ, Timeframe
+from ..domain.timeframes import PARTITION_TZ, Timeframe
 
 symbols_partitions = dg.DynamicPartitionsDefinition(name="symbols")
 

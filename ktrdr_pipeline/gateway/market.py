@@ -38,8 +38,8 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from .. import calendars
-from ..ib.limits import BAR_SIZE_SECONDS, DAILY_BAR_SECONDS
+from ..domain import calendars
+from ..domain.ib_rules import BAR_SIZE_SECONDS, DAILY_BAR_SECONDS
 from .universe import REFERENCE_DATE, Instrument
 
 # Column order of a bar block: start epoch, open, high, low, close, volume, trade count, WAP.

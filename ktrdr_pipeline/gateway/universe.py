@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .. import calendars
+from ..domain import calendars
 
 REFERENCE_DATE = date(2025, 1, 2)  # prices are anchored at this session
 DEFAULT_ACCOUNT = "DU0000001"

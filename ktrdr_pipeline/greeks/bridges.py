@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import requests
 from ib_async import Contract, Ticker
 
-from ..ib import limits
+from ..domain import ib_rules
 from ..ib.connection import IBConnection, ResetWindow
 from ..ib.errors import GatewayUnreachable
 from .config import GreeksConfig
@@ -110,7 +110,7 @@ class SocketBridge:
         self.store.log_event(event, mode=self.mode, **fields)
 
     def _on_error(self, req_id: int, code: int, message: str, contract: Any) -> None:
-        if code in limits.INFO_CODES:
+        if code in ib_rules.INFO_CODES:
             return
         if (code, message) == self._last_error:
             return  # one row per distinct error in a row, not one per tick

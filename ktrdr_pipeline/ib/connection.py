@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 
 from ib_async import IB
 
+from ..domain import ib_rules
 from ..settings import Settings
-from . import limits
 from .errors import GatewayUnreachable
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,10 @@ class IBConnection:
 
     # -- events -------------------------------------------------------------------------
     def _on_error(self, req_id: int, code: int, message: str, contract) -> None:
-        if code in limits.INFO_CODES:
+        if code in ib_rules.INFO_CODES:
             return  # farm status notices
         self.status_info.last_error = f"{code}: {message}"
-        if code == limits.ERR_CONNECTIVITY_LOST:
+        if code == ib_rules.ERR_CONNECTIVITY_LOST:
             log.warning("IB reports connectivity lost (1100); requests pause until restored")
 
     def _on_disconnected(self) -> None:
@@ -165,7 +165,7 @@ class IBConnection:
             in_use = asyncio.Event()
 
             def on_error(req_id, code, message, contract, _ev=in_use):
-                if code == limits.ERR_CLIENT_ID_IN_USE:
+                if code == ib_rules.ERR_CLIENT_ID_IN_USE:
                     _ev.set()
 
             self.ib.errorEvent += on_error

@@ -22,10 +22,11 @@ from typing import Any
 
 from ib_async import Contract, ContractDetails
 
+from ..domain.pacing import head_timestamp_pacing_key
 from .connection import IBConnection
 from .errors import ContractNotFound, ErrorKind, IBError, SymbolError
 from .fetch import default_what_to_show
-from .governor import PacingGovernor, head_timestamp_request
+from .governor import PacingGovernor
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ class HeadTimestamps:
         if cached is not None:
             return datetime.fromisoformat(cached)
         ib = await self.conn.ensure_connected()
-        paced = head_timestamp_request(str(contract.con_id), contract.exchange, what, use_rth)
+        paced = head_timestamp_pacing_key(str(contract.con_id), contract.exchange, what, use_rth)
         async with self.governor.slot(paced, small=True):
             try:
                 value = await asyncio.wait_for(

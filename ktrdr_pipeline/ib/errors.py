@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from . import limits
+from ..domain import ib_rules
 
 
 class ErrorKind(Enum):
@@ -27,7 +27,7 @@ class ErrorKind(Enum):
 def classify(code: int, message: str) -> ErrorKind:
     """What an IB error answer means for a loader (``shared/ib-facts.md`` §3)."""
     text = message.lower()
-    if code == limits.ERR_HMDS:
+    if code == ib_rules.ERR_HMDS:
         if "pacing violation" in text:
             return ErrorKind.PACING
         if "returned no data" in text or "no data of type" in text:
@@ -37,15 +37,15 @@ def classify(code: int, message: str) -> ErrorKind:
         if "permission" in text:
             return ErrorKind.PERMISSIONS
         return ErrorKind.RETRYABLE
-    if code == limits.ERR_NO_SECURITY:
+    if code == ib_rules.ERR_NO_SECURITY:
         return ErrorKind.UNKNOWN_CONTRACT
-    if code == limits.ERR_VALIDATION:
+    if code == ib_rules.ERR_VALIDATION:
         return ErrorKind.VALIDATION
-    if code in (limits.ERR_NOT_SUBSCRIBED, 10167, 10168, 10089, 10090):
+    if code in (ib_rules.ERR_NOT_SUBSCRIBED, 10167, 10168, 10089, 10090):
         return ErrorKind.PERMISSIONS
     if code == 166:
         return ErrorKind.EXPIRED
-    if code in limits.RETRYABLE_CODES:
+    if code in ib_rules.RETRYABLE_CODES:
         return ErrorKind.RETRYABLE
     return ErrorKind.FATAL
 

@@ -18,11 +18,12 @@ import pandas as pd
 from ib_async import BarDataList, Contract
 from ib_async.wrapper import RequestError
 
-from ..planning import HistoricalRequest
-from . import limits
+from ..domain import ib_rules
+from ..domain.pacing import bars_pacing_key
+from ..domain.planning import HistoricalRequest
 from .connection import IBConnection
 from .errors import Disconnected, ErrorKind, IBError, RequestTimeout
-from .governor import PacingGovernor, paced_request_for
+from .governor import PacingGovernor
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class FetchResult:
 
 
 class HistoricalFetcher:
-    """Runs :func:`~ktrdr_pipeline.planning.plan_requests` plans through one connection."""
+    """Runs :func:`~ktrdr_pipeline.domain.planning.plan_requests` plans through one connection."""
 
     def __init__(self, connection: IBConnection, governor: PacingGovernor, *,
                  timeout_s: float = 120.0, attempts: int = 3, backoff_s: float = 1.0,
@@ -102,7 +103,7 @@ class HistoricalFetcher:
         result = FetchResult(empty_bars(), requests_planned=len(plan))
         if not plan:
             return result
-        small = limits.is_small_bar(plan[0].bar_size)
+        small = ib_rules.is_small_bar(plan[0].bar_size)
         gate = asyncio.Semaphore(1 if small else self.max_concurrency)
         done = 0
         frames: list[tuple[int, pd.DataFrame]] = []
@@ -144,7 +145,7 @@ class HistoricalFetcher:
                 if len(frame) == 0:
                     result.empty_answers += 1
                 lo, hi = req.covers
-                if not limits.is_daily_or_larger(req.bar_size):
+                if not ib_rules.is_daily_or_larger(req.bar_size):
                     frame = frame[(frame.index >= lo) & (frame.index < hi)]
                 return frame
             except IBError as exc:
@@ -177,10 +178,10 @@ class HistoricalFetcher:
                             result: FetchResult) -> BarDataList:
         ib = await self.conn.ensure_connected()
         end = req.ib_end_string()
-        small = limits.is_small_bar(req.bar_size)
+        small = ib_rules.is_small_bar(req.bar_size)
         key = None
         if small:
-            key = paced_request_for(str(contract.conId or contract.symbol),
+            key = bars_pacing_key(str(contract.conId or contract.symbol),
                                     contract.exchange or "", end, req.duration, req.bar_size,
                                     req.what_to_show, req.use_rth)
         if small:
@@ -207,7 +208,7 @@ class HistoricalFetcher:
         def on_error(rid: int, code: int, message: str, _contract) -> None:
             if rid == req_id:
                 errors.append((code, message))
-                if not future.done() and code == limits.ERR_VALIDATION:
+                if not future.done() and code == ib_rules.ERR_VALIDATION:
                     future.set_exception(RequestError(rid, code, message))
 
         ib.errorEvent += on_error

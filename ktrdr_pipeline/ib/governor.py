@@ -3,7 +3,7 @@
 Usage, around each ``reqHistoricalData`` / ``reqHeadTimeStamp`` (until its answer or cancel)::
 
     governor = PacingGovernor(SqlitePacingLedger(path), PacingLimits())
-    key = paced_request_for(conid, "SMART", end, "1800 S", "1 secs", "TRADES", True)
+    key = bars_pacing_key(conid, "SMART", end, "1800 S", "1 secs", "TRADES", True)
     async with governor.slot(key, small=True):
         bars = await ib.reqHistoricalDataAsync(...)
     # a 162 pacing violation anyway: governor.report_violation(), then retry
@@ -12,7 +12,7 @@ For bars of 1 min and larger pass ``None`` (no hard rules) and ``small=False``.
 
 How waiting works: the ledger answers either "granted" or "wait w seconds" (the exact time
 until the binding rule lets this request through, computed by
-:meth:`~ktrdr_pipeline.ib.pacing.PacingWindow.next_allowed`). The governor sleeps exactly
+:meth:`~ktrdr_pipeline.domain.pacing.PacingWindow.next_allowed`). The governor sleeps exactly
 ``w`` and asks again, so each request goes at the earliest time the rules allow. Waiters in
 this process refused for the same reason (the global window, one contract's window, the
 open-request cap, ...) queue behind one lock instead of all waking at the same instant and
@@ -27,6 +27,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from ..domain.ib_rules import MAX_OPEN_HISTORICAL_REQUESTS, PacingLimits
+from ..domain.pacing import PacedRequest
 from .ledger import (
     CONTRACT,
     DEFAULT_LEASE_TTL,
@@ -38,57 +40,8 @@ from .ledger import (
     Reservation,
     SlotPolicy,
 )
-from .limits import MAX_OPEN_HISTORICAL_REQUESTS, PacingLimits
-from .pacing import PacedRequest
 
 log = logging.getLogger(__name__)
-
-_BID_ASK = "BID_ASK"
-
-
-def _weight(what_to_show: str) -> int:
-    return PacingLimits.bid_ask_weight if what_to_show.upper() == _BID_ASK else 1
-
-
-def _tick_key(contract_key: str, exchange: str, what_to_show: str) -> str:
-    return f"{contract_key}|{exchange.upper()}|{what_to_show.upper()}"
-
-
-def paced_request_for(
-    contract_key: str,
-    exchange: str,
-    end: str,
-    duration: str,
-    bar_size: str,
-    what_to_show: str,
-    use_rth: bool,
-) -> PacedRequest:
-    """The pacing key of a historical bars request (BID_ASK weighs 2).
-
-    ``contract_key`` must identify the contract uniquely (e.g. the conId); ``end`` is the
-    endDateTime string exactly as sent. Only bars of 30 secs or less are under the hard
-    rules: for larger bars pass ``None`` to :meth:`PacingGovernor.slot` instead.
-    """
-    identity = "|".join(
-        ("bars", contract_key, exchange.upper(), end, duration, bar_size, what_to_show.upper())
-        + (str(int(use_rth)),)
-    )
-    return PacedRequest(
-        identity, _tick_key(contract_key, exchange, what_to_show), _weight(what_to_show)
-    )
-
-
-def head_timestamp_request(
-    contract_key: str, exchange: str, what_to_show: str, use_rth: bool
-) -> PacedRequest:
-    """The pacing key of a ``reqHeadTimeStamp``: IB paces it like a small-bar request."""
-    identity = "|".join(
-        ("head", contract_key, exchange.upper(), what_to_show.upper(), str(int(use_rth)))
-    )
-    return PacedRequest(
-        identity, _tick_key(contract_key, exchange, what_to_show), _weight(what_to_show)
-    )
-
 
 class PacingGovernor:
     """Admits historical requests no faster than IB's pacing rules allow, across processes.

@@ -47,8 +47,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .limits import MAX_OPEN_HISTORICAL_REQUESTS, PacingLimits
-from .pacing import PacedRequest, PacingEvent, PacingWindow
+from ..domain.ib_rules import MAX_OPEN_HISTORICAL_REQUESTS, PacingLimits
+from ..domain.pacing import PacedRequest, PacingEvent, PacingWindow
 
 log = logging.getLogger(__name__)
 

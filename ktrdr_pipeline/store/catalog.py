@@ -73,8 +73,8 @@ from typing import Any
 
 import duckdb
 
+from ..domain.timeframes import TIMEFRAMES, Timeframe, enabled_timeframes
 from ..ib.contracts import STORAGE_KEY_PATTERN
-from ..timeframes import TIMEFRAMES, Timeframe, enabled_timeframes
 from .parquet import BarStore
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def view_statements(data_dir: Path,
     listing other timeframes' files. A view whose glob would match nothing is an empty
     relation of the same types instead. ``timeframes`` get a ``bars_<tf>`` view even
     when nothing is stored for them (default:
-    :func:`~ktrdr_pipeline.timeframes.enabled_timeframes`); stored timeframes always do.
+    :func:`~ktrdr_pipeline.domain.timeframes.enabled_timeframes`); stored timeframes always do.
     """
     wanted = [t.name if isinstance(t, Timeframe) else t
               for t in (timeframes if timeframes is not None else enabled_timeframes())]

@@ -40,9 +40,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..domain.timeframes import TIMEFRAMES, Timeframe
 from ..ib.contracts import parse_symbol
 from ..ib.fetch import BAR_COLUMNS, empty_bars
-from ..timeframes import TIMEFRAMES, Timeframe
 
 log = logging.getLogger(__name__)
 

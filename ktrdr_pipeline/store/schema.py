@@ -36,10 +36,10 @@ try:  # pandera >= 0.24 moved the pandas API to pandera.pandas
 except ImportError:  # pragma: no cover - older pandera
     import pandera as pa  # type: ignore[no-redef]
 
-from .. import calendars
-from ..calendars import HoursProfile
+from ..domain import calendars
+from ..domain.calendars import HoursProfile
+from ..domain.timeframes import Timeframe, get_timeframe
 from ..ib.fetch import BAR_COLUMNS
-from ..timeframes import Timeframe, get_timeframe
 
 log = logging.getLogger(__name__)
 

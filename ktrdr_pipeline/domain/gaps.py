@@ -17,9 +17,8 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from . import calendars
+from . import calendars, ib_rules
 from .calendars import HoursProfile
-from .ib import limits
 
 
 @dataclass(frozen=True)
@@ -42,14 +41,14 @@ def expected_bars(profile: HoursProfile, bar_size: str, start: datetime, end: da
                   now: datetime | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Start and end (epoch seconds) of every bar that should exist with its start in
     [start, end), from ``head`` on, closed by ``now``."""
-    size = limits.BAR_SIZE_SECONDS[bar_size]
+    size = ib_rules.BAR_SIZE_SECONDS[bar_size]
     lo = _epoch(start)
     hi = _epoch(end)
-    sessions = calendars.sessions_between(profile, start if not limits.is_daily_or_larger(
+    sessions = calendars.sessions_between(profile, start if not ib_rules.is_daily_or_larger(
         bar_size) else datetime.fromtimestamp(lo - 86400 * 2, UTC), end, use_rth)
     head_s = _epoch(head) if head is not None else None
     now_s = _epoch(now) if now is not None else None
-    if limits.is_daily_or_larger(bar_size):
+    if ib_rules.is_daily_or_larger(bar_size):
         return _expected_daily(sessions, bar_size, lo, hi, head_s, now_s)
     tz = ZoneInfo(profile.tz)
     starts: list[np.ndarray] = []

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .limits import PacingLimits
+from .ib_rules import BID_ASK, PacingLimits
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,53 @@ class PacedRequest:
     identity: str
     tick_key: str
     weight: int = 1  # 2 for BID_ASK
+
+
+def _weight(what_to_show: str) -> int:
+    """BID_ASK counts twice in every pacing rule (``shared/ib-facts.md`` §1)."""
+    return PacingLimits.bid_ask_weight if what_to_show.upper() == BID_ASK else 1
+
+
+def _tick_key(contract_key: str, exchange: str, what_to_show: str) -> str:
+    return f"{contract_key}|{exchange.upper()}|{what_to_show.upper()}"
+
+
+def bars_pacing_key(
+    contract_key: str,
+    exchange: str,
+    end: str,
+    duration: str,
+    bar_size: str,
+    what_to_show: str,
+    use_rth: bool,
+) -> PacedRequest:
+    """The pacing key of a historical bars request (BID_ASK weighs 2).
+
+    The only builder of it: the client's governor and the simulator's rules both call it.
+    ``contract_key`` must identify the contract uniquely (e.g. the conId); ``end`` is the
+    endDateTime string exactly as sent. Only bars of 30 secs or less are under the hard
+    rules: for larger bars the governor takes ``None`` instead.
+    """
+    identity = "|".join(
+        ("bars", contract_key, exchange.upper(), end, duration, bar_size, what_to_show.upper())
+        + (str(int(use_rth)),)
+    )
+    return PacedRequest(
+        identity, _tick_key(contract_key, exchange, what_to_show), _weight(what_to_show)
+    )
+
+
+def head_timestamp_pacing_key(
+    contract_key: str, exchange: str, what_to_show: str, use_rth: bool
+) -> PacedRequest:
+    """The pacing key of a ``reqHeadTimeStamp``: IB paces it like a small-bar request
+    (``shared/ib-facts.md`` §1), BID_ASK counting twice as for bars."""
+    identity = "|".join(
+        ("head", contract_key, exchange.upper(), what_to_show.upper(), str(int(use_rth)))
+    )
+    return PacedRequest(
+        identity, _tick_key(contract_key, exchange, what_to_show), _weight(what_to_show)
+    )
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,11 @@ cover every trading second of the range, each within this project's maximum dura
 request (``ib.limits.MAX_DURATION``); :func:`plan_ranges` does the same for several
 ranges, sharing requests between nearby ones. :func:`trading_intervals` gives the trading
 time a plan must cover; :func:`missing_intervals` is gap analysis on time intervals (the
-loader's own works on the bar grid, :mod:`ktrdr_pipeline.gaps`).
+loader's own works on the bar grid, :mod:`ktrdr_pipeline.domain.gaps`).
 
 Semantics of one IB request (``shared/ib-facts.md`` §2): it returns the bars whose start
 ``t`` satisfies ``end - span <= t < end``, where ``span`` is the duration's wall-clock
-length (``limits.DURATION_UNIT_SECONDS``). Bar timestamps are whole seconds, so all the
+length (``ib_rules.DURATION_UNIT_SECONDS``). Bar timestamps are whole seconds, so all the
 arithmetic here is done in integer epoch seconds; a bound with a fractional second is
 rounded *up*, which keeps exactly the same whole-second bar starts inside ``[start, end)``.
 """
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import ib_rules
 from .calendars import SCHEDULE_START, HoursProfile, resolve_profile, schedule
-from .ib import limits
-from .ib.limits import (
+from .ib_rules import (
     BAR_SIZE_SECONDS,
     MAX_DURATION,
     SMALL_BAR_HISTORY,
@@ -42,7 +42,7 @@ from .ib.limits import (
 logger = logging.getLogger(__name__)
 
 #: Every ``whatToShow`` value the planner accepts.
-WHAT_TO_SHOW = limits.WHAT_TO_SHOW
+WHAT_TO_SHOW = ib_rules.WHAT_TO_SHOW
 
 #: What IB serves for forex (§2: FX TRADES answers 162 "no data").
 _FX_WHAT_TO_SHOW = frozenset({"MIDPOINT", "BID", "ASK", "BID_ASK"})

@@ -1,7 +1,7 @@
 """The registry of timeframes: one place that says what ``1m`` or ``1h`` means.
 
 Each timeframe has a name (used in asset names, paths and SQL: ``bars_1h``), IB's bar size
-string, IB's maximum request duration (from :mod:`ktrdr_pipeline.ib.limits`) and the
+string, IB's maximum request duration (from :mod:`ktrdr_pipeline.domain.ib_rules`) and the
 partition period its stored data is split by: daily for seconds bars, monthly for minute
 bars, yearly for hour and larger bars.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from .ib import limits
+from . import ib_rules
 
 #: Partition windows are cut in this time zone (the pipeline's exchange-time edge).
 PARTITION_TZ = "US/Eastern"
@@ -28,15 +28,15 @@ class Timeframe:
 
     @property
     def seconds(self) -> int:
-        return limits.BAR_SIZE_SECONDS[self.bar_size]
+        return ib_rules.BAR_SIZE_SECONDS[self.bar_size]
 
     @property
     def max_duration(self) -> timedelta:
-        return limits.MAX_DURATION[self.bar_size]
+        return ib_rules.MAX_DURATION[self.bar_size]
 
     @property
     def is_daily_or_larger(self) -> bool:
-        return limits.is_daily_or_larger(self.bar_size)
+        return ib_rules.is_daily_or_larger(self.bar_size)
 
     @property
     def period_format(self) -> str:

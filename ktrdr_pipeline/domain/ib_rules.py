@@ -84,6 +84,9 @@ def is_daily_or_larger(bar_size: str) -> bool:
     return BAR_SIZE_SECONDS[bar_size] >= DAILY_BAR_SECONDS
 
 
+#: The whatToShow value that counts twice in the pacing rules.
+BID_ASK = "BID_ASK"
+
 #: Every whatToShow value this project requests (``shared/ib-facts.md`` §2).
 WHAT_TO_SHOW: tuple[str, ...] = (
     "TRADES",
