@@ -13,15 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .domain import calendars, gaps
+from .domain.bars import FetchState, fetch_state
 from .domain.timeframes import Timeframe
 from .ib.contracts import JsonCache
-from .loader import default_use_rth, newest_unasked, stored_partial_from
+from .loader import default_use_rth, newest_unasked
 from .store.parquet import BarStore
 
 
@@ -44,22 +44,22 @@ def recent_expected_bars(profile: calendars.HoursProfile, tf: Timeframe, use_rth
     return gaps.expected_bars(profile, tf.bar_size, now - lookback, now, use_rth, now=now)
 
 
-def completed_starts(frame: pd.DataFrame, meta: dict[str, Any] | None) -> np.ndarray:
+def completed_starts(frame: pd.DataFrame, state: FetchState) -> np.ndarray:
     """Starts (epoch seconds) of the stored bars that had closed when fetched: the bar
     still in progress then does not count."""
     stored = frame.index.asi8 // 10**9 if len(frame) else np.empty(0, np.int64)
-    partial = stored_partial_from(meta)
+    partial = state.partial_from
     return stored[stored < partial] if partial is not None else stored
 
 
-def behind(completed: np.ndarray, meta: dict[str, Any] | None, exp_start: np.ndarray,
+def behind(completed: np.ndarray, state: FetchState, exp_start: np.ndarray,
            exp_end: np.ndarray) -> bool:
     """Whether a partition lacks a closed bar (``exp_start``/``exp_end``: the bars its
     period should have by now; ``completed``: :func:`completed_starts`) that IB has not
     been asked for since it closed."""
     if not len(exp_start) or (len(completed) and completed[-1] >= exp_start[-1]):
         return False
-    return newest_unasked(exp_start, exp_end, completed, meta) is not None
+    return newest_unasked(exp_start, exp_end, completed, state) is not None
 
 
 def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timeframe],
@@ -86,8 +86,9 @@ def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timefr
             lo, hi = tf.period_bounds(period)
             inside = (starts >= lo.timestamp()) & (starts < hi.timestamp())
             frame, meta = store.read_with_meta(tf.name, symbol, period)
-            done = completed_starts(frame, meta)
-            if behind(done, meta, starts[inside], ends[inside]):
+            state = fetch_state(meta)
+            done = completed_starts(frame, state)
+            if behind(done, state, starts[inside], ends[inside]):
                 last = datetime.fromtimestamp(int(done[-1]), UTC) if len(done) else None
                 out.append(StalePartition(tf.name, symbol, period, expected, last))
     return out

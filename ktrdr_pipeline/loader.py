@@ -31,13 +31,14 @@ import numpy as np
 import pandas as pd
 
 from .domain import calendars, gaps
+from .domain.bars import FetchState, empty_bars, fetch_state
 from .domain.ib_rules import PacingLimits
 from .domain.planning import plan_ranges
 from .domain.timeframes import Timeframe, get_timeframe
 from .ib.connection import IBConnection
 from .ib.contracts import ContractResolver, HeadTimestamps, parse_symbol
 from .ib.errors import ErrorKind, IBError
-from .ib.fetch import HistoricalFetcher, empty_bars
+from .ib.fetch import HistoricalFetcher
 from .ib.governor import PacingGovernor
 from .ib.ledger import SqlitePacingLedger
 from .settings import Settings
@@ -129,36 +130,18 @@ class PipelineContext:
         await self.connection.disconnect()
 
 
-def stored_partial_from(meta: dict[str, Any] | None) -> int | None:
-    """Epoch of the stored bar that was still in progress when fetched (None: none)."""
-    raw = (meta or {}).get("partial_from")
-    return int(raw) if raw not in (None, "", "None") else None
-
-
-def stored_empty_runs(meta: dict[str, Any] | None) -> list[tuple[int, int]]:
-    """The spans of expected bars IB answered without a bar (see the module docstring)."""
-    raw = (meta or {}).get("empty_runs") or []
-    return sorted((int(a), int(b)) for a, b in raw)
-
-
-def stored_asked_until(meta: dict[str, Any] | None) -> int | None:
-    """Epoch up to which IB was last asked for this partition's bars (None: unknown)."""
-    raw = (meta or {}).get("asked_until")
-    return int(raw) if raw not in (None, "") else None
-
-
 def expected_but_missing(exp_start: np.ndarray, stored_starts: np.ndarray,
-                         meta: dict[str, Any] | None) -> np.ndarray:
+                         state: FetchState) -> np.ndarray:
     """Which expected bars are neither stored nor known to be empty at IB."""
-    return ~gaps.present(exp_start, stored_starts, stored_empty_runs(meta))
+    return ~gaps.present(exp_start, stored_starts, state.empty_runs)
 
 
 def newest_unasked(exp_start: np.ndarray, exp_end: np.ndarray, stored_starts: np.ndarray,
-                   meta: dict[str, Any] | None) -> int | None:
+                   state: FetchState) -> int | None:
     """Index of the newest expected bar that is missing and that IB has not been asked for
     since it closed (None: the partition is as current as IB can make it)."""
-    missing = expected_but_missing(exp_start, stored_starts, meta)
-    asked = stored_asked_until(meta)
+    missing = expected_but_missing(exp_start, stored_starts, state)
+    asked = state.asked_until
     if asked is not None:
         missing &= exp_end > asked
     found = np.flatnonzero(missing)
@@ -184,8 +167,9 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     what = contract.what_to_show
     result = PartitionResult(key, tf.name, period, use_rth=use_rth, what_to_show=what)
     stored, meta = ctx.store.read_with_meta(tf.name, key, period)
+    state = fetch_state(meta)
     if meta is not None and mode != "full":
-        stored_rth = str(meta.get("use_rth")).lower() in ("true", "1")
+        stored_rth = meta.use_rth
         if stored_rth != use_rth:
             raise LoadError(
                 f"{key} {tf.name} {period} is stored with useRTH={int(stored_rth)} but this "
@@ -215,11 +199,11 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
                                             head=head, now=now)
     result.expected_bars = len(exp_start)
     stored_s = (stored.index.asi8 // 10**9) if len(stored) else np.empty(0, np.int64)
-    partial_from = stored_partial_from(meta)
+    partial_from = state.partial_from
     if partial_from is not None and mode != "full":
         stored_s = stored_s[stored_s < partial_from]  # a stored partial bar is a gap
     lo_s, hi_s = int(p_start.timestamp()), math.ceil(p_end.timestamp())
-    old_runs = stored_empty_runs(meta)
+    old_runs = list(state.empty_runs)
     trusted_runs = [] if mode == "full" else old_runs  # full mode asks again
     known_empty = gaps.in_runs(exp_start, trusted_runs)
     segments = gaps.missing_segments(exp_start, exp_end, stored_s, trusted_runs)
@@ -277,12 +261,10 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
         if _segment_resolved(seg, exp_start, resolved, after))
     asked_until = min(int(now.timestamp()), max(int(seg.end.timestamp()) for seg in segments))
     ctx.store.write(tf.name, key, period, merged, use_rth=use_rth, what_to_show=what,
-                    extra_meta={"con_id": str(contract.con_id),
-                                "partial_from": "" if new_partial is None else str(new_partial),
-                                "fetched_at": now.isoformat(),
-                                "asked_until": max(asked_until,
-                                                   stored_asked_until(meta) or 0),
-                                "empty_runs": [list(r) for r in runs]})
+                    fetch=FetchState(con_id=str(contract.con_id), fetched_at=now.isoformat(),
+                                     partial_from=new_partial,
+                                     asked_until=max(asked_until, state.asked_until or 0),
+                                     empty_runs=tuple(runs)))
     result.bars_written = len(merged)
     _finish(result, merged)
     return result

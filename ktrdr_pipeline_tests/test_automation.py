@@ -125,6 +125,7 @@ def test_sensor_and_fresh_check_share_one_test_of_behind():
     import numpy as np
     import pandas as pd
 
+    from ktrdr_pipeline.domain.bars import FetchState
     from ktrdr_pipeline.freshness import behind, completed_starts
 
     t0 = 1_763_478_000  # 2025-11-18 15:00 UTC
@@ -133,14 +134,16 @@ def test_sensor_and_fresh_check_share_one_test_of_behind():
     index = pd.DatetimeIndex(pd.to_datetime(starts, unit="s", utc=True), name="ts").as_unit("ns")
     frame = pd.DataFrame({"close": np.arange(5.0)}, index=index)
     # the last bar was fetched while in progress, and it has closed since
-    meta = {"partial_from": str(int(starts[-1])), "asked_until": int(starts[-1]) + 30}
-    done = completed_starts(frame, meta)
+    state = FetchState(partial_from=int(starts[-1]), asked_until=int(starts[-1]) + 30)
+    done = completed_starts(frame, state)
     assert list(done) == list(starts[:-1])
-    assert behind(done, meta, starts, ends)
+    assert behind(done, state, starts, ends)
     # fetched again after it closed: IB returned nothing newer (a minute without a trade)
-    assert not behind(done, {**meta, "asked_until": int(ends[-1])}, starts, ends)
-    assert not behind(completed_starts(frame, {}), {}, starts, ends)
-    assert behind(completed_starts(frame.iloc[:0], None), None, starts, ends)
+    again = FetchState(partial_from=int(starts[-1]), asked_until=int(ends[-1]))
+    assert not behind(done, again, starts, ends)
+    assert not behind(completed_starts(frame, FetchState()), FetchState(), starts, ends)
+    empty = frame.iloc[:0]
+    assert behind(completed_starts(empty, FetchState()), FetchState(), starts, ends)
 
 
 @pytest.mark.parametrize("tags", [

@@ -18,6 +18,7 @@ import pytest
 from ktrdr_pipeline.defs.assets import build_bar_asset
 from ktrdr_pipeline.defs.checks import build_checks
 from ktrdr_pipeline.defs.resources import KtrdrSettings
+from ktrdr_pipeline.domain.bars import FetchState
 from ktrdr_pipeline.domain.timeframes import get_timeframe
 from ktrdr_pipeline.gateway.market import C, H, L, O, T, V
 from ktrdr_pipeline.gateway.server import GatewayThread
@@ -84,8 +85,8 @@ def test_complete_partition_makes_zero_requests_and_inner_gap_fetches_only_it(en
         frame.index < pd.Timestamp("2025-06-13", tz=UTC))
     meta_before = store.read_meta("1h", "AAPL", "2025")
     store.write("1h", "AAPL", "2025", frame[~hole], use_rth=True, what_to_show="TRADES",
-                extra_meta={k: v for k, v in meta_before.items()
-                            if k in ("con_id", "partial_from", "fetched_at")})
+                fetch=FetchState(con_id=meta_before.con_id, fetched_at=meta_before.fetched_at,
+                                 partial_from=meta_before.partial_from))
     meta, checks = _materialize("1h", "AAPL", "2025", env)
     new = _requests(audit_path)[before:]
     assert meta["gaps_found"].value == 1 and meta["bars_fetched"].value == hole.sum()
@@ -190,8 +191,7 @@ def test_mixing_rth_is_refused_unless_full(env):
 
     result = asyncio.run(go())
     assert result.use_rth is False and result.rows > 252 * 7
-    assert BarStore(data_dir).read_meta("1h", "SPY", "2025")["use_rth"] in (False, "False",
-                                                                              "false")
+    assert BarStore(data_dir).read_meta("1h", "SPY", "2025").use_rth is False
 
 
 # -- a thin stock: TRADES bars only where something traded --------------------------------
@@ -237,8 +237,7 @@ def test_thin_stock_bars_without_trades_are_asked_for_once(env):
     day = (stored.index >= pd.Timestamp("2026-10-14", tz=UTC)) & (
         stored.index < pd.Timestamp("2026-10-15", tz=UTC))
     store.write("1m", "ILLQ", "2026-10", stored[~day], use_rth=True, what_to_show="TRADES",
-                extra_meta={k: meta[k] for k in ("con_id", "partial_from", "fetched_at",
-                                                 "asked_until", "empty_runs")})
+                fetch=meta.fetch)
     refill = _load(gw, data_dir, "ILLQ", "1m", "2026-10")
     new = _requests(audit_path)[before:]
     assert len(new) == 1  # that session's trading hours, no more
@@ -268,9 +267,9 @@ def test_thin_stock_tail_confirms_holes_once_they_settle(env):
     first = _load(gw, data_dir, "ILLQ", "1m", "2026-11")
     assert first.known_empty_bars > 0
     meta = BarStore(data_dir).read_meta("1m", "ILLQ", "2026-11")
-    asked = meta["asked_until"]
+    asked = meta.asked_until
     assert abs(asked - MARKET_OPEN.timestamp()) < 60
-    newest_hole = max(b for _, b in meta["empty_runs"])
+    newest_hole = max(b for _, b in meta.empty_runs)
     assert newest_hole <= asked - HOLE_SETTLE.total_seconds()  # recent holes not trusted yet
     # the minute before the clock saw no trade; IB was asked after it closed, so there is
     # nothing to chase

@@ -198,3 +198,27 @@ def test_unknown_and_ambiguous_contracts_are_200(gateway, ib):
     assert len(messages) == 2
     assert "No security definition" in messages[0]
     assert "ambiguous" in messages[1]
+
+
+def test_bid_ask_head_timestamps_weigh_two_as_for_the_governor(audit_path):
+    """IB counts BID_ASK twice in every pacing rule, head timestamps included
+    (``shared/ib-facts.md`` §1): two BID_ASK head timestamps (weight 4) and a BID_ASK
+    5-second request (2) for one contract exceed the 5 allowed in 2 s. The keys come from
+    ``domain.pacing``, the one builder the governor uses too. Windows are stretched 10×
+    so that a busy machine cannot let the first requests age out of the window."""
+    from ktrdr_pipeline.domain.pacing import bars_pacing_key, head_timestamp_pacing_key
+
+    assert head_timestamp_pacing_key("1", "SMART", "BID_ASK", True).weight == 2
+    assert bars_pacing_key("1", "SMART", "", "1800 S", "5 secs", "BID_ASK", True).weight == 2
+    with GatewayThread(clock=MARKET_OPEN, latency="none", audit_log=audit_path,
+                       pacing_time_scale=10) as gw:
+        ib = connect(gw)
+        try:
+            errors = ErrorLog(ib)
+            ib.RaiseRequestErrors = False
+            assert ib.reqHeadTimeStamp(AAPL, "BID_ASK", True, 2)
+            assert ib.reqHeadTimeStamp(AAPL, "BID_ASK", False, 2)
+            assert len(_small_bars(ib, AAPL, "20261117 15:00:00 US/Eastern", "BID_ASK")) == 0
+            assert _codes_for(errors, 162) == [ib_rules.MSG_PACING_VIOLATION]
+        finally:
+            ib.disconnect()

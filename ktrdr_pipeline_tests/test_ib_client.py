@@ -15,6 +15,7 @@ import pytest
 from ib_async import IB, Contract
 
 from ktrdr_pipeline.domain import calendars, ib_rules
+from ktrdr_pipeline.domain.bars import BAR_COLUMNS
 from ktrdr_pipeline.domain.ib_rules import PacingLimits
 from ktrdr_pipeline.domain.planning import HistoricalRequest, plan_requests
 from ktrdr_pipeline.gateway.server import GatewayThread
@@ -29,7 +30,7 @@ from ktrdr_pipeline.ib.errors import (
     SymbolError,
     classify,
 )
-from ktrdr_pipeline.ib.fetch import BAR_COLUMNS, HistoricalFetcher, default_what_to_show
+from ktrdr_pipeline.ib.fetch import HistoricalFetcher, default_what_to_show
 from ktrdr_pipeline.ib.governor import PacingGovernor
 from ktrdr_pipeline.ib.ledger import MemoryPacingLedger
 

@@ -23,10 +23,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ktrdr_pipeline.domain import calendars
+from ktrdr_pipeline.domain.bars import (
+    BAR_COLUMNS,
+    FetchState,
+    PartitionMeta,
+    empty_bars,
+    fetch_state,
+)
 from ktrdr_pipeline.domain.timeframes import get_timeframe
 from ktrdr_pipeline.gateway.market import C, H, L, MarketModel, N, O, T, V, W
 from ktrdr_pipeline.gateway.universe import build_universe
-from ktrdr_pipeline.ib.fetch import BAR_COLUMNS, empty_bars
 from ktrdr_pipeline.store import catalog as cat
 from ktrdr_pipeline.store import parquet as pqstore
 from ktrdr_pipeline.store.parquet import BarStore
@@ -185,7 +191,7 @@ def test_write_is_atomic_when_the_writer_fails_midway(tmp_path: Path,
     with pytest.raises(OSError, match="disk full"):
         write(store, "1m", "AAPL", "2024-03", minute_frame("2024-03-05 14:30", 80), con_id="2")
     pd.testing.assert_frame_equal(store.read("1m", "AAPL", "2024-03"), old)
-    assert store.read_meta("1m", "AAPL", "2024-03")["con_id"] == "1"
+    assert store.read_meta("1m", "AAPL", "2024-03").con_id == "1"
     directory = store.path("1m", "AAPL", "2024-03").parent
     assert sorted(p.name for p in directory.iterdir()) == ["data.parquet"]
 
@@ -292,6 +298,26 @@ def test_valid_keys_stay_inside_the_store(tmp_path: Path) -> None:
         assert path.name == "data.parquet"
 
 
+def test_fetch_state_round_trips_typed_and_unknown_keys_are_kept(tmp_path: Path) -> None:
+    store = BarStore(tmp_path)
+    state = FetchState(con_id="265598", fetched_at="2026-11-30T12:00:00+00:00",
+                       partial_from=1764504000, asked_until=1764504060,
+                       empty_runs=((1764500000, 1764500120), (1764501000, 1764501060)))
+    store.write("1m", "AAPL", "2026-11", minute_frame("2026-11-30 14:30", 3), use_rth=True,
+                what_to_show="TRADES", fetch=state, extra_meta={"source": "a test"})
+    frame, meta = store.read_with_meta("1m", "AAPL", "2026-11")
+    assert len(frame) == 3 and meta.fetch == state and meta.extra == {"source": "a test"}
+    assert PartitionMeta.from_json(meta.to_json()) == meta
+    assert fetch_state(None) == FetchState() and fetch_state(meta) == state
+    # a partition written before the typed record (or by hand) reads the same way
+    legacy = {"use_rth": "true", "what_to_show": "TRADES", "partial_from": "",
+              "empty_runs": [[5, 6], [1, 2]], "asked_until": "7", "con_id": 42}
+    parsed = PartitionMeta.from_json(legacy)
+    assert parsed.use_rth is True and parsed.partial_from is None
+    assert parsed.empty_runs == ((1, 2), (5, 6)) and parsed.asked_until == 7
+    assert parsed.con_id == "42"
+
+
 def test_metadata_round_trip(tmp_path: Path) -> None:
     store = BarStore(tmp_path)
     fetched = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -299,20 +325,21 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
                 use_rth=False, what_to_show="MIDPOINT",
                 extra_meta={"con_id": 12087792, "fetched_at": fetched, "partial_from": ""})
     meta = store.read_meta("1h", "EURUSD", "2026")
-    assert meta["use_rth"] is False and meta["what_to_show"] == "MIDPOINT"
-    assert meta["con_id"] == 12087792 and meta["fetched_at"] == fetched.isoformat()
-    assert meta["rows"] == 4 and meta["timeframe"] == "1h" and meta["symbol"] == "EURUSD"
-    assert meta["period"] == "2026" and "written_at" in meta
+    assert meta.use_rth is False and meta.what_to_show == "MIDPOINT"
+    assert meta.con_id == "12087792" and meta.fetched_at == fetched.isoformat()
+    assert meta.rows == 4 and meta.timeframe == "1h" and meta.symbol == "EURUSD"
+    assert meta.period == "2026" and meta.written_at is not None
+    assert meta.partial_from is None and meta.empty_runs == () and meta.asked_until is None
     with pytest.raises(ValueError, match="reserved"):
         store.write("1h", "EURUSD", "2026", empty_bars(), use_rth=False,
                     what_to_show="MIDPOINT", extra_meta={"use_rth": True})
     with pytest.raises(ValueError, match="use_rth"):
         store.write("1h", "EURUSD", "2026", empty_bars(), use_rth="yes",  # type: ignore[arg-type]
                     what_to_show="MIDPOINT")
-    assert store.read_meta("1h", "EURUSD", "2026")["con_id"] == 12087792
+    assert store.read_meta("1h", "EURUSD", "2026").con_id == "12087792"
     # an empty partition is a valid partition (a period without bars)
     store.write("1h", "EURUSD", "2025", empty_bars(), use_rth=False, what_to_show="MIDPOINT")
-    assert store.read_meta("1h", "EURUSD", "2025")["rows"] == 0
+    assert store.read_meta("1h", "EURUSD", "2025").rows == 0
     assert len(store.read("1h", "EURUSD", "2025")) == 0
 
 

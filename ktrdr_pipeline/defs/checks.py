@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 
 from ..domain import calendars, gaps
+from ..domain.bars import fetch_state
 from ..domain.timeframes import Timeframe, enabled_timeframes
 from ..freshness import behind, completed_starts
 from ..ib.contracts import JsonCache
-from ..loader import default_use_rth, stored_empty_runs
+from ..loader import default_use_rth
 from ..settings import pipeline_now
 from ..store.parquet import BarStore
 from ..store.schema import duplicate_or_unsorted, ohlc_violations, session_violations
@@ -65,17 +66,16 @@ class PartitionView:
         self.tf, self.symbol, self.period = tf, symbol, period
         store = BarStore(data_dir)
         self.frame, meta = store.read_with_meta(tf.name, symbol, period)
-        self.meta = meta or {}
+        self.fetch = fetch_state(meta)
         contract = JsonCache(data_dir / "cache" / "contracts.json", float("inf")).get(symbol)
         self.sec_type = (contract or {}).get("sec_type")
         self.con_id = (contract or {}).get("con_id")
         self.profile = calendars.profile_for(self.sec_type) if self.sec_type else None
-        rth = self.meta.get("use_rth")
-        self.use_rth = (str(rth).lower() in ("true", "1")) if rth is not None else (
-            default_use_rth(self.sec_type or "STK"))
+        self.use_rth = meta.use_rth if meta is not None else default_use_rth(
+            self.sec_type or "STK")
         self.head = None
         if self.con_id is not None:
-            what = self.meta.get("what_to_show", "TRADES")
+            what = meta.what_to_show if meta is not None else "TRADES"
             cached = JsonCache(data_dir / "cache" / "head_timestamps.json", float("inf")).get(
                 f"{self.con_id}|{what}|{int(self.use_rth)}")
             self.head = datetime.fromisoformat(cached) if cached else None
@@ -107,12 +107,12 @@ def _calendar_gaps(view: PartitionView) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
                                    description="contract unknown: not loaded yet")
     start, end = tf.period_bounds(view.period)
-    fetched_at = view.meta.get("fetched_at")
+    fetched_at = view.fetch.fetched_at
     now = datetime.fromisoformat(fetched_at) if fetched_at else pipeline_now()
     exp_s, exp_e = gaps.expected_bars(view.profile, tf.bar_size, start, end, view.use_rth,
                                       head=view.head, now=now)
     stored = view.frame.index.asi8 // 10**9 if len(view.frame) else np.empty(0, np.int64)
-    empty_runs = stored_empty_runs(view.meta)
+    empty_runs = view.fetch.empty_runs
     known_empty = gaps.in_runs(exp_s, empty_runs)
     segments = gaps.missing_segments(exp_s, exp_e, stored, empty_runs)
     missing_sessions = sorted({
@@ -142,7 +142,7 @@ def _fresh(view: PartitionView) -> dg.AssetCheckResult:
     last_stored = view.frame.index[-1].to_pydatetime() if len(view.frame) else None
     # the same test as the tail-fill sensor's: behind only when a missing bar closed after
     # IB was last asked (a thin instrument's minute without a trade has no bar)
-    ok = not behind(completed_starts(view.frame, view.meta), view.meta, exp_s, exp_e)
+    ok = not behind(completed_starts(view.frame, view.fetch), view.fetch, exp_s, exp_e)
     return dg.AssetCheckResult(
         passed=ok, severity=dg.AssetCheckSeverity.WARN,
         metadata={"last_expected_bar": str(last_expected), "last_stored_bar": str(last_stored)})

@@ -1,9 +1,8 @@
 """Which bars a period should have, and which of them are missing (pure logic).
 
 A period's *expected* bars are the bar starts IB produces for the instrument's sessions:
-bars align to multiples of their size from local midnight in the exchange's time zone,
-and a session's first bar starts at the open (a 1-hour bar of NYSE starts at 09:30, the
-next at 10:00). Daily and larger bars are keyed by session date at 00:00 UTC. Only bars
+bars lie on the bar grid (:mod:`ktrdr_pipeline.domain.grid`: a 1-hour bar of NYSE starts
+at 09:30, the next at 10:00; daily and larger bars are keyed by session date at 00:00 UTC). Only bars
 that have *closed* by ``now`` are expected; the bar in progress is fetched with the tail
 but never counted as a gap.
 """
@@ -17,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from . import calendars, ib_rules
+from . import calendars, grid, ib_rules
 from .calendars import HoursProfile
 
 
@@ -53,22 +52,9 @@ def expected_bars(profile: HoursProfile, bar_size: str, start: datetime, end: da
     tz = ZoneInfo(profile.tz)
     starts: list[np.ndarray] = []
     ends: list[np.ndarray] = []
-    step = min(size, 60)
     for s in sessions:
-        o, c = _epoch(s.open), _epoch(s.close)
-        grid = np.arange(o, c, step, dtype=np.int64)
-        if size <= 60 or 86400 % size:
-            labels = (grid // size) * size
-        else:
-            midnight = datetime.fromtimestamp(o, UTC).astimezone(tz).replace(
-                hour=0, minute=0, second=0, microsecond=0)
-            base = int(midnight.timestamp())
-            labels = base + ((grid - base) // size) * size
-        labels = np.maximum(labels, o)
-        uniq = np.unique(labels)
-        bar_end = np.minimum(np.append(uniq[1:], c), uniq + size)
-        bar_end = np.minimum(bar_end, c)
-        starts.append(uniq)
+        bar_start, bar_end = grid.session_bars(_epoch(s.open), _epoch(s.close), size, tz)
+        starts.append(bar_start)
         ends.append(bar_end)
     if not starts:
         return np.empty(0, np.int64), np.empty(0, np.int64)
@@ -85,7 +71,7 @@ def _expected_daily(sessions, bar_size: str, lo: int, hi: int, head_s: int | Non
                     now_s: int | None) -> tuple[np.ndarray, np.ndarray]:
     keys, ends = [], []
     for s in sessions:
-        key = int(datetime(s.date.year, s.date.month, s.date.day, tzinfo=UTC).timestamp())
+        key = int(grid.daily_key(np.datetime64(s.date, "D")))
         close = _epoch(s.close)
         if head_s is not None and close <= head_s:
             continue
@@ -93,13 +79,8 @@ def _expected_daily(sessions, bar_size: str, lo: int, hi: int, head_s: int | Non
         ends.append(close)
     k, e = np.array(keys, dtype=np.int64), np.array(ends, dtype=np.int64)
     if bar_size != "1 day" and len(k):
-        days = k.astype("datetime64[s]").astype("datetime64[D]")
-        if bar_size == "1 week":
-            group = (days - ((days.astype(np.int64) - 4) % 7).astype("timedelta64[D]"))
-        else:
-            group = days.astype("datetime64[M]").astype("datetime64[D]")
-        group = group.astype(np.int64)
-        first = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        first = grid.first_of_each_period(k.astype("datetime64[s]").astype("datetime64[D]"),
+                                          bar_size)
         last = np.r_[first[1:], len(k)] - 1
         k, e = k[first], e[last]
     keep = (k >= lo) & (k < hi)

@@ -21,13 +21,13 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from . import ib_rules
+from . import grid, ib_rules
 from .calendars import SCHEDULE_START, HoursProfile, resolve_profile, schedule
 from .ib_rules import (
     BAR_SIZE_SECONDS,
@@ -361,16 +361,6 @@ def _plan_intraday(
     return requests
 
 
-def _unit_keys(dates: np.ndarray, bar_size: str) -> list[Any]:
-    """Sessions sharing a key belong to one bar (a week's or a month's sessions)."""
-    days: list[date] = [pd.Timestamp(d).date() for d in dates]
-    if bar_size == "1 week":
-        return [d.isocalendar()[:2] for d in days]
-    if bar_size == "1 month":
-        return [(d.year, d.month) for d in days]
-    return days
-
-
 def _plan_daily(
     profile: HoursProfile,
     lo: int,
@@ -391,10 +381,9 @@ def _plan_daily(
         return []
     ends = closes if now is None else np.minimum(closes, now)
     c_open, c_close = np.maximum(opens, lo), np.minimum(closes, hi)  # covered (clipped) time
-    keys = _unit_keys(dates, bar_size)
-    # Units: runs of consecutive sessions with one key -> [first index, last index].
-    unit_first = [0] + [k for k in range(1, len(keys)) if keys[k] != keys[k - 1]]
-    unit_last = [k - 1 for k in unit_first[1:]] + [len(keys) - 1]
+    # Units: runs of consecutive sessions of one bar -> [first index, last index].
+    unit_first = grid.first_of_each_period(dates, bar_size).tolist()
+    unit_last = [k - 1 for k in unit_first[1:]] + [len(dates) - 1]
     span = max_span_seconds(bar_size)
     requests: list[HistoricalRequest] = []
     u, n_units = 0, len(unit_first)

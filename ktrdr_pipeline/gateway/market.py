@@ -38,7 +38,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from ..domain import calendars
+from ..domain import calendars, grid
 from ..domain.ib_rules import BAR_SIZE_SECONDS, DAILY_BAR_SECONDS
 from .universe import REFERENCE_DATE, Instrument
 
@@ -311,16 +311,9 @@ class MarketModel:
 
     @staticmethod
     def _labels(t: np.ndarray, size: int, session_open: int, tz: ZoneInfo) -> np.ndarray:
-        """Bar start for each row: bars align to multiples of the size from local
-        midnight; the first bar of a session starts at the open."""
-        if size <= 60 or 86400 % size != 0:
-            base = 0.0
-        else:
-            first = datetime.fromtimestamp(float(t[0]), UTC).astimezone(tz)
-            midnight = first.replace(hour=0, minute=0, second=0, microsecond=0)
-            base = midnight.timestamp()
-        lab = base + np.floor((t - base) / size) * size
-        return np.maximum(lab, float(session_open))
+        """Bar start for each row, on the bar grid (:mod:`ktrdr_pipeline.domain.grid`)."""
+        origin = grid.grid_origin(int(t[0]), size, tz)
+        return grid.bar_starts(t.astype(np.int64), size, session_open, origin).astype(float)
 
     def _daily_bars(self, inst: Instrument, bar_size: str, s: datetime, e: datetime,
                     use_rth: bool, now_s: float, trades: bool = False) -> np.ndarray:
@@ -338,19 +331,13 @@ class MarketModel:
             return np.empty((0, 8))
         block = np.array(rows)
         day_arr = np.array(days, dtype="datetime64[D]")
-        block[:, T] = day_arr.astype("datetime64[s]").astype(np.int64)
+        block[:, T] = grid.daily_key(day_arr)
         if bar_size == "1 day":
             return block
-        if bar_size == "1 week":
-            # Label a week by its first session; weeks start on Monday.
-            week = (day_arr - ((day_arr.astype(np.int64) - 4) % 7).astype("timedelta64[D]"))
-            labels = week.astype("datetime64[s]").astype(np.int64).astype(float)
-        else:  # 1 month
-            labels = day_arr.astype("datetime64[M]").astype("datetime64[s]").astype(
-                np.int64).astype(float)
+        labels = grid.period_start(day_arr, bar_size).astype("datetime64[s]").astype(
+            np.int64).astype(float)
         agg = self.aggregate(block, labels)
-        firsts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
-        agg[:, T] = block[firsts, T]
+        agg[:, T] = block[grid.first_of_each_period(day_arr, bar_size), T]
         return agg
 
     # -- prices for snapshots ----------------------------------------------------------

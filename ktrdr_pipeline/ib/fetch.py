@@ -19,6 +19,7 @@ from ib_async import BarDataList, Contract
 from ib_async.wrapper import RequestError
 
 from ..domain import ib_rules
+from ..domain.bars import empty_bars
 from ..domain.pacing import bars_pacing_key
 from ..domain.planning import HistoricalRequest
 from .connection import IBConnection
@@ -27,8 +28,6 @@ from .governor import PacingGovernor
 
 log = logging.getLogger(__name__)
 
-BAR_COLUMNS = ["open", "high", "low", "close", "volume", "wap", "bar_count"]
-
 #: whatToShow per security type when the caller does not choose (FX has no TRADES).
 DEFAULT_WHAT_TO_SHOW = {"STK": "TRADES", "FUT": "TRADES", "IND": "TRADES", "OPT": "TRADES",
                         "CASH": "MIDPOINT", "CMDTY": "MIDPOINT", "CRYPTO": "MIDPOINT"}
@@ -36,13 +35,6 @@ DEFAULT_WHAT_TO_SHOW = {"STK": "TRADES", "FUT": "TRADES", "IND": "TRADES", "OPT"
 
 def default_what_to_show(sec_type: str) -> str:
     return DEFAULT_WHAT_TO_SHOW.get(sec_type.upper(), "TRADES")
-
-
-def empty_bars() -> pd.DataFrame:
-    frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in BAR_COLUMNS})
-    frame["bar_count"] = frame["bar_count"].astype("int64")
-    frame.index = pd.DatetimeIndex([], tz=UTC, name="ts")
-    return frame
 
 
 def bars_to_frame(bars: Iterable) -> pd.DataFrame:

@@ -40,9 +40,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..domain.bars import BAR_COLUMNS, FORMAT_VERSION, FetchState, PartitionMeta, empty_bars
 from ..domain.timeframes import TIMEFRAMES, Timeframe
 from ..ib.contracts import parse_symbol
-from ..ib.fetch import BAR_COLUMNS, empty_bars
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ META_KEY = b"ktrdr"
 #: Keys of the metadata the store sets itself; ``extra_meta`` may not override them.
 RESERVED_META = frozenset({"use_rth", "what_to_show", "timeframe", "symbol", "period", "rows",
                            "written_at", "format_version"})
-FORMAT_VERSION = 1
 FLOAT_COLUMNS = ["open", "high", "low", "close", "volume", "wap"]
 
 SCHEMA = pa.schema([
@@ -178,7 +177,7 @@ class BarStore:
     """Bars of every timeframe, symbol and period under ``data_dir/bars``.
 
     Frames are pandas DataFrames indexed by a UTC ``DatetimeIndex`` named ``ts`` with the
-    columns of :data:`ktrdr_pipeline.ib.fetch.BAR_COLUMNS` (see
+    columns of :data:`ktrdr_pipeline.domain.bars.BAR_COLUMNS` (see
     :func:`~ktrdr_pipeline.ib.fetch.bars_to_frame`). The store is safe for concurrent
     readers and writers of different partitions; concurrent writers of the same partition
     never produce a torn file (the last rename wins).
@@ -212,7 +211,7 @@ class BarStore:
         return self.read_with_meta(tf, symbol, period)[0]
 
     def read_with_meta(self, tf: str | Timeframe, symbol: str,
-                       period: str) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+                       period: str) -> tuple[pd.DataFrame, PartitionMeta | None]:
         """The partition's bars and its metadata (:meth:`read_meta`) from one read of the
         file; an empty frame and None when it was never written."""
         path = self.path(tf, symbol, period)
@@ -224,7 +223,7 @@ class BarStore:
             raise OSError(f"cannot read bar file {path}: {exc}") from exc
         return _table_to_frame(table), _meta_of(table.schema)
 
-    def read_meta(self, tf: str | Timeframe, symbol: str, period: str) -> dict[str, Any] | None:
+    def read_meta(self, tf: str | Timeframe, symbol: str, period: str) -> PartitionMeta | None:
         """The metadata written with the partition, or None when it does not exist."""
         path = self.path(tf, symbol, period)
         try:
@@ -307,14 +306,15 @@ class BarStore:
 
     # -- writing --------------------------------------------------------------------------
     def write(self, tf: str | Timeframe, symbol: str, period: str, frame: pd.DataFrame, *,
-              use_rth: bool, what_to_show: str,
+              use_rth: bool, what_to_show: str, fetch: FetchState | None = None,
               extra_meta: Mapping[str, Any] | None = None) -> Path:
         """Replace the partition with ``frame``, atomically; returns the file's path.
 
         ``frame`` must hold only bars of the period, sorted by ``ts`` without duplicates
         (the caller merges and de-duplicates); otherwise ``ValueError`` and nothing is
-        written. ``extra_meta`` (JSON-serialisable values) is stored next to ``use_rth``
-        and ``what_to_show`` in the file's metadata.
+        written. ``fetch`` (what the load learnt from IB) and ``extra_meta``
+        (JSON-serialisable values) are stored next to ``use_rth`` and ``what_to_show`` in
+        the file's metadata (:class:`~ktrdr_pipeline.domain.bars.PartitionMeta`).
         """
         timeframe, path, (lo, hi) = self._validated(tf, symbol, period)
         if not isinstance(use_rth, bool | np.bool_):
@@ -327,9 +327,10 @@ class BarStore:
             raise ValueError(f"extra_meta may not set reserved keys: {', '.join(sorted(clash))}")
         table = _frame_to_table(frame, lo, hi, f"{timeframe.name} {symbol} {period}")
         meta = {
+            **extra, **(fetch.as_meta() if fetch is not None else {}),
             "format_version": FORMAT_VERSION, "timeframe": timeframe.name, "symbol": symbol,
             "period": period, "use_rth": bool(use_rth), "what_to_show": what_to_show.strip(),
-            "rows": table.num_rows, "written_at": datetime.now(UTC).isoformat(), **extra,
+            "rows": table.num_rows, "written_at": datetime.now(UTC).isoformat(),
         }
         encoded = json.dumps(meta, default=_json_default, sort_keys=True).encode()
         table = table.replace_schema_metadata({META_KEY: encoded})
@@ -396,9 +397,9 @@ class BarStore:
                 os.unlink(entry.path)
 
 
-def _meta_of(schema: pa.Schema) -> dict[str, Any]:
+def _meta_of(schema: pa.Schema) -> PartitionMeta:
     raw = (schema.metadata or {}).get(META_KEY)
-    return {} if raw is None else json.loads(raw)
+    return PartitionMeta.from_json({} if raw is None else json.loads(raw))
 
 
 def _frame_to_table(frame: pd.DataFrame, lo: datetime, hi: datetime, what: str) -> pa.Table:

@@ -36,10 +36,10 @@ try:  # pandera >= 0.24 moved the pandas API to pandera.pandas
 except ImportError:  # pragma: no cover - older pandera
     import pandera as pa  # type: ignore[no-redef]
 
-from ..domain import calendars
+from ..domain import calendars, grid
+from ..domain.bars import BAR_COLUMNS
 from ..domain.calendars import HoursProfile
 from ..domain.timeframes import Timeframe, get_timeframe
-from ..ib.fetch import BAR_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +172,6 @@ def _order_masks(flat: pd.DataFrame) -> Masks:
     return {TS_UNIQUE: unique, TS_SORTED: unsorted}
 
 
-def _local_midnight_s(epoch_s: np.ndarray, tz: str) -> np.ndarray:
-    """Epoch seconds of local midnight (in ``tz``) of each instant's local date."""
-    if len(epoch_s) == 0:
-        return epoch_s.astype(np.int64)
-    local = pd.DatetimeIndex(pd.to_datetime(epoch_s, unit="s", utc=True)).tz_convert(tz)
-    return local.normalize().as_unit("s").asi8
-
-
 def _session_masks(flat: pd.DataFrame, tf: Timeframe, profile: HoursProfile,
                    use_rth: bool) -> Masks:
     if "ts" not in flat.columns:
@@ -208,19 +200,19 @@ def _session_masks(flat: pd.DataFrame, tf: Timeframe, profile: HoursProfile,
     kk = np.clip(k, 0, max(len(opens) - 1, 0))
     if len(opens):
         inside = (k >= 0) & (t < closes[kk])
-        at_open = inside & (t == opens[kk])
+        own_open = np.where(inside, opens[kk], -1)  # -1: outside every session, no open
     else:
         inside = np.zeros(len(t), dtype=bool)
-        at_open = inside
+        own_open = np.full(len(t), -1, dtype=np.int64)
     size = tf.seconds
-    if size <= 60 or 86400 % size != 0:
-        base = np.zeros(len(t), dtype=np.int64)
+    if not grid.counts_from_midnight(size):
+        origin = np.zeros(len(t), dtype=np.int64)
     else:
-        # the simulator (and IB) count from local midnight of the session's first bar
-        own = _local_midnight_s(t, profile.tz)
-        sess = _local_midnight_s(opens, profile.tz)[kk] if len(opens) else own
-        base = np.where(inside, sess, own)
-    aligned = whole & (at_open | ((t - base) % size == 0))
+        # inside a session its grid counts from local midnight of its first bar
+        own = grid.local_midnights(t, profile.tz)
+        sess = grid.local_midnights(opens, profile.tz)[kk] if len(opens) else own
+        origin = np.where(inside, sess, own)
+    aligned = whole & grid.on_grid(t, size, own_open, origin)
     return {TS_ALIGNED: ~aligned, IN_SESSION: ~inside}
 
 
