@@ -213,7 +213,8 @@ async def _with_context(fn, settings: Settings):
 
 def _run_data_command(coro_fn) -> object:
     """Run an async data command, turning user errors into clear CLI errors."""
-    from .ib.errors import IBError, SymbolError
+    from .domain.symbols import SymbolError
+    from .ib.errors import IBError
     from .loader import LoadError
     from .store.catalog import CatalogLockedError, QueryError
     from .store.schema import BarValidationError

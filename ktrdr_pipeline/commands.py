@@ -12,8 +12,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from .domain import calendars
+from .domain.symbols import parse_symbol
 from .domain.timeframes import TIMEFRAMES, Timeframe, get_timeframe
-from .ib.contracts import parse_symbol
 from .loader import LoadError, LoadSummary, PipelineContext, default_use_rth, load_partition
 from .settings import Settings
 

@@ -34,9 +34,10 @@ from .domain import calendars, gaps
 from .domain.bars import FetchState, empty_bars, fetch_state
 from .domain.ib_rules import PacingLimits
 from .domain.planning import plan_ranges
+from .domain.symbols import parse_symbol
 from .domain.timeframes import Timeframe, get_timeframe
 from .ib.connection import IBConnection
-from .ib.contracts import ContractResolver, HeadTimestamps, parse_symbol
+from .ib.contracts import ContractResolver, HeadTimestamps
 from .ib.errors import ErrorKind, IBError
 from .ib.fetch import HistoricalFetcher
 from .ib.governor import PacingGovernor

@@ -23,9 +23,8 @@ from typing import Any
 
 import yaml
 
+from .domain.symbols import SymbolError, parse_symbol
 from .domain.timeframes import get_timeframe
-from .ib.contracts import parse_symbol
-from .ib.errors import SymbolError
 
 log = logging.getLogger(__name__)
 

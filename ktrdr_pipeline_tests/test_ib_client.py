@@ -18,16 +18,16 @@ from ktrdr_pipeline.domain import calendars, ib_rules
 from ktrdr_pipeline.domain.bars import BAR_COLUMNS
 from ktrdr_pipeline.domain.ib_rules import PacingLimits
 from ktrdr_pipeline.domain.planning import HistoricalRequest, plan_requests
+from ktrdr_pipeline.domain.symbols import SymbolError, parse_symbol
 from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.ib.connection import IBConnection, ResetWindow
-from ktrdr_pipeline.ib.contracts import ContractResolver, HeadTimestamps, parse_symbol
+from ktrdr_pipeline.ib.contracts import ContractResolver, HeadTimestamps
 from ktrdr_pipeline.ib.errors import (
     ContractNotFound,
     ErrorKind,
     GatewayUnreachable,
     IBError,
     InvalidRequest,
-    SymbolError,
     classify,
 )
 from ktrdr_pipeline.ib.fetch import HistoricalFetcher, default_what_to_show

@@ -25,7 +25,6 @@ from ktrdr_pipeline.domain.planning import (
     WHAT_TO_SHOW,
     HistoricalRequest,
     max_span_seconds,
-    missing_intervals,
     plan_requests,
     trading_intervals,
 )
@@ -389,7 +388,6 @@ def test_historical_request_defaults_and_end_string():
     assert r.ib_end_string() == "20251124-21:00:00"
     assert r.start == utc(2025, 11, 23, 21)
     assert r.covers == (r.start, r.end)
-    assert r.ib_kwargs()["durationStr"] == "1 D"
     with pytest.raises(ValueError):
         HistoricalRequest(end, "90000 S", "1 min", "TRADES", False)
     with pytest.raises(ValueError):
@@ -403,107 +401,6 @@ SESSIONS = trading_intervals(STOCK, utc(2025, 11, 24), utc(2025, 11, 26), True)
 
 def minute_bars(a: datetime, b: datetime) -> list[datetime]:
     return list(pd.date_range(a, b, freq="1min", inclusive="left").to_pydatetime())
-
-
-def test_missing_head_inner_tail_and_empty_interval():
-    (a, b), (c, d) = SESSIONS
-    bars = minute_bars(a, b)
-    stored = bars[10:100] + bars[110:-5]  # head 10, inner 10 and tail 5 bars missing
-    got = missing_intervals(SESSIONS, stored, 60)
-    m = timedelta(minutes=1)
-    assert got == [(a, a + 10 * m), (a + 100 * m, a + 110 * m), (b - 5 * m, b), (c, d)]
-
-
-@pytest.mark.parametrize("kind", ["list", "datetime64", "index_utc", "index_naive", "int"])
-def test_missing_accepts_array_types(kind):
-    (a, b), (c, d) = SESSIONS
-    bars = minute_bars(a, b)[:-30] + minute_bars(c, d)
-    index = pd.DatetimeIndex(bars)
-    stored = {
-        "list": bars,
-        "datetime64": index.tz_localize(None).values,
-        "index_utc": index,
-        "index_naive": index.tz_localize(None),
-        "int": index.as_unit("s").asi8,
-    }[kind]
-    assert missing_intervals(SESSIONS, stored, 60) == [(b - timedelta(minutes=30), b)]
-
-
-def test_missing_complete_and_nothing_stored():
-    bars = [t for a, b in SESSIONS for t in minute_bars(a, b)]
-    assert missing_intervals(SESSIONS, bars, 60) == []
-    assert missing_intervals(SESSIONS, [], 60) == SESSIONS
-    assert missing_intervals([], bars, 60) == []
-
-
-def test_missing_bars_off_grid_and_outside():
-    # hourly bars stamped on the hour fill the 14:30-based hourly slots they start in;
-    # bars outside the intervals are ignored
-    a = utc(2025, 11, 24, 14, 30)
-    b = a + timedelta(hours=6)
-    stored = [utc(2025, 11, 24, h) for h in range(15, 21)] + [utc(2025, 11, 24, 2), b]
-    assert missing_intervals([(a, b)], stored, 3600) == []
-    stored = [t for t in stored if t.hour != 17]
-    assert missing_intervals([(a, b)], stored, 3600) == [
-        (utc(2025, 11, 24, 16, 30), utc(2025, 11, 24, 17, 30))
-    ]
-
-
-def test_missing_rejects_overlap_and_bad_bar():
-    (a, b), _ = SESSIONS
-    with pytest.raises(ValueError, match="overlap"):
-        missing_intervals([(a, b), (a, b)], [], 60)
-    with pytest.raises(ValueError, match="positive"):
-        missing_intervals([(a, b)], [], 0)
-
-
-def test_missing_large_store():
-    intervals = trading_intervals(STOCK, utc(2024, 1, 1), utc(2025, 7, 1), True)
-    starts = np.concatenate(
-        [np.arange(int(a.timestamp()), int(b.timestamp()), 60) for a, b in intervals]
-    )
-    assert starts.size > 100_000
-    keep = np.ones(starts.size, dtype=bool)
-    keep[5100:5200] = False  # inside one session (390 bars a day)
-    got = missing_intervals(intervals, starts[keep], 60)
-    lo = datetime.fromtimestamp(int(starts[5100]), UTC)
-    assert got == [(lo, lo + timedelta(minutes=100))]
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    st.lists(st.tuples(st.integers(1, 50), st.integers(1, 20)), min_size=1, max_size=5),
-    st.integers(1, 7),
-    st.data(),
-)
-def test_missing_matches_brute_force(shape, bar, data):
-    # intervals built from (gap, length in seconds*bar + remainder) pairs
-    t = 1_700_000_000
-    intervals = []
-    for gap, length in shape:
-        t += gap * 13
-        end = t + length * bar + data.draw(st.integers(0, bar - 1))
-        intervals.append((t, end))
-        t = end
-    slots = [(a, s, min(s + bar, b)) for a, b in intervals for s in range(a, b, bar)]
-    filled = data.draw(st.lists(st.booleans(), min_size=len(slots), max_size=len(slots)))
-    stored = []
-    for (_, s, e), f in zip(slots, filled, strict=True):
-        if f:
-            stored.append(data.draw(st.integers(s, e - 1)))
-    expected = []
-    for (a, s, e), f in zip(slots, filled, strict=True):
-        if f:
-            continue
-        if expected and expected[-1][1] == s and expected[-1][2] == a:
-            expected[-1][1] = e
-        else:
-            expected.append([s, e, a])
-    to_dt = lambda x: datetime.fromtimestamp(x, UTC)  # noqa: E731
-    got = missing_intervals(
-        [(to_dt(a), to_dt(b)) for a, b in intervals], np.array(stored, dtype=np.int64), bar
-    )
-    assert got == [(to_dt(s), to_dt(e)) for s, e, _ in expected]
 
 
 @settings(max_examples=300, deadline=None)

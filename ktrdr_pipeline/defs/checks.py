@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..domain import calendars, gaps
 from ..domain.bars import fetch_state
+from ..domain.symbols import head_timestamp_cache_key
 from ..domain.timeframes import Timeframe, enabled_timeframes
 from ..freshness import behind, completed_starts
 from ..ib.contracts import JsonCache
@@ -77,7 +78,7 @@ class PartitionView:
         if self.con_id is not None:
             what = meta.what_to_show if meta is not None else "TRADES"
             cached = JsonCache(data_dir / "cache" / "head_timestamps.json", float("inf")).get(
-                f"{self.con_id}|{what}|{int(self.use_rth)}")
+                head_timestamp_cache_key(self.con_id, what, self.use_rth))
             self.head = datetime.fromisoformat(cached) if cached else None
 
 

@@ -1,10 +1,10 @@
 """Which bars a period should have, and which of them are missing (pure logic).
 
-A period's *expected* bars are the bar starts IB produces for the instrument's sessions:
-bars lie on the bar grid (:mod:`ktrdr_pipeline.domain.grid`: a 1-hour bar of NYSE starts
-at 09:30, the next at 10:00; daily and larger bars are keyed by session date at 00:00 UTC). Only bars
-that have *closed* by ``now`` are expected; the bar in progress is fetched with the tail
-but never counted as a gap.
+A period's *expected* bars are the bar starts IB produces for the instrument's sessions,
+on the bar grid (:mod:`ktrdr_pipeline.domain.grid`: a 1-hour bar of NYSE starts at 09:30,
+the next at 10:00; daily and larger bars are keyed by session date at 00:00 UTC). Only
+bars that have *closed* by ``now`` are expected; the bar in progress is fetched with the
+tail but never counted as a gap.
 """
 
 from __future__ import annotations

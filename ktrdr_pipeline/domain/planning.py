@@ -3,10 +3,10 @@
 Pure functions only (no I/O, no IB): given an hours profile, a bar size and a UTC range,
 :func:`plan_requests` returns the fewest :class:`HistoricalRequest` objects whose spans
 cover every trading second of the range, each within this project's maximum duration per
-request (``ib.limits.MAX_DURATION``); :func:`plan_ranges` does the same for several
+request (``ib_rules.MAX_DURATION``); :func:`plan_ranges` does the same for several
 ranges, sharing requests between nearby ones. :func:`trading_intervals` gives the trading
-time a plan must cover; :func:`missing_intervals` is gap analysis on time intervals (the
-loader's own works on the bar grid, :mod:`ktrdr_pipeline.domain.gaps`).
+time a plan must cover (gap analysis works on the bar grid:
+:mod:`ktrdr_pipeline.domain.gaps`).
 
 Semantics of one IB request (``shared/ib-facts.md`` §2): it returns the bars whose start
 ``t`` satisfies ``end - span <= t < end``, where ``span`` is the duration's wall-clock
@@ -22,10 +22,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from . import grid, ib_rules
 from .calendars import SCHEDULE_START, HoursProfile, resolve_profile, schedule
@@ -129,16 +127,6 @@ class HistoricalRequest:
         Seconds are truncated; the planner only produces whole-second ends.
         """
         return self.end.strftime("%Y%m%d-%H:%M:%S")
-
-    def ib_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``ib_async.IB.reqHistoricalDataAsync`` (contract aside)."""
-        return {
-            "endDateTime": self.ib_end_string(),
-            "durationStr": self.duration,
-            "barSizeSetting": self.bar_size,
-            "whatToShow": self.what_to_show,
-            "useRTH": self.use_rth,
-        }
 
 
 # --- validation --------------------------------------------------------------------------
@@ -491,84 +479,3 @@ def plan_ranges(
                 continue
         plan += alone
     return plan
-
-
-# --- gap analysis ------------------------------------------------------------------------
-
-
-def _epoch_seconds(values: Any) -> np.ndarray:
-    """Bar start times as int64 epoch seconds (floored).
-
-    Accepts datetimes, ``datetime64`` arrays, pandas ``DatetimeIndex``/``Series`` (naive
-    values are taken as UTC) or integer arrays of epoch seconds.
-    """
-    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
-        return values.astype(np.int64)
-    if isinstance(values, np.ndarray) and values.dtype.kind == "M":
-        return values.astype("datetime64[s]").astype(np.int64)
-    if not isinstance(values, pd.DatetimeIndex | pd.Series):
-        values = list(values)
-        if not values:
-            return np.empty(0, dtype=np.int64)
-    index = pd.DatetimeIndex(values)
-    if index.tz is not None:
-        index = index.tz_convert("UTC").tz_localize(None)
-    return index.values.astype("datetime64[s]").astype(np.int64)
-
-
-def missing_intervals(
-    intervals: Sequence[Interval],
-    stored_bar_starts: Any,
-    bar_seconds: int,
-) -> list[Interval]:
-    """The parts of ``intervals`` that hold no stored bar: the gaps a loader must fetch.
-
-    Each interval ``[a, b)`` is cut into slots ``[a + k*bar, a + (k+1)*bar)`` (the last one
-    ends at ``b``); a slot is filled when some stored bar starts inside it. Runs of empty
-    slots come back as maximal intervals, oldest first: leading, inner and trailing gaps
-    and wholly empty intervals. ``intervals`` must be sorted and disjoint (as
-    :func:`trading_intervals` returns them). Work is vectorised: O(bars + intervals).
-
-    A slot counts as filled only when a bar *starts* in it, so bars stamped off the
-    interval's grid (IB's hourly stock bars at 09:30 then 10:00, 11:00, ...) may leave a
-    short trailing slot reported missing; refetching it is harmless. Daily and larger bars
-    are stamped by session date rather than by time; compare those by date instead.
-    """
-    if bar_seconds <= 0:
-        raise ValueError(f"bar_seconds must be positive, got {bar_seconds}")
-    pairs = []
-    for lo_dt, hi_dt in intervals:
-        _require_aware("interval start", lo_dt)
-        _require_aware("interval end", hi_dt)
-        lo, hi = _ceil_seconds(lo_dt), _ceil_seconds(hi_dt)
-        if lo < hi:
-            pairs.append((lo, hi))
-    if not pairs:
-        return []
-    a = np.array([p[0] for p in pairs], dtype=np.int64)
-    b = np.array([p[1] for p in pairs], dtype=np.int64)
-    if np.any(a[1:] < b[:-1]):
-        raise ValueError("intervals must be sorted and must not overlap")
-    bar = int(bar_seconds)
-    n_slots = -(-(b - a) // bar)
-
-    t = np.sort(_epoch_seconds(stored_bar_starts))
-    iv = np.searchsorted(a, t, side="right") - 1
-    inside = iv >= 0
-    inside[inside] &= t[inside] < b[iv[inside]]
-    t, iv = t[inside], iv[inside]
-    slot = (t - a[iv]) // bar
-
-    # Sentinel slots -1 and n before and after every interval turn leading and trailing
-    # gaps into ordinary "jumps" between consecutive filled slots.
-    m = a.size
-    ivs = np.concatenate([iv, np.arange(m), np.arange(m)])
-    slots = np.concatenate([slot, np.full(m, -1, dtype=np.int64), n_slots])
-    order = np.lexsort((slots, ivs))
-    ivs, slots = ivs[order], slots[order]
-    jump = (ivs[1:] == ivs[:-1]) & (slots[1:] - slots[:-1] > 1)
-    where = np.flatnonzero(jump)
-    gi = ivs[where]
-    gap_lo = a[gi] + (slots[where] + 1) * bar
-    gap_hi = np.minimum(a[gi] + slots[where + 1] * bar, b[gi])
-    return [(_utc(x), _utc(y)) for x, y in zip(gap_lo.tolist(), gap_hi.tolist(), strict=True)]

@@ -1,9 +1,8 @@
 """The registry of timeframes: one place that says what ``1m`` or ``1h`` means.
 
 Each timeframe has a name (used in asset names, paths and SQL: ``bars_1h``), IB's bar size
-string, IB's maximum request duration (from :mod:`ktrdr_pipeline.domain.ib_rules`) and the
-partition period its stored data is split by: daily for seconds bars, monthly for minute
-bars, yearly for hour and larger bars.
+string and the partition period its stored data is split by: daily for seconds bars,
+monthly for minute bars, yearly for hour and larger bars.
 """
 
 from __future__ import annotations
@@ -29,10 +28,6 @@ class Timeframe:
     @property
     def seconds(self) -> int:
         return ib_rules.BAR_SIZE_SECONDS[self.bar_size]
-
-    @property
-    def max_duration(self) -> timedelta:
-        return ib_rules.MAX_DURATION[self.bar_size]
 
     @property
     def is_daily_or_larger(self) -> bool:

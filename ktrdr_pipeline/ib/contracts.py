@@ -1,8 +1,7 @@
-"""Symbols to IB contracts: validation, discovery, a cache, head timestamps.
+"""Symbols to IB contracts: discovery, a cache, head timestamps.
 
-A *symbol* is what users type and what names stored files: ``AAPL``, ``EURUSD``,
-``ES``, or an explicit ``SYMBOL:SECTYPE[:EXCHANGE[:CURRENCY[:EXPIRY]]]``. Symbols are
-validated before anything else because they become path components.
+Symbols are parsed and validated in :mod:`ktrdr_pipeline.domain.symbols` before anything
+else, because they become path components.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -23,82 +21,13 @@ from typing import Any
 from ib_async import Contract, ContractDetails
 
 from ..domain.pacing import head_timestamp_pacing_key
+from ..domain.symbols import SymbolError, SymbolSpec, head_timestamp_cache_key, parse_symbol
 from .connection import IBConnection
-from .errors import ContractNotFound, ErrorKind, IBError, SymbolError
+from .errors import ContractNotFound, ErrorKind, IBError
 from .fetch import default_what_to_show
 from .governor import PacingGovernor
 
 log = logging.getLogger(__name__)
-
-#: ISO codes of the currencies IDEALPRO trades; a 6-letter symbol made of two is an FX pair.
-CURRENCIES = frozenset(
-    "USD EUR GBP JPY CHF CAD AUD NZD SEK NOK DKK HKD SGD CNH MXN ZAR PLN CZK HUF ILS TRY KRW "
-    "RUB".split()
-)
-SEC_TYPES = ("STK", "CASH", "FUT", "IND", "OPT", "CONTFUT")
-_PLAIN = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}$")
-#: The shape of every storage key (``SymbolSpec.key``), as a regular expression without
-#: anchors; keys never contain ``..`` either. SQL in the catalog checks keys with it.
-STORAGE_KEY_PATTERN = r"[A-Z0-9][A-Z0-9._-]*"
-_FX_FORMS = re.compile(r"^([A-Z]{3})[./]([A-Z]{3})$")
-_EXPLICIT = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,23}(:[A-Z0-9._-]{0,16}){1,4}$")
-
-
-@dataclass(frozen=True)
-class SymbolSpec:
-    """A validated symbol: its storage key and what it tells about the contract."""
-
-    key: str  # safe as a file name: letters, digits, '.', '-', '_'
-    symbol: str
-    sec_type: str = ""  # empty for a bare symbol: discovered CASH → STK → FUT
-    exchange: str = ""
-    currency: str = ""
-    expiry: str = ""
-
-
-def parse_symbol(text: str) -> SymbolSpec:
-    """Validate a symbol string; raise :class:`SymbolError` saying what is allowed."""
-    raw = text.strip()
-    allowed = ("letters, digits, '.', '-', '_', ':' for the explicit form "
-               "SYMBOL:SECTYPE[:EXCHANGE[:CURRENCY[:EXPIRY]]], and '/' only in FX pairs "
-               "like EUR/USD")
-    if not raw:
-        raise SymbolError(f"empty symbol; allowed: {allowed}")
-    if ".." in raw or "\\" in raw or raw.startswith((".", "-")) or "\0" in raw:
-        raise SymbolError(f"invalid symbol {text!r}: no '..', backslashes or leading '.'/'-'; "
-                          f"allowed: {allowed}")
-    upper = raw.upper()
-    fx = _FX_FORMS.match(upper)
-    if fx:
-        base, quote = fx.groups()
-        if base in CURRENCIES and quote in CURRENCIES:
-            return SymbolSpec(base + quote, base, "CASH", "IDEALPRO", quote)
-        raise SymbolError(f"invalid FX pair {text!r}: unknown currency; known: "
-                          f"{', '.join(sorted(CURRENCIES))}")
-    if "/" in upper:
-        raise SymbolError(f"invalid symbol {text!r}: '/' is only allowed in FX pairs such as "
-                          f"EUR/USD; allowed: {allowed}")
-    if ":" in upper:
-        if not _EXPLICIT.match(upper):
-            raise SymbolError(f"invalid symbol {text!r}; allowed: {allowed}")
-        parts = upper.split(":") + [""] * 4
-        symbol, sec_type, exchange, currency, expiry = parts[:5]
-        if sec_type not in SEC_TYPES:
-            raise SymbolError(f"invalid security type {sec_type!r} in {text!r}; allowed: "
-                              f"{', '.join(SEC_TYPES)}")
-        if expiry and not re.fullmatch(r"\d{6}(\d{2})?", expiry):
-            raise SymbolError(f"invalid expiry {expiry!r} in {text!r}: use YYYYMM or YYYYMMDD")
-        key = "_".join(p for p in (symbol, sec_type if sec_type != "STK" else "", expiry) if p)
-        if sec_type == "CASH" and len(symbol) == 6:
-            symbol, currency = symbol[:3], currency or symbol[3:]
-            key = symbol + currency
-        return SymbolSpec(key, symbol, sec_type, exchange, currency, expiry)
-    if not _PLAIN.match(upper):
-        raise SymbolError(f"invalid symbol {text!r}; allowed: {allowed}")
-    if len(upper) == 6 and upper[:3] in CURRENCIES and upper[3:] in CURRENCIES:
-        return SymbolSpec(upper, upper[:3], "", "", upper[3:])  # CASH tried first
-    return SymbolSpec(upper, upper)
-
 
 @dataclass(frozen=True)
 class ResolvedContract:
@@ -258,7 +187,7 @@ class HeadTimestamps:
     async def get(self, contract: ResolvedContract, what_to_show: str | None = None,
                   use_rth: bool = True) -> datetime:
         what = what_to_show or contract.what_to_show
-        key = f"{contract.con_id}|{what}|{int(use_rth)}"
+        key = head_timestamp_cache_key(contract.con_id, what, use_rth)
         cached = self.cache.get(key)
         if cached is not None:
             return datetime.fromisoformat(cached)

@@ -105,7 +105,3 @@ class GatewayUnreachable(IBError):
     """No IB Gateway / TWS answers at the configured host and port."""
 
     kind = ErrorKind.FATAL
-
-
-class SymbolError(ValueError):
-    """A symbol string that is malformed or that IB does not know."""

@@ -73,8 +73,8 @@ from typing import Any
 
 import duckdb
 
+from ..domain.symbols import STORAGE_KEY_PATTERN
 from ..domain.timeframes import TIMEFRAMES, Timeframe, enabled_timeframes
-from ..ib.contracts import STORAGE_KEY_PATTERN
 from .parquet import BarStore
 
 log = logging.getLogger(__name__)

@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..domain.bars import BAR_COLUMNS, FORMAT_VERSION, FetchState, PartitionMeta, empty_bars
+from ..domain.symbols import check_storage_key
 from ..domain.timeframes import TIMEFRAMES, Timeframe
-from ..ib.contracts import parse_symbol
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +79,6 @@ def check_timeframe(tf: str | Timeframe) -> Timeframe:
     if not isinstance(tf, str) or tf not in TIMEFRAMES:
         raise ValueError(f"unknown timeframe {tf!r}; allowed: {', '.join(TIMEFRAMES)}")
     return TIMEFRAMES[tf]
-
-
-def check_symbol(symbol: str) -> str:
-    """``symbol`` if it is already a canonical storage key (``parse_symbol(symbol).key``)."""
-    if not isinstance(symbol, str) or not symbol:
-        raise ValueError(f"invalid symbol {symbol!r}: expected a storage key such as 'AAPL'")
-    if "/" in symbol or "\\" in symbol or ".." in symbol or "\0" in symbol:
-        raise ValueError(f"invalid symbol {symbol!r}: path separators and '..' are not allowed")
-    try:
-        key = parse_symbol(symbol).key
-    except ValueError as exc:
-        raise ValueError(f"invalid symbol {symbol!r}: {exc}") from None
-    if key != symbol:
-        raise ValueError(f"invalid symbol {symbol!r}: not a storage key; use {key!r} "
-                         "(upper case, letters, digits, '.', '-', '_')")
-    return symbol
 
 
 def check_period(tf: Timeframe, period: str) -> tuple[datetime, datetime]:
@@ -194,7 +178,7 @@ class BarStore:
     def _validated(self, tf: str | Timeframe, symbol: str,
                    period: str) -> tuple[Timeframe, Path, tuple[datetime, datetime]]:
         timeframe = check_timeframe(tf)
-        check_symbol(symbol)
+        check_storage_key(symbol)
         bounds = check_period(timeframe, period)
         directory = (self.root / f"timeframe={timeframe.name}" / f"symbol={symbol}"
                      / f"period={period}")
@@ -238,7 +222,7 @@ class BarStore:
                    end: datetime | date) -> pd.DataFrame:
         """Bars with ``start <= ts < end`` across periods (dates mean 00:00 UTC)."""
         timeframe = check_timeframe(tf)
-        check_symbol(symbol)
+        check_storage_key(symbol)
         lo, hi = _as_utc(start), _as_utc(end)
         frames = []
         for _, _, period in self.partitions(timeframe.name, symbol):
@@ -259,7 +243,7 @@ class BarStore:
         temporary files) are ignored."""
         tf_names = [check_timeframe(tf).name] if tf is not None else None
         if symbol is not None:
-            check_symbol(symbol)
+            check_storage_key(symbol)
         found: list[tuple[str, str, str]] = []
         for tf_name, tf_dir in self._children(self.root, "timeframe", tf_names):
             timeframe = TIMEFRAMES.get(tf_name)
@@ -268,7 +252,7 @@ class BarStore:
             syms = [symbol] if symbol is not None else None
             for sym, sym_dir in self._children(tf_dir, "symbol", syms):
                 try:
-                    check_symbol(sym)
+                    check_storage_key(sym)
                 except ValueError:
                     log.debug("ignoring %s: not a valid symbol", sym_dir)
                     continue
