@@ -1,4 +1,4 @@
-"""The simulator's clock, option pricing and paper account.
+"""The simulator's paper account: positions valued, quoted and Greeked from the market model.
 
 Both the socket server and the Client Portal server read positions, prices and Greeks
 from one :class:`AccountBook`, so the two APIs always agree.
@@ -6,90 +6,19 @@ from one :class:`AccountBook`, so the two APIs always agree.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from zoneinfo import ZoneInfo
+from datetime import datetime, timedelta
 
+from .clock import SimClock
 from .market import MarketModel
-from .universe import Instrument, Position, Universe, option_contract, third_friday
-
-RISK_FREE_RATE = 0.04
-EASTERN = ZoneInfo("US/Eastern")
-
-
-class SimClock:
-    """The market's current time: starts at ``start`` (default: real time) and advances
-    in real time. Pacing and latency never use this clock, only real elapsed time."""
-
-    def __init__(self, start: datetime | None = None):
-        if start is not None and start.tzinfo is None:
-            raise ValueError("the simulator clock needs a timezone-aware start time")
-        self._start = start
-        self._mono0 = time.monotonic()
-
-    def now(self) -> datetime:
-        if self._start is None:
-            return datetime.now(UTC)
-        return (self._start + timedelta(seconds=time.monotonic() - self._mono0)).astimezone(UTC)
-
-    def shift(self, seconds: float) -> None:
-        """Move the market clock (tests only); real-time pacing is unaffected."""
-        self._start = self.now() + timedelta(seconds=seconds)
-        self._mono0 = time.monotonic()
-
-
-def _norm_cdf(x: float) -> float:
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
-def _norm_pdf(x: float) -> float:
-    return math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-
-
-@dataclass(frozen=True)
-class OptionGreeks:
-    """Black–Scholes values in IB's conventions: vega per 1 vol point, theta per day."""
-
-    implied_vol: float
-    delta: float
-    price: float
-    gamma: float
-    vega: float
-    theta: float
-    und_price: float
-
-
-def black_scholes(spot: float, strike: float, years: float, vol: float, right: str,
-                  rate: float = RISK_FREE_RATE) -> OptionGreeks:
-    years = max(years, 1e-6)
-    sq = vol * math.sqrt(years)
-    d1 = (math.log(spot / strike) + (rate + 0.5 * vol * vol) * years) / sq
-    d2 = d1 - sq
-    disc = math.exp(-rate * years)
-    if right == "C":
-        price = spot * _norm_cdf(d1) - strike * disc * _norm_cdf(d2)
-        delta = _norm_cdf(d1)
-        theta_y = -spot * _norm_pdf(d1) * vol / (2 * math.sqrt(years)) - rate * strike * disc * _norm_cdf(d2)
-    else:
-        price = strike * disc * _norm_cdf(-d2) - spot * _norm_cdf(-d1)
-        delta = _norm_cdf(d1) - 1.0
-        theta_y = -spot * _norm_pdf(d1) * vol / (2 * math.sqrt(years)) + rate * strike * disc * _norm_cdf(-d2)
-    gamma = _norm_pdf(d1) / (spot * sq)
-    vega = spot * _norm_pdf(d1) * math.sqrt(years) / 100.0
-    return OptionGreeks(vol, delta, price, gamma, vega, theta_y / 365.0, spot)
-
-
-def option_years(inst: Instrument, now: datetime) -> float:
-    exp = inst.expiry_date
-    assert exp is not None
-    expiry_close = datetime(exp.year, exp.month, exp.day, 16, 0, tzinfo=EASTERN)
-    return max((expiry_close - now).total_seconds(), 0.0) / (365.0 * 86400)
-
-
-def smile_vol(inst: Instrument, spot: float) -> float:
-    return inst.annual_vol + 0.15 * abs(math.log(inst.strike / spot))
+from .options import (
+    OptionGreeks,
+    add_default_options,
+    black_scholes,
+    option_years,
+    smile_vol,
+)
+from .universe import Instrument, Position, Universe
 
 
 @dataclass(frozen=True)
@@ -180,27 +109,7 @@ def add_default_options_and_positions(universe: Universe, market: MarketModel,
                                       now: datetime) -> None:
     """A few AAPL and SPY options near the money, and the default account's positions."""
     today = now.date()
-    expiries: list[date] = []
-    month, year = today.month, today.year
-    while len(expiries) < 2:
-        exp = third_friday(year, month)
-        if exp >= today + timedelta(days=20):
-            expiries.append(exp)
-        month, year = (1, year + 1) if month == 12 else (month + 1, year)
-    options: dict[tuple[str, date, float, str], Instrument] = {}
-    for sym, step in (("AAPL", 5.0), ("SPY", 5.0)):
-        stocks = universe.by_symbol(sym, "STK")
-        if not stocks:
-            continue
-        und = stocks[0]
-        spot = market.last_price(und, now)
-        atm = round(spot / step) * step
-        for exp in expiries:
-            for strike in (atm - 2 * step, atm, atm + 2 * step):
-                for right in ("C", "P"):
-                    opt = option_contract(und, exp, strike, right)
-                    universe.add(opt)
-                    options[(sym, exp, strike, right)] = opt
+    expiries, options = add_default_options(universe, market, now)
     if universe.positions:
         return
     cost_time = now - timedelta(days=30)

@@ -10,94 +10,93 @@ Endpoints (all answer JSON)::
     POST /faults/error322?count=N             fail the next N historical requests with 322
 
 Example: ``curl -X POST 'http://127.0.0.1:PORT/faults/pacing?count=3'``.
+
+The admin works on :class:`AdminControls`, the few handles of the gateway it needs; the
+HTTP side is :func:`ktrdr_pipeline.gateway.http_app.build_admin_app`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
-if TYPE_CHECKING:
-    from .server import GatewayServer
+from .clock import SimClock
+from .faults import RESET_ENDINGS, Faults
+from .http_app import ApiError, build_admin_app
+from .http_server import HttpServer
 
 log = logging.getLogger(__name__)
 
-_FAULT_COUNTERS = {"pacing": "pacing", "stall": "stall", "error322": "error_322"}
+#: Admin fault names and the request faults they queue.
+FAULT_COUNTERS = {"pacing": "pacing", "stall": "stall", "error322": "error_322"}
 
 
-def _int_arg(query: dict[str, list[str]], name: str, default: int) -> int:
-    raw = query.get(name, [str(default)])[0]
-    value = int(raw)
+@dataclass(frozen=True)
+class AdminControls:
+    """What the admin interface may see and do of a running gateway."""
+
+    clients: Callable[[], list[int]]
+    open_requests: Callable[[], int]
+    faults: Faults
+    clock: SimClock
+    disconnect_all: Callable[[], int]
+    nightly_reset: Callable[[float, str], Awaitable[None]]
+
+
+def _count(text: str | None) -> int:
+    try:
+        value = int(text if text is not None else "1")
+    except ValueError:
+        raise ApiError(400, f"count must be an integer, not {text[:20]!r}") from None
     if value < 0:
-        raise ValueError(f"{name} must be >= 0")
+        raise ApiError(400, "count must be >= 0")
     return value
 
 
-async def handle(gw: GatewayServer, method: str, target: str) -> tuple[int, dict[str, Any]]:
-    url = urlsplit(target)
-    query = parse_qs(url.query)
-    path = url.path.rstrip("/")
-    if method == "GET" and path == "/status":
-        return 200, {
-            "clients": sorted(gw.clients),
-            "open_historical_requests": len(gw.open_requests),
-            "faults": vars(gw.faults),
-            "clock": gw.clock.now().isoformat(),
+class Admin:
+    """The admin endpoints' behaviour (see the module docstring)."""
+
+    def __init__(self, controls: AdminControls):
+        self.controls = controls
+        self._resets: set[asyncio.Task[None]] = set()
+
+    def status(self) -> dict[str, Any]:
+        c = self.controls
+        return {
+            "clients": c.clients(),
+            "open_historical_requests": c.open_requests(),
+            "faults": vars(c.faults),
+            "clock": c.clock.now().isoformat(),
         }
-    if method != "POST":
-        return 405, {"error": f"{method} {path} is not allowed; fault injection uses POST"}
-    if path == "/faults/disconnect":
-        return 200, {"disconnected": gw.disconnect_all()}
-    if path == "/faults/reset":
-        pause = float(query.get("pause", ["2"])[0])
-        restore = query.get("restore", ["1102"])[0]
-        if restore not in ("1102", "close") or pause < 0:
-            return 400, {"error": "restore must be 1102 or close, pause >= 0"}
-        asyncio.get_running_loop().create_task(gw.nightly_reset(pause, restore))
-        return 200, {"reset": restore, "pause": pause}
-    name = path.removeprefix("/faults/")
-    if name in _FAULT_COUNTERS:
-        attr = _FAULT_COUNTERS[name]
-        count = _int_arg(query, "count", 1)
-        setattr(gw.faults, attr, getattr(gw.faults, attr) + count)
-        return 200, {name: getattr(gw.faults, attr)}
-    return 404, {"error": f"unknown endpoint {path}",
-                 "endpoints": ["/status", "/faults/disconnect", "/faults/reset",
-                               "/faults/pacing", "/faults/stall", "/faults/error322"]}
+
+    def disconnect(self) -> dict[str, Any]:
+        return {"disconnected": self.controls.disconnect_all()}
+
+    def reset(self, pause: str | None, restore: str | None) -> dict[str, Any]:
+        """Start a nightly reset in the background; answers at once."""
+        restore = restore if restore is not None else "1102"
+        try:
+            seconds = float(pause if pause is not None else "2")
+        except ValueError:
+            raise ApiError(400, f"pause must be a number, not {pause[:20]!r}") from None
+        if restore not in RESET_ENDINGS or not seconds >= 0:
+            raise ApiError(400, "restore must be 1102 or close, pause >= 0")
+        task = asyncio.get_running_loop().create_task(self.controls.nightly_reset(seconds, restore))
+        self._resets.add(task)
+        task.add_done_callback(self._resets.discard)
+        return {"reset": restore, "pause": seconds}
+
+    def inject(self, fault: str, count: str | None) -> dict[str, Any]:
+        """Queue ``count`` (default 1) faults; answers how many of that kind are pending."""
+        if fault not in FAULT_COUNTERS:
+            raise ApiError(404, f"unknown endpoint /faults/{fault}")
+        return {fault: self.controls.faults.add(FAULT_COUNTERS[fault], _count(count))}
 
 
-async def _serve(gw: GatewayServer, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
-    try:
-        line = (await asyncio.wait_for(reader.readline(), 10)).decode("latin-1").strip()
-        while (await asyncio.wait_for(reader.readline(), 10)).strip():
-            pass  # headers are not needed
-        parts = line.split()
-        if len(parts) != 3:
-            status, body = 400, {"error": f"malformed request line {line[:80]!r}"}
-        else:
-            try:
-                status, body = await handle(gw, parts[0].upper(), parts[1])
-            except ValueError as exc:
-                status, body = 400, {"error": str(exc)}
-        payload = json.dumps(body).encode()
-        writer.write(
-            f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-            "Connection: close\r\n\r\n".encode() + payload
-        )
-        await writer.drain()
-    except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            writer.close()
-
-
-async def start_admin(gw: GatewayServer, port: int) -> asyncio.base_events.Server:
+async def start_admin(controls: AdminControls, port: int) -> HttpServer:
     """Serve the admin interface on 127.0.0.1 only, whatever host the gateway uses."""
-    return await asyncio.start_server(lambda r, w: _serve(gw, r, w), "127.0.0.1", port)
+    return await HttpServer(build_admin_app(Admin(controls)), "127.0.0.1", port,
+                            name="admin interface").start()

@@ -1,7 +1,8 @@
-"""TWS socket protocol framing (``shared/ib-facts.md`` §7).
+"""TWS socket protocol encoding (``shared/ib-facts.md`` §7).
 
 After the client's ``API\\0`` greeting every message is a 4-byte big-endian length followed
-by NUL-terminated UTF-8 fields.
+by NUL-terminated UTF-8 fields. Besides the framing: the contract fields of requests, and
+the time stamps of historical bars.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Iterable
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 #: The protocol version this simulator speaks; ib_async 2.1 accepts 157–178.
 SERVER_VERSION = 178
@@ -70,3 +73,32 @@ async def read_handshake(reader: asyncio.StreamReader) -> tuple[int, int, str]:
     except ValueError:
         raise ProtocolError(f"malformed version range {text!r}") from None
     return lo_v, hi_v, options
+
+
+#: The contract fields, in the order requests carry them.
+CONTRACT_FIELDS = ("conId", "symbol", "secType", "lastTradeDateOrContractMonth", "strike",
+                   "right", "multiplier", "exchange", "primaryExchange", "currency",
+                   "localSymbol", "tradingClass")
+
+
+def parse_contract(f: list[str]) -> dict[str, str]:
+    """A request's contract fields, by name."""
+    return dict(zip(CONTRACT_FIELDS, f, strict=False))
+
+
+def describe(c: dict[str, str]) -> str:
+    """A short human description of a request's contract, for logs and messages."""
+    parts = [c.get("symbol") or c.get("localSymbol") or f"conId {c.get('conId')}",
+             c.get("secType", ""), c.get("exchange", ""), c.get("currency", ""),
+             c.get("lastTradeDateOrContractMonth", "")]
+    return " ".join(p for p in parts if p)
+
+
+def format_bar_time(t: datetime, fmt: str, tz: ZoneInfo, daily: bool) -> str:
+    """A bar's time as historical data sends it: a date for daily bars, epoch seconds for
+    formatDate 2, else local time with the zone name (formatDate 1)."""
+    if daily:
+        return t.strftime("%Y%m%d")
+    if fmt == "2":
+        return str(int(t.timestamp()))
+    return t.astimezone(tz).strftime("%Y%m%d %H:%M:%S ") + str(tz.key)

@@ -1,0 +1,96 @@
+"""Fault injection: request faults consumed by the next historical requests, and the
+connection faults (every socket closed, IB's nightly reset)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..domain import ib_rules
+from .audit import AuditLog
+
+#: The request faults, by the names tests and the admin interface use.
+REQUEST_FAULTS = ("pacing", "stall", "error_322")
+#: How a nightly reset ends: 1102 "data maintained", or every socket closed.
+RESET_ENDINGS = ("1102", "close")
+
+
+@dataclass
+class Faults:
+    """Pending request faults; each counter is consumed by the next historical requests:
+    ``pacing`` answers 162, ``stall`` never answers, ``error_322`` answers 322."""
+
+    pacing: int = 0
+    stall: int = 0
+    error_322: int = 0
+
+    def add(self, name: str, count: int = 1) -> int:
+        """Queue ``count`` more faults of one kind; returns how many are now pending."""
+        if name not in REQUEST_FAULTS:
+            raise ValueError(f"unknown fault {name!r}; allowed: {', '.join(REQUEST_FAULTS)}")
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        setattr(self, name, getattr(self, name) + count)
+        return getattr(self, name)
+
+    def take(self, name: str) -> bool:
+        n = getattr(self, name)
+        if n > 0:
+            setattr(self, name, n - 1)
+            return True
+        return False
+
+
+class Connection(Protocol):
+    """What a connection fault needs of a client connection."""
+
+    def error(self, req_id: int, code: int, message: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ConnectionFaults:
+    """Faults that hit every connection at once.
+
+    During a nightly reset the data farm is down: historical requests wait in
+    :meth:`farm_available` until it is over.
+    """
+
+    def __init__(self, connections: Callable[[], Iterable[Connection]], audit: AuditLog):
+        self._connections = connections
+        self._audit = audit
+        self._restored = asyncio.Event()
+        self._restored.set()
+
+    async def farm_available(self) -> None:
+        await self._restored.wait()
+
+    def disconnect_all(self) -> int:
+        """Close every client connection now; returns how many there were."""
+        connections = list(self._connections())
+        for c in connections:
+            c.close()
+        self._audit.write(message="fault", outcome="disconnect_all", count=len(connections))
+        return len(connections)
+
+    async def nightly_reset(self, pause: float = 2.0, restore: str = "1102") -> None:
+        """IB's nightly reset: 1100, requests held for ``pause`` seconds, then 1102
+        (``restore='1102'``) or every socket closed (``restore='close'``)."""
+        if restore not in RESET_ENDINGS:
+            raise ValueError("restore must be '1102' or 'close'")
+        self._audit.write(message="fault", outcome=f"reset {restore}", pause=pause)
+        self._restored.clear()
+        for c in list(self._connections()):
+            c.error(-1, ib_rules.ERR_CONNECTIVITY_LOST, ib_rules.MSG_CONNECTIVITY_LOST)
+        try:
+            await asyncio.sleep(pause)
+        finally:
+            if restore == "close":
+                self.disconnect_all()
+            else:
+                for c in list(self._connections()):
+                    c.error(-1, ib_rules.ERR_RESTORED_DATA_MAINTAINED,
+                            ib_rules.MSG_RESTORED_DATA_MAINTAINED)
+            self._restored.set()
