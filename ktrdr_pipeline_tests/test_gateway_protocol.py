@@ -14,13 +14,13 @@ from .conftest import MARKET_OPEN, ErrorLog, connect, read_audit
 ET = ZoneInfo("US/Eastern")
 
 
-def test_connect_is_fast_and_start_up_complete(gateway):
+def test_connect_start_up_is_complete(gateway):
     ib = IB()
-    started = time.perf_counter()
-    ib.connect("127.0.0.1", gateway.port, clientId=1, timeout=4)
-    elapsed = time.perf_counter() - started
+    # raiseSyncErrors: a start-up request whose end message never comes (positions, open
+    # orders, account updates, executions...) fails the connect instead of being logged
+    # (connect time is a benchmark figure: benchmarks/bench_gateway.py)
+    ib.connect("127.0.0.1", gateway.port, clientId=1, timeout=20, raiseSyncErrors=True)
     try:
-        assert elapsed < 1.0, f"connect took {elapsed:.2f}s: a start-up end message is missing"
         assert ib.client.serverVersion() == 178
         assert ib.managedAccounts() == ["DU0000001"]
         assert abs((ib.reqCurrentTime() - MARKET_OPEN).total_seconds()) < 30

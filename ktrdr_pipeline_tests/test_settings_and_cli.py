@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -92,11 +91,9 @@ def test_gateway_port_in_use_is_a_clear_error():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        started = time.time()
-        result = _cli("gateway", "--port", str(port))
+        result = _cli("gateway", "--port", str(port))  # exits (within _cli's deadline)
         assert result.returncode == 2
         assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
-        assert time.time() - started < 30
 
 
 def test_reset_window_and_client_id_span_settings():
