@@ -611,6 +611,7 @@ def _share_worker(path: str, tag: str, n: int, barrier, results) -> None:
     results.put((tag, asyncio.run(main())))
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_ledger(tmp_path: Path) -> None:
     path = str(tmp_path / "ledger.sqlite")
     SqlitePacingLedger(path).close()

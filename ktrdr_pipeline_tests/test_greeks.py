@@ -191,6 +191,7 @@ def test_socket_sentinels_count_as_missing(gw, tmp_path):
 
 
 # -- the poll grid --------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_consecutive_snapshots_one_interval_apart_on_the_grid(gw, tmp_path, mode):
     cfg = config(gw, tmp_path, mode)
@@ -242,6 +243,7 @@ def test_the_runner_never_drifts_and_skips_what_it_overran(tmp_path):
         1_800_000_000 + k for k in (1, 2, 3, 6, 7, 8, 9)]
 
 
+@pytest.mark.slow
 def test_overlapping_runs_take_each_tick_once(gw, tmp_path):
     cfg = config(gw, tmp_path, "PORTAL")
     until = datetime.fromtimestamp(next_tick(time.time(), 1.0) + 3.5, UTC)
@@ -317,6 +319,7 @@ def _assert_nothing_lost(cfg: GreeksConfig, store: CountingStore, stats: RunStat
     assert "db_unavailable" in events and "buffer_flushed" in events
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_a_locked_database_loses_nothing_and_keeps_order(gw, tmp_path, mode):
     cfg, store, stats = _locked_run(gw, tmp_path, mode, buffered=3, flush_s=1.0)
@@ -346,6 +349,7 @@ def test_portal_tls_is_verified_by_default(gw, tmp_path):
     assert snap is not None and len(snap.positions) == 8
 
 
+@pytest.mark.slow
 def test_portal_keeps_the_session_and_reprimes_after_a_reset(gw, tmp_path):
     cfg = config(gw, tmp_path, "PORTAL")
     portal = gw.server._portal

@@ -363,6 +363,7 @@ def test_discovery_priority_cache_and_batch(gateway, tmp_path):
 
 # -- CLI -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_status_command(gateway):
     env = {**os.environ, "IB_PORT": str(gateway.port), "IB_CLIENT_ID": "42"}
     ok = subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "status"], env=env,

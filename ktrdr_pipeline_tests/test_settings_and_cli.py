@@ -58,6 +58,7 @@ def test_cli_rejects_bad_settings_and_ports():
     assert bad_clock.returncode == 2 and "ISO 8601" in bad_clock.stderr
 
 
+@pytest.mark.slow
 def test_gateway_command_serves_until_interrupted(tmp_path):
     audit = tmp_path / "audit.jsonl"
     proc = subprocess.Popen(
