@@ -85,6 +85,7 @@ def test_gateway_command_serves_until_interrupted(tmp_path):
             proc.wait()
 
 
+@pytest.mark.slow
 def test_gateway_port_in_use_is_a_clear_error():
     import socket
 
