@@ -7,7 +7,8 @@ import itertools
 import json
 import socket
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -53,6 +54,18 @@ class ErrorLog:
 
     def codes(self) -> list[int]:
         return [c for _, c, _ in self.items]
+
+
+def wait_until(predicate: Callable[[], object], what: str, deadline: float = 30.0,
+               sleep: Callable[[float], object] = time.sleep) -> None:
+    """Wait for a state, not for a time: poll ``predicate`` until it is true and fail with
+    ``what`` after ``deadline`` seconds. Pass ``sleep=ib.sleep`` to keep an ib_async
+    client's loop running meanwhile."""
+    give_up = time.monotonic() + deadline
+    while not predicate():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"not reached within {deadline:g} s: {what}")
+        sleep(0.02)
 
 
 def connect(gw: GatewayThread, client_id: int | None = None) -> IB:

@@ -140,6 +140,7 @@ def _cli(*args, data_dir: Path, port: int) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_load_command_json_summary_and_sql(env):
     gw, _, _, data_dir, _ = env
     first = _cli("load", "MSFT", "--timeframe", "1h", "--start", "2026-11-02", "--end",
@@ -293,6 +294,7 @@ def test_thin_stock_tail_confirms_holes_once_they_settle(env):
                                   traded[:, T].astype(np.int64)[:closed.sum()])
 
 
+@pytest.mark.slow
 def test_dagster_definitions_validate(tmp_path):
     exe = Path(sys.executable).parent / "dagster"
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
@@ -303,6 +305,7 @@ def test_dagster_definitions_validate(tmp_path):
     assert "Validation successful" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_backfill_mode_ranges_and_symbols_commands(env, tmp_path):
     gw, _, _, data_dir, _ = env
     tail = json.loads(_cli("load", "NVDA", "--timeframe", "1d", "--start", "2026-06-01",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -9,18 +11,18 @@ from zoneinfo import ZoneInfo
 import pytest
 from ib_async import IB, Contract, Forex, Future, Stock
 
-from .conftest import MARKET_OPEN, ErrorLog, connect, read_audit
+from .conftest import MARKET_OPEN, ErrorLog, connect, read_audit, wait_until
 
 ET = ZoneInfo("US/Eastern")
 
 
-def test_connect_is_fast_and_start_up_complete(gateway):
+def test_connect_start_up_is_complete(gateway):
     ib = IB()
-    started = time.perf_counter()
-    ib.connect("127.0.0.1", gateway.port, clientId=1, timeout=4)
-    elapsed = time.perf_counter() - started
+    # raiseSyncErrors: a start-up request whose end message never comes (positions, open
+    # orders, account updates, executions...) fails the connect instead of being logged
+    # (connect time is a benchmark figure: benchmarks/bench_gateway.py)
+    ib.connect("127.0.0.1", gateway.port, clientId=1, timeout=20, raiseSyncErrors=True)
     try:
-        assert elapsed < 1.0, f"connect took {elapsed:.2f}s: a start-up end message is missing"
         assert ib.client.serverVersion() == 178
         assert ib.managedAccounts() == ["DU0000001"]
         assert abs((ib.reqCurrentTime() - MARKET_OPEN).total_seconds()) < 30
@@ -196,9 +198,20 @@ def test_several_clients_and_client_id_in_use(gateway):
         assert list(bars_a) == list(bars_b) and len(bars_a) == 7
         dup = IB()
         errors = ErrorLog(dup)
-        with pytest.raises((TimeoutError, ConnectionError)):
-            dup.connect("127.0.0.1", gateway.port, clientId=11, timeout=2)
-        assert 326 in errors.codes()
+        # refused with 326 (ib_async would then wait out its timeout: wait for the error)
+        attempt = asyncio.ensure_future(dup.connectAsync("127.0.0.1", gateway.port,
+                                                         clientId=11, timeout=30))
+        try:
+            wait_until(lambda: 326 in errors.codes() or attempt.done(),
+                       "error 326 for the client id in use", sleep=dup.sleep)
+            assert 326 in errors.codes()
+            assert not dup.isConnected()
+            if attempt.done():
+                assert isinstance(attempt.exception(), TimeoutError | ConnectionError)
+        finally:
+            attempt.cancel()
+            with contextlib.suppress(ConnectionError):  # already closed by the failed connect
+                dup.disconnect()
         assert a.isConnected()
     finally:
         a.disconnect()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import socket
 import struct
-import time
 import tracemalloc
 
 import pytest
@@ -13,7 +12,7 @@ from ib_async import Stock
 
 from ktrdr_pipeline.gateway.protocol import MAX_FRAME_BYTES, encode
 
-from .conftest import RawClient, connect
+from .conftest import RawClient, connect, wait_until
 
 AAPL_C12 = ["265598", "AAPL", "STK", "", "0", "", "", "SMART", "", "USD", "", ""]
 
@@ -50,23 +49,21 @@ def test_client_disconnecting_mid_request(gateway, ib):
         _hist(raw, 1, "20261117 16:00:00 US/Eastern")
         _hist(raw, 2, "20261116 16:00:00 US/Eastern")
         raw.close()  # gone with requests in flight
-    time.sleep(0.2)
-    assert gateway.call(lambda: len(gateway.server.open_requests)) == 0
+    wait_until(lambda: gateway.call(lambda: len(gateway.server.open_requests)) == 0,
+               "the gone clients' open requests are released")
     assert len(ib.reqHistoricalData(Stock("AAPL", "SMART", "USD"), "", "1 D", "1 min",
                                     "TRADES", True, 2)) > 0
 
 
-def test_one_day_of_one_minute_bars_in_under_20_ms(gateway):
+def test_one_day_of_one_minute_bars_is_one_full_session(gateway):
+    """Each day answers with the session's 390 bars (how fast: benchmarks/bench_gateway.py,
+    target a median under 20 ms)."""
     raw = RawClient(gateway.port, 92)
     try:
-        timings = []
         for i, day in enumerate(("20261110", "20261111", "20261112", "20261113", "20261116")):
-            started = time.perf_counter()
             _hist(raw, i + 1, f"{day} 16:00:00 US/Eastern")
             fields = raw.read_until("17", str(i + 1))
-            timings.append(time.perf_counter() - started)
             assert fields[4] == "390"
-        assert sorted(timings)[len(timings) // 2] < 0.020, timings
     finally:
         raw.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +12,7 @@ from ib_async import Contract, Forex, Stock
 from ktrdr_pipeline.domain import ib_rules
 from ktrdr_pipeline.gateway.server import GatewayThread
 
-from .conftest import MARKET_OPEN, ErrorLog, RawClient, connect, read_audit
+from .conftest import MARKET_OPEN, ErrorLog, RawClient, connect, read_audit, wait_until
 
 AAPL = Stock("AAPL", "SMART", "USD")
 
@@ -23,6 +24,21 @@ def _codes_for(errors: ErrorLog, code: int) -> list[str]:
 def _small_bars(ib, contract, end: str, what: str = "TRADES", timeout: float = 5):
     return ib.reqHistoricalData(contract, end, "1800 S", "5 secs", what, True, 2,
                                 timeout=timeout)
+
+
+def _bars_until_error(ib, errors: ErrorLog, code: int, *request) -> list:
+    """``reqHistoricalData(*request)``, waiting for IB's error ``code`` instead of a
+    timeout: ib_async takes 321 for a warning and would leave the request open."""
+    seen = len(errors.items)
+    task = asyncio.ensure_future(ib.reqHistoricalDataAsync(*request))
+    try:
+        wait_until(lambda: task.done() or code in [c for _, c, _ in errors.items[seen:]],
+                   f"error {code} for {request}", sleep=ib.sleep)
+    finally:
+        if not task.done():
+            task.cancel()
+            ib.sleep(0)
+    return [] if task.cancelled() else list(task.result())
 
 
 @pytest.fixture
@@ -137,8 +153,8 @@ def test_fifty_open_historical_requests(gateway):
 ])
 def test_duration_over_the_maximum_is_321(gateway, ib, bar_size, duration):
     errors = ErrorLog(ib)
-    bars = ib.reqHistoricalData(AAPL, "20261117 16:00:00 US/Eastern", duration, bar_size,
-                                "MIDPOINT", True, 2, timeout=1)
+    bars = _bars_until_error(ib, errors, 321, AAPL, "20261117 16:00:00 US/Eastern", duration,
+                             bar_size, "MIDPOINT", True, 2)
     assert len(bars) == 0
     assert any("Time length exceed max" in m for m in _codes_for(errors, 321))
 
@@ -151,7 +167,7 @@ def test_duration_over_the_maximum_is_321(gateway, ib, bar_size, duration):
 ])
 def test_invalid_request_is_321(gateway, ib, bar_size, duration, fragment):
     errors = ErrorLog(ib)
-    ib.reqHistoricalData(AAPL, "", duration, bar_size, "TRADES", True, 2, timeout=1)
+    _bars_until_error(ib, errors, 321, AAPL, "", duration, bar_size, "TRADES", True, 2)
     assert any(fragment in m for m in _codes_for(errors, 321)), errors.items
 
 

@@ -7,7 +7,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,7 +37,7 @@ from ktrdr_pipeline.greeks.runner import (
 )
 from ktrdr_pipeline.greeks.store import GreeksStore, read_rows
 
-from .test_greeks_store import Holder
+from .lockholder import DuckDBLockHolder as Holder
 
 #: A Saturday: markets are shut, so prices stay put between the simulator serving a value
 #: and the test recomputing it (the Greeks still decay with time, by ~1e-7 per second).
@@ -191,6 +191,7 @@ def test_socket_sentinels_count_as_missing(gw, tmp_path):
 
 
 # -- the poll grid --------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_consecutive_snapshots_one_interval_apart_on_the_grid(gw, tmp_path, mode):
     cfg = config(gw, tmp_path, mode)
@@ -242,6 +243,7 @@ def test_the_runner_never_drifts_and_skips_what_it_overran(tmp_path):
         1_800_000_000 + k for k in (1, 2, 3, 6, 7, 8, 9)]
 
 
+@pytest.mark.slow
 def test_overlapping_runs_take_each_tick_once(gw, tmp_path):
     cfg = config(gw, tmp_path, "PORTAL")
     until = datetime.fromtimestamp(next_tick(time.time(), 1.0) + 3.5, UTC)
@@ -262,18 +264,43 @@ def test_overlapping_runs_take_each_tick_once(gw, tmp_path):
 
 
 # -- the outage buffer with a live bridge -------------------------------------------------------
-def _locked_run(gw: GatewayThread, tmp_path: Path, mode: str, lock_s: float, flush_s: float,
-                total_s: float) -> tuple[GreeksConfig, CountingStore, RunStats]:
+async def wait_for(predicate: Callable[[], bool], what: str, deadline: float) -> None:
+    """Poll ``predicate`` on the running loop until it holds; fail clearly after
+    ``deadline`` seconds."""
+    give_up = time.monotonic() + deadline
+    while not predicate():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"not reached within {deadline:g} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def _locked_run(gw: GatewayThread, tmp_path: Path, mode: str, buffered: int,
+                flush_s: float) -> tuple[GreeksConfig, CountingStore, RunStats]:
+    """A live run: one snapshot written, then another process holds the database until
+    ``buffered`` snapshots went to the outage buffer, then lets go; the run stops once it
+    has flushed the buffer itself and written again."""
     cfg = config(gw, tmp_path, mode, BRIDGE_FLUSH_INTERVAL=str(flush_s))
     store = counting_store(cfg)
-    until = datetime.fromtimestamp(next_tick(time.time(), 1.0) + total_s + 0.5, UTC)
 
     async def scenario() -> RunStats:
-        task = asyncio.create_task(run_snapshots(cfg, until=until, store=store))
-        await asyncio.sleep(1.5)
-        holder = await asyncio.to_thread(Holder, cfg.db_path)  # another process, read-write
-        await asyncio.sleep(lock_s)
-        await asyncio.to_thread(holder.release)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_snapshots(cfg, stop=stop, store=store))
+        try:
+            await wait_for(lambda: "written" in store.outcomes, "a first snapshot written",
+                           60)
+            holder = await asyncio.to_thread(Holder, cfg.db_path)  # another process, r/w
+            try:
+                await wait_for(lambda: store.outcomes.count("buffered") >= buffered,
+                               f"{buffered} snapshots buffered while the database is held",
+                               buffered * 3 + 60)
+            finally:
+                await asyncio.to_thread(holder.release)
+            held = len(store.outcomes)
+            await wait_for(lambda: store.buffer.size() == 0
+                           and "written" in store.outcomes[held:],
+                           "the run flushed the buffer and wrote again", flush_s + 60)
+        finally:
+            stop.set()
         stats, _ = await task
         return stats
 
@@ -292,17 +319,17 @@ def _assert_nothing_lost(cfg: GreeksConfig, store: CountingStore, stats: RunStat
     assert "db_unavailable" in events and "buffer_flushed" in events
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_a_locked_database_loses_nothing_and_keeps_order(gw, tmp_path, mode):
-    cfg, store, stats = _locked_run(gw, tmp_path, mode, lock_s=3.0, flush_s=1.0, total_s=7.0)
+    cfg, store, stats = _locked_run(gw, tmp_path, mode, buffered=3, flush_s=1.0)
     _assert_nothing_lost(cfg, store, stats)
     assert store.outcomes.count("buffered") >= 3
 
 
 @pytest.mark.slow
 def test_a_database_locked_for_25_seconds_loses_nothing(gw, tmp_path):
-    cfg, store, stats = _locked_run(gw, tmp_path, "SOCKET", lock_s=25.0, flush_s=10.0,
-                                    total_s=40.0)
+    cfg, store, stats = _locked_run(gw, tmp_path, "SOCKET", buffered=25, flush_s=10.0)
     _assert_nothing_lost(cfg, store, stats)
     assert store.outcomes.count("buffered") >= 25
 
@@ -322,6 +349,7 @@ def test_portal_tls_is_verified_by_default(gw, tmp_path):
     assert snap is not None and len(snap.positions) == 8
 
 
+@pytest.mark.slow
 def test_portal_keeps_the_session_and_reprimes_after_a_reset(gw, tmp_path):
     cfg = config(gw, tmp_path, "PORTAL")
     portal = gw.server._portal

@@ -91,6 +91,7 @@ def test_schedule_is_configurable(tmp_path):
     assert until == datetime(2026, 11, 21, 12, 5, 30, tzinfo=UTC)  # + the default 30 s
 
 
+@pytest.mark.slow
 def test_scheduled_run_snapshots_until_the_next_tick(monkeypatch, tmp_path, dagster_instance):
     with GatewayThread(clock=WEEKEND, latency="none", tick_interval=0.2) as gw:
         env = {"KTRDR_DATA_DIR": str(tmp_path), "IB_PORT": str(gw.port),

@@ -133,6 +133,7 @@ class CountingStore(GreeksStore):
         return super().write_snapshot(snapshot)
 
 
+@pytest.mark.slow
 def test_a_simulator_disconnect_is_recovered(tmp_path):
     audit = tmp_path / "audit.jsonl"
     with GatewayThread(clock=WEEKEND, latency="none", tick_interval=0.2, audit_log=audit) as gw:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
@@ -244,10 +243,10 @@ def test_permanent_errors_fail_at_once(gateway, audit_path):
         run(go(unknown, _plan(days=1)[0]))
     bad = HistoricalRequest(end=datetime(2026, 11, 17, 21, tzinfo=UTC), duration="2 D",
                             bar_size="1 min", what_to_show="TRADES", use_rth=True)
-    started = time.perf_counter()
+    # answered by its error, not left hanging like plain ib_async (a hang would end in
+    # RequestTimeout after the fetcher's timeout, not in InvalidRequest)
     with pytest.raises(InvalidRequest, match="321"):
         run(go(_aapl(), bad))
-    assert time.perf_counter() - started < 5  # not left hanging like plain ib_async
     requests = [e for e in read_audit(audit_path) if e["message"] == "reqHistoricalData"]
     assert len(requests) == 2  # neither was retried
 
@@ -365,6 +364,7 @@ def test_discovery_priority_cache_and_batch(gateway, tmp_path):
 
 # -- CLI -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_status_command(gateway):
     env = {**os.environ, "IB_PORT": str(gateway.port), "IB_CLIENT_ID": "42"}
     ok = subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "status"], env=env,

@@ -22,6 +22,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 def test_stop_reports_and_kills_what_outlives_sigterm(tmp_path: Path) -> None:
     procs = Processes(tmp_path)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +58,7 @@ def test_cli_rejects_bad_settings_and_ports():
     assert bad_clock.returncode == 2 and "ISO 8601" in bad_clock.stderr
 
 
+@pytest.mark.slow
 def test_gateway_command_serves_until_interrupted(tmp_path):
     audit = tmp_path / "audit.jsonl"
     proc = subprocess.Popen(
@@ -85,6 +85,7 @@ def test_gateway_command_serves_until_interrupted(tmp_path):
             proc.wait()
 
 
+@pytest.mark.slow
 def test_gateway_port_in_use_is_a_clear_error():
     import socket
 
@@ -92,11 +93,9 @@ def test_gateway_port_in_use_is_a_clear_error():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        started = time.time()
-        result = _cli("gateway", "--port", str(port))
+        result = _cli("gateway", "--port", str(port))  # exits (within _cli's deadline)
         assert result.returncode == 2
         assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
-        assert time.time() - started < 30
 
 
 def test_reset_window_and_client_id_span_settings():

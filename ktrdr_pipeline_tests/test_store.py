@@ -14,6 +14,7 @@ import textwrap
 import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import duckdb
 import numpy as np
@@ -44,6 +45,8 @@ from ktrdr_pipeline.store.schema import (
     session_violations,
     validate_bars,
 )
+
+from .lockholder import DuckDBLockHolder
 
 REPO = Path(__file__).resolve().parents[1]
 TODAY = date(2026, 11, 30)
@@ -780,37 +783,34 @@ def test_symbol_bars_refuses_bad_arguments_clearly(tmp_path: Path, args: str,
         cat.run_query(tmp_path, f"SELECT count(*) FROM symbol_bars({args})")
 
 
-def _hold_write_lock(path: Path, seconds: float) -> subprocess.Popen:
-    code = ("import duckdb, sys, time\n"
-            "con = duckdb.connect(sys.argv[1])\n"
-            "print('locked', flush=True)\n"
-            "time.sleep(float(sys.argv[2]))\n"
-            "con.close()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(seconds)],
-                            stdout=subprocess.PIPE, text=True, env=subprocess_env())
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-    return proc
-
-
-def test_queries_do_not_wait_for_a_writer_holding_the_catalog(tmp_path: Path) -> None:
+def test_queries_do_not_wait_for_a_writer_holding_the_catalog(tmp_path: Path,
+                                                              monkeypatch) -> None:
     store = BarStore(tmp_path)
     write(store, "1m", "AAPL", "2024-03", minute_frame("2024-03-04 14:30", 10))
     cat.refresh_catalog(tmp_path)
-    proc = _hold_write_lock(tmp_path / cat.CATALOG_FILE, 4.0)
-    try:
-        t0 = time.monotonic()
+    with DuckDBLockHolder(tmp_path / cat.CATALOG_FILE) as holder:
         assert cat.run_query(tmp_path, "SELECT count(*) FROM bars_1m").rows == [(10,)]
         assert "10" in cat.query(tmp_path, "SELECT count(*) AS n FROM bars", "csv")
-        assert time.monotonic() - t0 < 2.0
+        # the holder lets go only when told: the queries ran while it held the catalog
+        assert holder.holding()
         with pytest.raises(cat.CatalogLockedError, match=r"catalog\.duckdb"):
             cat.refresh_catalog(tmp_path, force=True, timeout_s=0.3)
-        # with the default timeout the refresh waits for the other process to let go
+        assert holder.holding()
+        # with the default timeout the refresh waits for the other process to let go: it
+        # is told to at the refresh's first wait for the lock
         write(store, "1h", "AAPL", "2024", minute_frame("2024-03-04 14:00", 2, "1h"))
+        waits: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            if not waits:
+                holder.release()  # returns once the holder has closed the file and exited
+            waits.append(seconds)
+            time.sleep(seconds)
+
+        clock = SimpleNamespace(monotonic=time.monotonic, sleep=sleep)
+        monkeypatch.setattr(cat, "time", clock)
         assert cat.refresh_catalog(tmp_path)
-        assert proc.poll() is not None
-    finally:
-        proc.kill()
-        proc.wait()
+        assert waits and not holder.holding()  # it found the file held, waited, then wrote
     con = cat.connect_readonly(tmp_path, refresh=False)
     try:
         assert con.execute("SELECT count(*) FROM bars_1h").fetchone() == (2,)
@@ -879,12 +879,9 @@ def test_greeks_database_is_attached_read_only(tmp_path: Path) -> None:
     with pytest.raises(cat.QueryError):
         cat.run_query(tmp_path, "DELETE FROM greeks.greeks")
     # while its writer holds it, queries still run (without the greeks)
-    proc = _hold_write_lock(greeks, 3.0)
-    try:
+    with DuckDBLockHolder(greeks) as holder:
         assert cat.run_query(tmp_path, "SELECT count(*) FROM bars").rows == [(0,)]
-    finally:
-        proc.kill()
-        proc.wait()
+        assert holder.holding()  # it ran while the writer held the file
 
 
 ROWS = [
