@@ -16,7 +16,7 @@ An invalid entry is reported and skipped; the others still apply.
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import yaml
 from .domain.timeframes import get_timeframe
 from .ib.contracts import parse_symbol
 from .ib.errors import SymbolError
+from .settings import UNIVERSE_FILE, universe_file
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,10 @@ class Universe:
         return True
 
 
-def universe_path(data_dir: Path, env: dict[str, str] | None = None) -> Path:
-    raw = (env if env is not None else os.environ).get("KTRDR_UNIVERSE", "")
-    return Path(raw) if raw else Path(data_dir) / "universe.yaml"
+def universe_path(data_dir: Path, env: Mapping[str, str] | None = None) -> Path:
+    """``KTRDR_UNIVERSE``, else ``data_dir/universe.yaml``. Code holding a
+    :class:`~ktrdr_pipeline.settings.Settings` uses ``settings.universe_path`` instead."""
+    return universe_file(env) or Path(data_dir) / UNIVERSE_FILE
 
 
 def _entry(raw: Any) -> UniverseEntry:

@@ -8,7 +8,7 @@ bars, yearly for hour and larger bars.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -121,9 +121,12 @@ def get_timeframe(name: str) -> Timeframe:
         raise ValueError(f"unknown timeframe {name!r}; allowed: {', '.join(TIMEFRAMES)}") from None
 
 
-def enabled_timeframes(env: dict[str, str] | None = None) -> list[Timeframe]:
+def enabled_timeframes(env: Mapping[str, str] | None = None) -> list[Timeframe]:
     """The timeframes that get assets: ``KTRDR_TIMEFRAMES`` (comma-separated) or the
-    default ``1m,5m,15m,1h,1d``."""
-    raw = (env if env is not None else os.environ).get("KTRDR_TIMEFRAMES", "")
-    names = [n.strip() for n in raw.split(",") if n.strip()] or list(DEFAULT_TIMEFRAMES)
-    return [get_timeframe(n) for n in dict.fromkeys(names)]
+    default ``1m,5m,15m,1h,1d``, as :mod:`ktrdr_pipeline.settings` reads and validates them.
+
+    For callers without settings at hand (the catalog); code holding a
+    :class:`~ktrdr_pipeline.settings.Settings` asks it (``settings.enabled_timeframes()``)."""
+    from ..settings import timeframe_names  # the edge reads the environment, not the core
+
+    return [get_timeframe(n) for n in timeframe_names(env)]
