@@ -222,3 +222,13 @@ def test_reset_window_has_one_parser_and_one_default():
     with pytest.raises(ValueError, match="HH:MM-HH:MM"):
         ResetWindow.parse("23:40")
 
+
+
+def test_only_the_settings_module_reads_the_environment():
+    """Settings are read and validated in one place: ``ktrdr_pipeline/settings.py``."""
+    package = Path(__file__).resolve().parents[1] / "ktrdr_pipeline"
+    readers = sorted(
+        str(path.relative_to(package)) for path in package.rglob("*.py")
+        if path.name != "settings.py" or path.parent != package
+        if any(word in path.read_text() for word in ("os.environ", "getenv", "environ[")))
+    assert readers == []
