@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -182,10 +181,11 @@ def _date(text: str):
 
 
 class _Progress:
-    """A one-line progress bar on stderr for long loads."""
+    """A one-line progress bar on stderr for long loads (``forced``: ``KTRDR_PROGRESS``,
+    even when stderr is no terminal)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty() or os.environ.get("KTRDR_PROGRESS") == "1"
+    def __init__(self, enabled: bool, forced: bool = False):
+        self.enabled = enabled and sys.stderr.isatty() or forced
 
     def __call__(self, period: str, done: int, total: int) -> None:
         if not self.enabled:
@@ -229,7 +229,7 @@ def _run_data_command(coro_fn) -> object:
 def cmd_load(args: argparse.Namespace) -> int:
     from . import commands
 
-    progress = _Progress(not args.json)
+    progress = _Progress(not args.json, Settings.from_env().progress_bar)
     summary = _run_data_command(lambda ctx: commands.load(
         ctx, args.symbol, args.timeframe, args.mode, args.start, args.end, progress))
     progress.close()
@@ -257,7 +257,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     try:
-        print(query(settings.data_dir, args.query, args.format), end="")
+        print(query(settings.data_dir, args.query, args.format, settings.timeframes), end="")
     except (QueryError, CatalogLockedError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -129,10 +128,9 @@ def dagster_instance(settings: Settings):
     """The Dagster instance: ``DAGSTER_HOME``, or ``KTRDR_DATA_DIR/dagster`` when unset."""
     import dagster as dg
 
-    home = os.environ.get("DAGSTER_HOME") or str(Path(settings.data_dir).resolve() / "dagster")
-    Path(home).mkdir(parents=True, exist_ok=True)
-    os.environ["DAGSTER_HOME"] = home
-    return dg.DagsterInstance.get()
+    home = (settings.dagster_home or Path(settings.data_dir) / "dagster").expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.from_config(str(home))
 
 
 def symbol_partitions(settings: Settings) -> list[str]:

@@ -1,28 +1,23 @@
-"""The Dagster Definitions, assembled from ``defs/``."""
+"""The code location: the Definitions of every domain under ``defs/``, merged.
+
+Built when Dagster loads the code location (``@dg.definitions``), not at import time, so
+the settings are read then and a bad one stops the load with the variable named."""
 
 from __future__ import annotations
 
 import dagster as dg
 
-from .defs.assets import bar_assets, bar_jobs
-from .defs.automation import (
-    daily_tail_fill,
-    daily_tail_fill_job,
-    symbols_sensor,
-    tail_fill_sensor,
-)
-from .defs.checks import bar_checks
+from .defs import bars
 from .defs.greeks import greeks_definitions
-from .defs.resources import KtrdrSettings
+from .defs.resources import ktrdr_resource
+from .settings import AutomationSettings, Settings, environment
 
-defs = dg.Definitions.merge(
-    dg.Definitions(
-        assets=bar_assets(),
-        asset_checks=bar_checks(),
-        sensors=[symbols_sensor, tail_fill_sensor],
-        schedules=[daily_tail_fill],
-        jobs=[daily_tail_fill_job, *bar_jobs()],
-        resources={"ktrdr": KtrdrSettings()},
-    ),
-    greeks_definitions(),
-)
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    settings = Settings.from_env()
+    return dg.Definitions.merge(
+        bars.defs(settings, AutomationSettings.from_env()),
+        greeks_definitions(),
+        dg.Definitions(resources={"ktrdr": ktrdr_resource(environment())}),
+    )

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import sys
 import urllib.error
@@ -30,7 +29,7 @@ from typing import TextIO
 
 from .gateway.server import GatewayServer
 from .services import GraphQL, Processes, bin_path, free_port, port_free
-from .settings import Settings
+from .settings import UNIVERSE_FILE, Settings, environment
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +70,27 @@ def _bin(name: str) -> str:
     return bin_path(name) or name
 
 
-def prepare_home(data_dir: Path) -> Path:
+def prepare_home(data_dir: Path, universe_file: Path | None = None) -> Path:
+    """The demo's Dagster home and, unless ``KTRDR_UNIVERSE`` (``universe_file``) names
+    one, its universe file."""
     home = data_dir / "dagster"
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         (home / "dagster.yaml").write_text(DAGSTER_YAML)
-    universe = data_dir / "universe.yaml"
-    if not universe.exists() and not os.environ.get("KTRDR_UNIVERSE"):
+    universe = data_dir / UNIVERSE_FILE
+    if not universe.exists() and universe_file is None:
         universe.write_text(DEMO_UNIVERSE)
     return home
 
 
-def register_symbols(data_dir: Path, home: Path) -> list[str]:
+def register_symbols(universe_file: Path, home: Path) -> list[str]:
     """Add the universe's symbols as partitions now, so the backfill can name them."""
     import dagster as dg
 
-    from .universe import load_universe, universe_path
+    from .universe import load_universe
 
-    universe = load_universe(universe_path(data_dir))
-    os.environ["DAGSTER_HOME"] = str(home)
-    with dg.DagsterInstance.get() as instance:
+    universe = load_universe(universe_file)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
         existing = set(instance.get_dynamic_partitions("symbols"))
         new = [k for k in universe.keys if k not in existing]
         if new:
@@ -102,7 +102,7 @@ async def run_demo(settings: Settings, out: TextIO = sys.stdout, forever: bool =
                    ui_port: int | None = None) -> int:
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    home = prepare_home(data_dir)
+    home = prepare_home(data_dir, settings.universe_file)
     gw = None
     for port in (settings.ib_port, 0):
         candidate = GatewayServer("127.0.0.1", port, latency="realistic", admin_port=0)
@@ -114,9 +114,10 @@ async def run_demo(settings: Settings, out: TextIO = sys.stdout, forever: bool =
     if gw is None:
         raise RuntimeError("cannot start the IB Gateway simulator")
     out.write(f"IB Gateway simulator on 127.0.0.1:{gw.port} (admin 127.0.0.1:{gw.admin_port})\n")
-    symbols = register_symbols(data_dir, home)
+    universe = settings.universe_file or data_dir / UNIVERSE_FILE
+    symbols = register_symbols(universe, home)
     ui_port = ui_port or (3000 if port_free(3000) else free_port())
-    env = {**os.environ, "DAGSTER_HOME": str(home), "KTRDR_DATA_DIR": str(data_dir),
+    env = {**environment(), "DAGSTER_HOME": str(home), "KTRDR_DATA_DIR": str(data_dir),
            "IB_HOST": "127.0.0.1", "IB_PORT": str(gw.port)}
     procs = Processes(home)
     try:

@@ -45,7 +45,7 @@ from .ib.ledger import SqlitePacingLedger
 from .settings import Settings
 from .store.parquet import BarStore
 from .store.schema import validate_bars
-from .universe import load_universe, universe_path
+from .universe import load_universe
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class PipelineContext:
                       fetch_timeout_s: float = 120.0) -> PipelineContext:
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        universe = load_universe(universe_path(data_dir))
+        universe = load_universe(settings.universe_path)
         if client_id is not None:
             settings = dataclasses.replace(settings, ib_client_id=client_id)
         conn = IBConnection.from_settings(settings)

@@ -16,7 +16,6 @@ An invalid entry is reported and skipped; the others still apply.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,11 +53,6 @@ class Universe:
             if e.key == key:
                 return e.timeframes is None or timeframe in e.timeframes
         return True
-
-
-def universe_path(data_dir: Path, env: dict[str, str] | None = None) -> Path:
-    raw = (env if env is not None else os.environ).get("KTRDR_UNIVERSE", "")
-    return Path(raw) if raw else Path(data_dir) / "universe.yaml"
 
 
 def _entry(raw: Any) -> UniverseEntry:

@@ -10,8 +10,6 @@ import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "ktrdr_pipeline"
 
@@ -79,11 +77,6 @@ def test_contracts_name_every_top_level_module():
     assert not dagster_free & {"ktrdr_pipeline.defs", "ktrdr_pipeline.definitions"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "contracts broken on this branch, fixed elsewhere: store -> ib (store.catalog -> "
-    "ib.contracts, store.parquet -> ib.contracts and ib.fetch, store.schema -> ib.fetch: "
-    "the bar frame moves into domain/); cycles settings <-> ib (settings -> ib.connection "
-    "for ResetWindow, ib.connection -> settings) and gateway.server <-> gateway.admin"))
 def test_import_contracts_are_kept():
     """`lint-imports` from the repository root (its pyproject.toml), on this checkout's
     package: the report is shown when a contract is broken."""

@@ -1,4 +1,4 @@
-"""Sensors and the daily schedule, driven with Dagster's test contexts against the
+"""Sensors and the daily schedules, driven with Dagster's test contexts against the
 simulator with a fixed clock."""
 
 from __future__ import annotations
@@ -10,11 +10,17 @@ from datetime import UTC, datetime
 import dagster as dg
 import pytest
 
-from ktrdr_pipeline.defs.automation import daily_tail_fill, symbols_sensor, tail_fill_sensor
+from ktrdr_pipeline.defs import bars
+from ktrdr_pipeline.defs.bars.jobs import build_bar_job
+from ktrdr_pipeline.defs.bars.sensors import build_tail_fill_sensor, symbols_sensor
 from ktrdr_pipeline.defs.resources import KtrdrSettings
+from ktrdr_pipeline.domain.timeframes import get_timeframe
 from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.loader import PipelineContext, load_partition
-from ktrdr_pipeline.settings import Settings
+from ktrdr_pipeline.settings import AutomationSettings, Settings
+
+tail_fill_sensor = build_tail_fill_sensor(300, [build_bar_job(get_timeframe(n))
+                                                for n in ("1h", "1d")])
 
 #: Wednesday 2026-11-18 15:00 UTC = 10:00 US/Eastern: NYSE open.
 WEDNESDAY = datetime(2026, 11, 18, 15, 0, tzinfo=UTC)
@@ -105,18 +111,44 @@ def test_unknown_symbol_gets_an_initial_run(setup):
     assert json.loads(result.cursor)
 
 
+def _daily_schedules(resources) -> tuple[dg.RepositoryDefinition, list]:
+    defs = dg.Definitions.merge(bars.defs(Settings(timeframes=("1h", "1d")),
+                                          AutomationSettings()),
+                                dg.Definitions(resources=resources))
+    repo = defs.get_repository_def()
+    return repo, [repo.get_schedule_def(f"daily_tail_fill_{tf}") for tf in ("1h", "1d")]
+
+
 def test_daily_schedule_skips_holidays(setup):
-    _, instance, resources, _, _ = setup
-    instance.add_dynamic_partitions("symbols", ["AAPL"])
+    _, instance, resources, data_dir, _ = setup
+    repo, schedules = _daily_schedules(resources)
+    friday = datetime(2026, 11, 27, 22, 15, tzinfo=UTC)
+    for schedule in schedules:
+        assert (schedule.cron_schedule, schedule.execution_timezone) == (
+            "15 17 * * 1-5", "US/Eastern")
+        ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=friday,
+                                        resources=resources, repository_def=repo)
+        assert schedule.evaluate_tick(ctx).skip_message == "no symbols yet"
+    instance.add_dynamic_partitions("symbols", ["AAPL", "ES"])
+    data_dir.mkdir(parents=True)
+    (data_dir / "universe.yaml").write_text(
+        "symbols: [AAPL, {symbol: ES, timeframes: [1d]}]\n")
     thanksgiving = datetime(2026, 11, 26, 22, 15, tzinfo=UTC)
     ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=thanksgiving,
-                                    resources=resources)
-    assert isinstance(daily_tail_fill(ctx), dg.SkipReason)
-    friday = datetime(2026, 11, 27, 22, 15, tzinfo=UTC)
-    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=friday,
-                                    resources=resources)
-    request = daily_tail_fill(ctx)
-    assert isinstance(request, dg.RunRequest) and "2026-11-27" in request.run_key
+                                    resources=resources, repository_def=repo)
+    assert "not an NYSE trading day" in schedules[0].evaluate_tick(ctx).skip_message
+    requested = {}
+    for schedule in schedules:
+        ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=friday,
+                                        resources=resources, repository_def=repo)
+        requests = schedule.evaluate_tick(ctx).run_requests
+        assert all("2026-11-27" in r.run_key for r in requests)
+        assert len({r.run_key for r in requests}) == len(requests)
+        assert all(r.tags["ktrdr/trigger"] == "daily_tail_fill" for r in requests)
+        requested[schedule.job_name] = sorted(str(r.partition_key) for r in requests)
+    # one run per symbol x timeframe on that timeframe's job, for the current period; ES
+    # wants daily bars only
+    assert requested == {"bars_1h_job": ["2026|AAPL"], "bars_1d_job": ["2026|AAPL", "2026|ES"]}
 
 
 def test_sensor_and_fresh_check_share_one_test_of_behind():

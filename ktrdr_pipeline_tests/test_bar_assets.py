@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ktrdr_pipeline.defs.assets import build_bar_asset
-from ktrdr_pipeline.defs.checks import build_checks
+from ktrdr_pipeline.defs.bars.assets import build_bar_asset
+from ktrdr_pipeline.defs.bars.checks import build_checks
 from ktrdr_pipeline.defs.resources import KtrdrSettings
 from ktrdr_pipeline.domain.bars import FetchState
 from ktrdr_pipeline.domain.timeframes import get_timeframe
@@ -303,6 +303,70 @@ def test_dagster_definitions_validate(tmp_path):
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Validation successful" in out.stdout + out.stderr
+
+
+def test_definitions_are_built_when_dagster_loads_them_not_at_import():
+    code = ("import ktrdr_pipeline.definitions as d\n"
+            "from ktrdr_pipeline.settings import SettingsError\n"
+            "print('imported')\n"
+            "try:\n    d.defs()\nexcept SettingsError as exc:\n    print(exc)\n")
+    env = {**os.environ, "KTRDR_TIMEFRAMES": "1h,7m", "KTRDR_TAIL_FILL_INTERVAL": "5"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "imported"
+    assert "KTRDR_TIMEFRAMES" in out.stdout
+
+
+def test_the_checks_read_a_partition_once_for_all_four(env, monkeypatch):
+    from ktrdr_pipeline.defs.bars import checks as checks_module
+
+    _materialize("1d", "EURUSD", "2026", env)
+    reads = []
+
+    class CountingStore(BarStore):
+        def read_with_meta(self, *args, **kwargs):
+            reads.append(args)
+            return super().read_with_meta(*args, **kwargs)
+
+    monkeypatch.setattr(checks_module, "BarStore", CountingStore)
+    _, checks = _materialize("1d", "EURUSD", "2026", env)
+    assert sorted(checks) == ["calendar_gaps", "fresh", "ohlc_valid",
+                              "unique_sorted_in_session"]
+    assert len(reads) == 1
+    assert checks["ohlc_valid"].blocking and not checks["fresh"].blocking
+    assert checks["calendar_gaps"].severity == dg.AssetCheckSeverity.WARN
+    assert checks["unique_sorted_in_session"].severity == dg.AssetCheckSeverity.ERROR
+    # one check on its own: the others are not evaluated
+    reads.clear()
+    _, instance, resources, _, _ = env
+    tf = get_timeframe("1d")
+    from ktrdr_pipeline.defs.bars.jobs import build_bar_job
+
+    job = dg.Definitions(assets=[build_bar_asset(tf)], asset_checks=build_checks(tf),
+                         jobs=[build_bar_job(tf)], resources=resources).get_job_def("bars_1d_job")
+    fresh_only = job.get_subset(asset_selection=set(), asset_check_selection={
+        dg.AssetCheckKey(dg.AssetKey("bars_1d"), "fresh")})
+    result = fresh_only.execute_in_process(
+        instance=instance, partition_key=dg.MultiPartitionKey({"symbol": "EURUSD",
+                                                               "period": "2026"}))
+    assert [e.check_name for e in result.get_asset_check_evaluations()] == ["fresh"]
+    assert len(reads) == 1
+
+
+def test_the_resource_binds_the_variables_that_are_set(monkeypatch, tmp_path):
+    from ktrdr_pipeline.defs.resources import ktrdr_resource
+
+    monkeypatch.setenv("IB_PORT", "7497")
+    monkeypatch.setenv("KTRDR_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("IB_HOST", raising=False)
+    monkeypatch.delenv("IB_CLIENT_ID", raising=False)
+    resource = ktrdr_resource({"IB_PORT": "7497", "KTRDR_DATA_DIR": str(tmp_path)})
+    settings = resource.process_config_and_initialize().settings()
+    assert (settings.ib_host, settings.ib_port, settings.ib_client_id) == ("127.0.0.1", 7497, 1)
+    assert settings.data_dir == tmp_path
+    monkeypatch.setenv("IB_PORT", "4001")  # resolved when a run initialises the resource
+    assert resource.process_config_and_initialize().settings().ib_port == 4001
 
 
 @pytest.mark.slow

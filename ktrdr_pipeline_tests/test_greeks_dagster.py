@@ -45,8 +45,9 @@ def _defs(env: dict[str, str] | None = None) -> dg.Definitions:
 
 def test_definitions_load_and_merge_with_the_bar_definitions(monkeypatch, tmp_path):
     monkeypatch.setenv("KTRDR_DATA_DIR", str(tmp_path))
-    from ktrdr_pipeline.definitions import defs as merged  # bars and Greeks together
+    from ktrdr_pipeline.definitions import defs  # bars and Greeks together
 
+    merged = defs()  # built when Dagster loads the code location
     dg.Definitions.validate_loadable(merged)
     repo = merged.get_repository_def()
     assert dg.AssetKey(ASSET_NAME) in repo.asset_graph.get_all_asset_keys()

@@ -133,3 +133,101 @@ def test_cli_reads_dot_env_in_the_working_directory(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "status"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "IB_PORT" in result.stderr
+
+
+def test_settings_read_dot_env_without_overriding_the_shell(tmp_path, monkeypatch):
+    from ktrdr_pipeline.settings import load_env_file
+
+    (tmp_path / ".env").write_text('IB_PORT=7497\nKTRDR_TIMEFRAMES="1h, 1d"\n'
+                                   "KTRDR_DAILY_FILL_TZ=UTC\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IB_PORT", "4001")  # the shell's value wins over .env
+    for name in ("KTRDR_TIMEFRAMES", "KTRDR_DAILY_FILL_TZ"):
+        monkeypatch.delenv(name, raising=False)
+    assert sorted(load_env_file()) == ["KTRDR_DAILY_FILL_TZ", "KTRDR_TIMEFRAMES"]
+    s = Settings.from_env()
+    assert s.ib_port == 4001 and s.timeframes == ("1h", "1d")
+    assert [tf.name for tf in s.enabled_timeframes()] == ["1h", "1d"]
+    from ktrdr_pipeline.settings import AutomationSettings
+
+    assert AutomationSettings.from_env().daily_fill_tz == "UTC"
+
+
+def test_pipeline_and_automation_settings():
+    from ktrdr_pipeline.settings import DEFAULT_RESET_WINDOW, AutomationSettings
+
+    s = Settings.from_env({})
+    assert s.timeframes == ("1m", "5m", "15m", "1h", "1d")
+    assert s.universe_path == Path("./data/universe.yaml") and s.dagster_home is None
+    assert s.partitions_start == "2024-01-01" and s.reset_window == DEFAULT_RESET_WINDOW
+    assert not s.progress_bar
+    s = Settings.from_env({"KTRDR_UNIVERSE": "/tmp/u.yaml", "DAGSTER_HOME": "/tmp/dh",
+                           "KTRDR_PARTITIONS_START": "2020-03-01", "KTRDR_PROGRESS": "1",
+                           "KTRDR_TIMEFRAMES": "1d,1h,1d"})
+    assert s.universe_path == Path("/tmp/u.yaml") and s.dagster_home == Path("/tmp/dh")
+    assert s.partitions_start == "2020-03-01" and s.progress_bar
+    assert s.timeframes == ("1d", "1h")
+    a = AutomationSettings.from_env({})
+    assert (a.daily_fill_cron, a.daily_fill_tz, a.tail_fill_interval) == (
+        "15 17 * * 1-5", "US/Eastern", 300)
+    a = AutomationSettings.from_env({"KTRDR_DAILY_FILL_CRON": "0 18 * * 1-5",
+                                     "KTRDR_TAIL_FILL_INTERVAL": "60"})
+    assert (a.daily_fill_cron, a.tail_fill_interval) == ("0 18 * * 1-5", 60)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("KTRDR_TIMEFRAMES", "1h,7m"), ("KTRDR_PARTITIONS_START", "2024"),
+    ("KTRDR_PARTITIONS_START", "2024-13-01"), ("KTRDR_PROGRESS", "maybe"),
+    ("KTRDR_PACING_TIME_SCALE", "0"), ("IB_CLIENT_ID_SPAN", "0"),
+    ("KTRDR_RESET_WINDOW", "23:40"),
+])
+def test_a_bad_pipeline_setting_names_the_variable(name, value):
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("KTRDR_DAILY_FILL_CRON", "17 * *"), ("KTRDR_DAILY_FILL_TZ", "Mars/Olympus"),
+    ("KTRDR_TAIL_FILL_INTERVAL", "10"), ("KTRDR_TAIL_FILL_INTERVAL", "often"),
+])
+def test_a_bad_automation_setting_names_the_variable(name, value):
+    from ktrdr_pipeline.settings import AutomationSettings
+
+    with pytest.raises(SettingsError, match=name):
+        AutomationSettings.from_env({name: value})
+
+
+def test_pipeline_clock():
+    from datetime import UTC, datetime
+
+    from ktrdr_pipeline.settings import pipeline_now
+
+    assert pipeline_now({"KTRDR_CLOCK": "2026-11-18T15:00:00Z"}) == datetime(
+        2026, 11, 18, 15, tzinfo=UTC)
+    with pytest.raises(SettingsError, match="KTRDR_CLOCK"):
+        pipeline_now({"KTRDR_CLOCK": "yesterday"})
+
+
+def test_reset_window_has_one_parser_and_one_default():
+    from datetime import time
+
+    from ktrdr_pipeline.domain.reset_window import DEFAULT_RESET_WINDOW, ResetWindow
+    from ktrdr_pipeline.greeks.watchdog import DEFAULT_WINDOW
+    from ktrdr_pipeline.ib.connection import IBConnection
+
+    assert ResetWindow() == ResetWindow.parse(DEFAULT_RESET_WINDOW) == DEFAULT_WINDOW
+    assert (ResetWindow().start, ResetWindow().end) == (time(23, 40), time(0, 5))
+    assert IBConnection.from_settings(Settings()).reset_window == ResetWindow()
+    with pytest.raises(ValueError, match="HH:MM-HH:MM"):
+        ResetWindow.parse("23:40")
+
+
+
+def test_only_the_settings_module_reads_the_environment():
+    """Settings are read and validated in one place: ``ktrdr_pipeline/settings.py``."""
+    package = Path(__file__).resolve().parents[1] / "ktrdr_pipeline"
+    readers = sorted(
+        str(path.relative_to(package)) for path in package.rglob("*.py")
+        if path.name != "settings.py" or path.parent != package
+        if any(word in path.read_text() for word in ("os.environ", "getenv", "environ[")))
+    assert readers == []

@@ -7,7 +7,6 @@ monthly for minute bars, yearly for hour and larger bars.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -114,11 +113,3 @@ def get_timeframe(name: str) -> Timeframe:
         return TIMEFRAMES[name.strip()]
     except KeyError:
         raise ValueError(f"unknown timeframe {name!r}; allowed: {', '.join(TIMEFRAMES)}") from None
-
-
-def enabled_timeframes(env: dict[str, str] | None = None) -> list[Timeframe]:
-    """The timeframes that get assets: ``KTRDR_TIMEFRAMES`` (comma-separated) or the
-    default ``1m,5m,15m,1h,1d``."""
-    raw = (env if env is not None else os.environ).get("KTRDR_TIMEFRAMES", "")
-    names = [n.strip() for n in raw.split(",") if n.strip()] or list(DEFAULT_TIMEFRAMES)
-    return [get_timeframe(n) for n in dict.fromkeys(names)]

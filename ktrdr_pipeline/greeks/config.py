@@ -1,4 +1,5 @@
-"""Settings of the portfolio Greeks bridge, read from the environment.
+"""Settings of the portfolio Greeks bridge: the base settings plus the bridge's own, as
+:mod:`ktrdr_pipeline.settings` reads them (:class:`~ktrdr_pipeline.settings.GreeksSettings`).
 
 Every value is validated when :meth:`GreeksConfig.from_env` runs (at the start of
 ``ktrdr-pipeline greeks run``, of a Dagster run, or of a test), before anything connects or
@@ -32,94 +33,43 @@ attaches that file read-only as ``greeks``).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..settings import Settings, SettingsError
+from ..settings import (
+    DEFAULT_GREEKS_CRON,
+    DEFAULT_GREEKS_TIMEZONE,
+    DEFAULT_PORTAL_URL,
+    GreeksSettings,
+    Settings,
+    SettingsError,
+    greeks_schedule,
+)
+from ..settings import GREEKS_MODES as MODES
+from ..settings import parse_mode as parse_mode  # re-exported: validates IB_API_MODE
 from .cron import CronError, CronSchedule
 
-MODES = ("SOCKET", "PORTAL")
 GREEKS_DB_FILE = "greeks.duckdb"  # the name store.catalog attaches (GREEKS_FILE)
 BUFFER_FILE = "greeks_buffer.jsonl"
-DEFAULT_PORTAL_URL = "https://127.0.0.1:5000/v1/api"
-DEFAULT_CRON = "30-59 9 * * 1-5;* 10-15 * * 1-5"
-DEFAULT_TIMEZONE = "America/New_York"
+DEFAULT_CRON = DEFAULT_GREEKS_CRON
+DEFAULT_TIMEZONE = DEFAULT_GREEKS_TIMEZONE
+
+__all__ = ["BUFFER_FILE", "DEFAULT_CRON", "DEFAULT_PORTAL_URL", "DEFAULT_TIMEZONE",
+           "GREEKS_DB_FILE", "MODES", "GreeksConfig", "parse_mode", "schedule_settings"]
 
 
-def parse_mode(raw: str | None) -> str:
-    """``SOCKET`` or ``PORTAL`` (case-insensitive; unset or empty means ``SOCKET``)."""
-    text = (raw or "").strip()
-    if not text:
-        return "SOCKET"
-    if text.upper() not in MODES:
-        raise SettingsError(
-            f"IB_API_MODE must be one of {', '.join(MODES)}, got {raw!r}")
-    return text.upper()
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float, lo: float,
-             hi: float = 86400.0) -> float:
-    raw = env.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not lo <= value <= hi or value != value:
-        raise SettingsError(f"{name} must be a number of seconds from {lo:g} to {hi:g}, "
-                            f"got {raw!r}")
-    return value
-
-
-def _portal_url(env: Mapping[str, str]) -> str:
-    raw = (env.get("IB_PORTAL_URL") or "").strip() or DEFAULT_PORTAL_URL
-    parts = urlsplit(raw)
-    try:
-        port = parts.port
-    except ValueError:
-        raise SettingsError(f"IB_PORTAL_URL has an invalid port: {raw!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SettingsError(f"IB_PORTAL_URL must be an http(s) URL such as "
-                            f"{DEFAULT_PORTAL_URL}, got {raw!r}")
-    if port is not None and not 1 <= port <= 65535:
-        raise SettingsError(f"IB_PORTAL_URL port must be 1-65535, got {raw!r}")
-    return raw.rstrip("/")
-
-
-def _portal_verify(env: Mapping[str, str]) -> bool | str:
-    raw = (env.get("IB_PORTAL_VERIFY") or "").strip()
-    if raw.lower() in ("", "true", "1", "yes", "on"):
-        return True
-    if raw.lower() in ("false", "0", "no", "off"):
-        return False
-    path = Path(raw).expanduser()
-    if not path.is_file():
-        raise SettingsError(
-            f"IB_PORTAL_VERIFY must be 'true', 'false' or the path of the gateway's "
-            f"certificate (PEM); {raw!r} is not a file")
-    return str(path)
-
-
-def schedule_settings(env: Mapping[str, str] | None = None) -> tuple[tuple[str, ...], str]:
-    """``GREEKS_SCHEDULE_CRON`` (split on ``;``) and ``GREEKS_SCHEDULE_TIMEZONE``, validated."""
-    env = os.environ if env is None else env
-    tz = (env.get("GREEKS_SCHEDULE_TIMEZONE") or "").strip() or DEFAULT_TIMEZONE
-    try:
-        ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise SettingsError(f"GREEKS_SCHEDULE_TIMEZONE must be an IANA time zone such as "
-                            f"America/New_York, got {tz!r}") from None
-    raw = (env.get("GREEKS_SCHEDULE_CRON") or "").strip() or DEFAULT_CRON
-    crons = tuple(c.strip() for c in raw.split(";") if c.strip())
+def _validate_crons(crons: tuple[str, ...], tz: str) -> None:
     try:
         CronSchedule(crons, tz)
     except CronError as exc:
         raise SettingsError(f"GREEKS_SCHEDULE_CRON: {exc}") from None
+
+
+def schedule_settings(env: Mapping[str, str] | None = None) -> tuple[tuple[str, ...], str]:
+    """``GREEKS_SCHEDULE_CRON`` (split on ``;``) and ``GREEKS_SCHEDULE_TIMEZONE``, validated."""
+    crons, tz = greeks_schedule(env)
+    _validate_crons(crons, tz)
     return crons, tz
 
 
@@ -161,25 +111,28 @@ class GreeksConfig:
                  settings: Settings | None = None) -> GreeksConfig:
         """Read and validate every setting; ``settings`` overrides the base settings
         (IB host/port/client id, data dir), e.g. from a Dagster resource."""
-        env = os.environ if env is None else env
-        mode = parse_mode(env.get("IB_API_MODE"))  # first: a bad mode stops everything
+        greeks = GreeksSettings.from_env(env)  # first: a bad IB_API_MODE stops everything
         base = settings if settings is not None else Settings.from_env(env)
-        buffer_raw = (env.get("BRIDGE_BUFFER_PATH") or "").strip()
-        buffer_path = Path(buffer_raw).expanduser() if buffer_raw else base.data_dir / BUFFER_FILE
+        return cls.from_settings(base, greeks)
+
+    @classmethod
+    def from_settings(cls, base: Settings, greeks: GreeksSettings) -> GreeksConfig:
+        """The bridge's configuration from settings already read and validated."""
+        buffer_path = greeks.buffer_path or base.data_dir / BUFFER_FILE
         if buffer_path.exists() and buffer_path.is_dir():
             raise SettingsError(f"BRIDGE_BUFFER_PATH must be a file, {buffer_path} is a "
                                 "directory")
-        crons, tz = schedule_settings(env)
+        _validate_crons(greeks.schedule_cron, greeks.schedule_timezone)
         return cls(
             settings=base,
-            mode=mode,
-            poll_interval=_seconds(env, "BRIDGE_POLL_INTERVAL", 5.0, 0.1, 3600.0),
+            mode=greeks.mode,
+            poll_interval=greeks.poll_interval,
             buffer_path=buffer_path,
-            flush_interval=_seconds(env, "BRIDGE_FLUSH_INTERVAL", 60.0, 0.1, 3600.0),
-            portal_url=_portal_url(env),
-            portal_verify=_portal_verify(env),
-            schedule_cron=crons,
-            schedule_timezone=tz,
-            run_overlap=_seconds(env, "GREEKS_RUN_OVERLAP", 30.0, 0.0, 3600.0),
-            max_age=_seconds(env, "GREEKS_MAX_AGE", 120.0, 1.0, 7 * 86400.0),
+            flush_interval=greeks.flush_interval,
+            portal_url=greeks.portal_url,
+            portal_verify=greeks.portal_verify,
+            schedule_cron=greeks.schedule_cron,
+            schedule_timezone=greeks.schedule_timezone,
+            run_overlap=greeks.run_overlap,
+            max_age=greeks.max_age,
         )

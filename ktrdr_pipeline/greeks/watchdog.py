@@ -13,15 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from ..ib.connection import ResetWindow
+from ..domain.reset_window import ResetWindow
 
 log = logging.getLogger(__name__)
 
 BACKOFF_S: tuple[float, ...] = (5.0, 10.0, 20.0)
-DEFAULT_WINDOW = ResetWindow(time(23, 40), time(0, 5), "US/Eastern")
+DEFAULT_WINDOW = ResetWindow()  # KTRDR_RESET_WINDOW's default
 
 #: ``log_event(event, *, message, attempt, delay_s, code, ts)``; e.g.
 #: :meth:`~ktrdr_pipeline.greeks.store.GreeksStore.log_event`.

@@ -11,57 +11,16 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time, timedelta
-from zoneinfo import ZoneInfo
+from datetime import UTC, datetime, timedelta
 
 from ib_async import IB
 
 from ..domain import ib_rules
+from ..domain.reset_window import ResetWindow
 from ..settings import Settings
 from .errors import GatewayUnreachable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ResetWindow:
-    """IB's nightly reset: no new requests start inside it (default 23:40–00:05 ET)."""
-
-    start: time = time(23, 40)
-    end: time = time(0, 5)
-    tz: str = "US/Eastern"
-
-    @classmethod
-    def parse(cls, text: str) -> ResetWindow:
-        """``'23:40-00:05'`` (US/Eastern), or ``''``/``'off'`` for no window."""
-        text = text.strip()
-        if text.lower() in ("", "off", "none"):
-            return cls(time(0, 0), time(0, 0))
-        try:
-            a, b = text.split("-")
-            return cls(time.fromisoformat(a.strip()), time.fromisoformat(b.strip()))
-        except ValueError:
-            raise ValueError(f"invalid reset window {text!r}: use HH:MM-HH:MM (US/Eastern) "
-                             "or 'off'") from None
-
-    def contains(self, t: datetime) -> bool:
-        if self.start == self.end:
-            return False
-        local = t.astimezone(ZoneInfo(self.tz)).time()
-        if self.start < self.end:
-            return self.start <= local < self.end
-        return local >= self.start or local < self.end
-
-    def ends_after(self, t: datetime) -> datetime:
-        """When the window that contains ``t`` closes (``t`` itself when outside it)."""
-        if not self.contains(t):
-            return t
-        tz = ZoneInfo(self.tz)
-        local = t.astimezone(tz)
-        end = datetime.combine(local.date(), self.end, tz)
-        if end <= local:
-            end = datetime.combine(local.date() + timedelta(days=1), self.end, tz)
-        return end.astimezone(UTC)
 
 
 @dataclass

@@ -74,7 +74,7 @@ from typing import Any
 import duckdb
 
 from ..domain.symbols import STORAGE_KEY_PATTERN
-from ..domain.timeframes import TIMEFRAMES, Timeframe, enabled_timeframes
+from ..domain.timeframes import DEFAULT_TIMEFRAMES, TIMEFRAMES, Timeframe
 from .parquet import BarStore
 
 log = logging.getLogger(__name__)
@@ -171,10 +171,11 @@ def view_statements(data_dir: Path,
     listing other timeframes' files. A view whose glob would match nothing is an empty
     relation of the same types instead. ``timeframes`` get a ``bars_<tf>`` view even
     when nothing is stored for them (default:
-    :func:`~ktrdr_pipeline.domain.timeframes.enabled_timeframes`); stored timeframes always do.
+    :data:`~ktrdr_pipeline.domain.timeframes.DEFAULT_TIMEFRAMES`; callers holding settings
+    pass ``settings.timeframes``); stored timeframes always do.
     """
     wanted = [t.name if isinstance(t, Timeframe) else t
-              for t in (timeframes if timeframes is not None else enabled_timeframes())]
+              for t in (timeframes if timeframes is not None else DEFAULT_TIMEFRAMES)]
     for name in wanted:
         if name not in TIMEFRAMES:
             raise ValueError(f"unknown timeframe {name!r}; allowed: {', '.join(TIMEFRAMES)}")
@@ -493,11 +494,12 @@ def run_query(data_dir: Path | str, sql: str,
     return QueryResult([d[0] for d in description], [str(d[1]) for d in description], rows)
 
 
-def query(data_dir: Path | str, sql: str, fmt: str = "table") -> str:
+def query(data_dir: Path | str, sql: str, fmt: str = "table",
+          timeframes: Iterable[str | Timeframe] | None = None) -> str:
     """Run one read-only statement and format the result (``table``, ``csv``, ``json``)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    result = run_query(data_dir, sql)
+    result = run_query(data_dir, sql, timeframes)
     return format_result(result.rows, result.columns, fmt)
 
 

@@ -3,9 +3,11 @@ ordering, gaps against the exchange calendar, freshness of the newest period.
 
 Checks read only what is stored (and the contract and head-timestamp caches written by
 the loader); they never talk to IB. Failures list the offending rows in their metadata.
+The four checks of a timeframe are one ``multi_asset_check`` (``bars_<tf>_checks``, each
+check selectable on its own): it reads each partition once for all of them.
 """
 
-
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,18 +15,19 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from ..domain import calendars, gaps
-from ..domain.bars import fetch_state
-from ..domain.symbols import head_timestamp_cache_key
-from ..domain.timeframes import Timeframe, enabled_timeframes
-from ..freshness import behind, completed_starts
-from ..ib.contracts import JsonCache
-from ..loader import default_use_rth
-from ..settings import pipeline_now
-from ..store.parquet import BarStore
-from ..store.schema import duplicate_or_unsorted, ohlc_violations, session_violations
+from ...domain import calendars, gaps
+from ...domain.bars import fetch_state
+from ...domain.symbols import head_timestamp_cache_key
+from ...domain.timeframes import Timeframe
+from ...freshness import behind, completed_starts
+from ...ib.contracts import JsonCache
+from ...loader import default_use_rth
+from ...settings import DEFAULT_PARTITIONS_START, pipeline_now
+from ...store.parquet import BarStore
+from ...store.schema import duplicate_or_unsorted, ohlc_violations, session_violations
+from ..resources import KtrdrSettings
+from .assets import bar_asset_key
 from .partitions import bar_partitions, symbol_period
-from .resources import KtrdrSettings
 
 MAX_ROWS_SHOWN = 20
 
@@ -162,23 +165,32 @@ CHECKS = (
 )
 
 
-def _build_check(tf: Timeframe, name: str, evaluate, blocking: bool,
-                 severity: dg.AssetCheckSeverity, description: str):
-    @dg.asset_check(asset=dg.AssetKey(f"bars_{tf.name}"), name=name, blocking=blocking,
-                    partitions_def=bar_partitions(tf), description=description)
-    def _check(context: dg.AssetCheckExecutionContext,
-               ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
+def build_checks(tf: Timeframe,
+                 start: str = DEFAULT_PARTITIONS_START) -> list[dg.AssetChecksDefinition]:
+    """The checks of ``bars_<tf>`` (partitions from ``start``): one definition holding the
+    four checks, which reads each partition once per evaluation."""
+    asset_key = bar_asset_key(tf.name)
+    partitions_def = bar_partitions(tf, start)
+    specs = [dg.AssetCheckSpec(name, asset=asset_key, blocking=blocking,
+                               description=description, partitions_def=partitions_def)
+             for name, _, blocking, _, description in CHECKS]
+
+    @dg.multi_asset_check(name=f"bars_{tf.name}_checks", specs=specs, can_subset=True,
+                          description=f"The checks of bars_{tf.name}, from one read of "
+                                      "each partition.")
+    def _checks(context: dg.AssetCheckExecutionContext,
+                ktrdr: KtrdrSettings) -> Iterator[dg.AssetCheckResult]:
+        selected = {key.name for key in context.selected_asset_check_keys}
         data_dir = ktrdr.settings().data_dir
-        return _combine([(f"{period}|{symbol}",
-                          evaluate(PartitionView(data_dir, tf, symbol, period)))
-                         for symbol, period in _partitions(context)], severity)
+        views = [(f"{period}|{symbol}", PartitionView(data_dir, tf, symbol, period))
+                 for symbol, period in _partitions(context)]
+        for name, evaluate, _, severity, _ in CHECKS:
+            if name not in selected:
+                continue
+            result = _combine([(label, evaluate(view)) for label, view in views], severity)
+            yield dg.AssetCheckResult(
+                check_name=name, asset_key=asset_key, passed=result.passed,
+                severity=result.severity, metadata=result.metadata,
+                description=result.description)
 
-    return _check
-
-
-def build_checks(tf: Timeframe) -> list[dg.AssetChecksDefinition]:
-    return [_build_check(tf, *spec) for spec in CHECKS]
-
-
-def bar_checks() -> list[dg.AssetChecksDefinition]:
-    return [c for tf in enabled_timeframes() for c in build_checks(tf)]
+    return [_checks]

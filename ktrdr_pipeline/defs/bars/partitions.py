@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import functools
-import os
 from datetime import datetime
 
 import dagster as dg
 
-from ..domain.timeframes import PARTITION_TZ, Timeframe
+from ...domain.timeframes import PARTITION_TZ, Timeframe
+from ...settings import DEFAULT_PARTITIONS_START
 
 symbols_partitions = dg.DynamicPartitionsDefinition(name="symbols")
-
-#: First period of every bar asset; ``KTRDR_PARTITIONS_START`` moves it.
-DEFAULT_START = "2024-01-01"
-
-
-def partitions_start() -> str:
-    return os.environ.get("KTRDR_PARTITIONS_START", DEFAULT_START)
 
 
 @functools.cache
@@ -34,11 +27,17 @@ def period_partitions(period: str, start: str) -> dg.PartitionsDefinition:
                                              end_offset=1)
 
 
-def bar_partitions(tf: Timeframe, start: str | None = None) -> dg.MultiPartitionsDefinition:
+def bar_partitions(tf: Timeframe,
+                   start: str = DEFAULT_PARTITIONS_START) -> dg.MultiPartitionsDefinition:
+    """Symbol × period from ``start`` (``KTRDR_PARTITIONS_START``, in the settings)."""
     return dg.MultiPartitionsDefinition({
         "symbol": symbols_partitions,
-        "period": period_partitions(tf.period, start or partitions_start()),
+        "period": period_partitions(tf.period, start),
     })
+
+
+def bar_partition_key(symbol: str, period: str) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({"symbol": symbol, "period": period})
 
 
 def symbol_period(key: str | dg.MultiPartitionKey) -> tuple[str, str]:

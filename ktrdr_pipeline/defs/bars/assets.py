@@ -1,15 +1,14 @@
 """One partitioned asset per timeframe, ``bars_<tf>``, built by one factory."""
 
-
 import asyncio
-import functools
 
 import dagster as dg
 
-from ..domain.timeframes import Timeframe, enabled_timeframes, get_timeframe
-from ..loader import MODES, PartitionResult, PipelineContext, load_partition
+from ...domain.timeframes import Timeframe
+from ...loader import MODES, PartitionResult, PipelineContext, load_partition
+from ...settings import DEFAULT_PARTITIONS_START
+from ..resources import KtrdrSettings
 from .partitions import bar_partitions, symbol_period
-from .resources import KtrdrSettings
 
 #: Runs of IB-bound assets share this concurrency pool (see dagster.yaml in the README).
 IB_POOL = "ib_api"
@@ -55,10 +54,16 @@ def _metadata(results: list[PartitionResult]) -> dict[str, object]:
     return meta
 
 
-def build_bar_asset(tf: Timeframe) -> dg.AssetsDefinition:
+def bar_asset_key(timeframe: str) -> dg.AssetKey:
+    return dg.AssetKey(f"bars_{timeframe}")
+
+
+def build_bar_asset(tf: Timeframe, start: str = DEFAULT_PARTITIONS_START) -> dg.AssetsDefinition:
+    """``bars_<tf>``, partitioned by symbol × period from ``start``."""
+
     @dg.asset(
         name=f"bars_{tf.name}",
-        partitions_def=bar_partitions(tf),
+        partitions_def=bar_partitions(tf, start),
         pool=IB_POOL,
         backfill_policy=BACKFILL_POLICY,
         group_name="bars",
@@ -73,10 +78,11 @@ def build_bar_asset(tf: Timeframe) -> dg.AssetsDefinition:
             raise dg.Failure(f"unknown mode {config.mode!r}; allowed: {', '.join(MODES)}")
         keys = [symbol_period(k) for k in context.partition_keys]
         results = asyncio.run(_load_all(context, ktrdr, tf, keys, config.mode))
-        from ..store.catalog import CatalogLockedError, refresh_catalog
+        from ...store.catalog import CatalogLockedError, refresh_catalog
 
         try:
-            refresh_catalog(ktrdr.settings().data_dir)
+            settings = ktrdr.settings()
+            refresh_catalog(settings.data_dir, timeframes=settings.timeframes)
         except CatalogLockedError as exc:  # the bars are written; only the catalog waits
             context.log.warning(f"catalog not refreshed: {exc}")
         return dg.MaterializeResult(metadata=_metadata(results))
@@ -99,27 +105,3 @@ async def _load_all(context: dg.AssetExecutionContext, ktrdr: KtrdrSettings, tf:
     finally:
         await ctx.close()
     return results
-
-
-def bar_assets() -> list[dg.AssetsDefinition]:
-    return [build_bar_asset(tf) for tf in enabled_timeframes()]
-
-
-def bar_job_name(timeframe: str) -> str:
-    return f"bars_{timeframe}_job"
-
-
-@functools.cache
-def _bar_jobs(names: tuple[str, ...]) -> tuple:
-    return tuple(
-        dg.define_asset_job(bar_job_name(tf.name),
-                            selection=dg.AssetSelection.assets(f"bars_{tf.name}"),
-                            tags={"ktrdr/timeframe": tf.name})
-        for tf in (get_timeframe(n) for n in names)
-    )
-
-
-def bar_jobs() -> list:
-    """One job per timeframe (with its checks): the targets of the tail-fill sensor, since
-    one job cannot span assets with different partitions."""
-    return list(_bar_jobs(tuple(tf.name for tf in enabled_timeframes())))
