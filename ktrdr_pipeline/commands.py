@@ -125,7 +125,9 @@ async def ranges(ctx: PipelineContext, symbol: str) -> dict[str, Any]:
 
 
 def dagster_instance(settings: Settings):
-    """The Dagster instance: ``DAGSTER_HOME``, or ``KTRDR_DATA_DIR/dagster`` when unset."""
+    """The Dagster instance: ``DAGSTER_HOME``, or ``KTRDR_DATA_DIR/dagster`` when unset.
+    Use it in a ``with`` block: an instance left to the garbage collector restores Dagster's
+    context-wide state storage out of order when it is finally disposed."""
     import dagster as dg
 
     home = (settings.dagster_home or Path(settings.data_dir) / "dagster").expanduser().resolve()
@@ -134,7 +136,8 @@ def dagster_instance(settings: Settings):
 
 
 def symbol_partitions(settings: Settings) -> list[str]:
-    return sorted(dagster_instance(settings).get_dynamic_partitions("symbols"))
+    with dagster_instance(settings) as instance:
+        return sorted(instance.get_dynamic_partitions("symbols"))
 
 
 async def add_symbols(ctx: PipelineContext, symbols: list[str]) -> dict[str, dict[str, Any]]:
@@ -142,18 +145,18 @@ async def add_symbols(ctx: PipelineContext, symbols: list[str]) -> dict[str, dic
     outcomes = await ctx.resolver.validate_many(symbols)
     good = [o["contract"]["key"] for o in outcomes.values() if o["ok"]]
     if good:
-        instance = dagster_instance(ctx.settings)
-        instance.add_dynamic_partitions("symbols", sorted(set(good)))
+        with dagster_instance(ctx.settings) as instance:
+            instance.add_dynamic_partitions("symbols", sorted(set(good)))
     return outcomes
 
 
 def remove_symbols(settings: Settings, symbols: list[str]) -> list[str]:
-    instance = dagster_instance(settings)
     keys = [parse_symbol(s).key for s in symbols]
-    existing = set(instance.get_dynamic_partitions("symbols"))
-    removed = [k for k in keys if k in existing]
-    for k in removed:
-        instance.delete_dynamic_partition("symbols", k)
+    with dagster_instance(settings) as instance:
+        existing = set(instance.get_dynamic_partitions("symbols"))
+        removed = [k for k in keys if k in existing]
+        for k in removed:
+            instance.delete_dynamic_partition("symbols", k)
     return removed
 
 

@@ -715,9 +715,9 @@ def test_new_files_are_visible_without_refresh(tmp_path: Path,
         assert con.execute("SELECT count(*) FROM bars WHERE timeframe = '1h'").fetchone() == (3,)
     finally:
         con.close()
-    # ... and gets its own view at the next refresh (the set of timeframes changed)
-    monkeypatch.setenv("KTRDR_TIMEFRAMES", "1m")
-    assert cat.refresh_catalog(tmp_path)
+    # ... and gets its own view at the next refresh (the set of timeframes changed); the
+    # caller passes the enabled timeframes (settings.timeframes: KTRDR_TIMEFRAMES)
+    assert cat.refresh_catalog(tmp_path, timeframes=["1m"])
     con = cat.connect_readonly(tmp_path, refresh=False)
     try:
         views = {r[0] for r in con.execute(
