@@ -18,7 +18,7 @@ committed. Then normal writes resume.
 inserted with ``INSERT OR IGNORE``, so a flush repeated after a crash between the commit
 and the truncation (or two processes taking the same tick) stores nothing twice. A batch
 half-written to the buffer by a crash is an unparsable line: it is skipped with a
-warning. Every buffer operation holds an exclusive ``flock`` on ``<buffer>.lock``, so
+warning. Every buffer operation holds an exclusive file lock on ``<buffer>.lock``, so
 several processes sharing a data directory (overlapping scheduled runs, a standing
 ``greeks run``) keep one order and never flush the same lines concurrently.
 """
@@ -40,12 +40,7 @@ from typing import Any
 
 import duckdb
 
-try:  # POSIX; elsewhere the buffer is only guarded within this process
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
-
-from ..store.catalog import is_lock_error
+from ..locking import exclusive_file_lock, is_duckdb_locked, retry_while_locked
 from .model import Snapshot
 
 log = logging.getLogger(__name__)
@@ -167,15 +162,10 @@ class JsonlBuffer:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with self._thread_lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)  # releases the flock
+        # the thread lock first: a second open of the lock file in this process would wait
+        # for the first one, so a thread re-entering must not take the file lock again
+        with self._thread_lock, exclusive_file_lock(self.lock_path):
+            yield
 
     def size(self) -> int:
         try:
@@ -295,16 +285,8 @@ class GreeksStore:
     def _write_waiting(self, batches: Sequence[Batch]) -> None:
         """:meth:`_write`, retrying for up to ``lock_wait`` seconds while another process
         holds the file (a reader's query takes milliseconds: no reason to buffer)."""
-        deadline = time.monotonic() + self.lock_wait
-        delay = 0.01
-        while True:
-            try:
-                return self._write(batches)
-            except duckdb.IOException as exc:
-                if not is_lock_error(exc) or time.monotonic() + delay > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        retry_while_locked(lambda: self._write(batches), deadline_s=self.lock_wait,
+                           is_locked=is_duckdb_locked, max_delay_s=0.1)
 
     # -- writing -----------------------------------------------------------------------------
     def write_snapshot(self, snapshot: Snapshot) -> str:
@@ -400,18 +382,13 @@ def connect_readonly(db_path: Path, timeout_s: float = 5.0) -> duckdb.DuckDBPyCo
     """A read-only connection, retrying while a writer holds the file (each write holds
     it for milliseconds). Raises the last ``duckdb.Error`` after ``timeout_s``, and any
     other error (a missing file) at once."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.01
-    while True:
-        try:
-            con = duckdb.connect(str(db_path), read_only=True)
-            con.execute("SET TimeZone = 'UTC'")
-            return con
-        except duckdb.IOException as exc:
-            if not is_lock_error(exc) or time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+    def connect() -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(str(db_path), read_only=True)
+        con.execute("SET TimeZone = 'UTC'")
+        return con
+
+    return retry_while_locked(connect, deadline_s=timeout_s, is_locked=is_duckdb_locked,
+                              max_delay_s=0.2)
 
 
 def read_rows(db_path: Path, sql: str, params: Sequence[Any] = (),
