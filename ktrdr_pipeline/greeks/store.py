@@ -96,6 +96,18 @@ _TIME_COLUMNS = {"tick_time", "snapshot_time", "data_time", "ts"}
 #: Events written to ``api_logs``.
 EVENTS = ("connect", "disconnect", "reconnect_attempt", "reset_wait", "error",
           "db_unavailable", "buffer_flushed")
+#: ``api_logs.message`` keeps this many characters.
+MESSAGE_MAX = 2000
+
+
+def api_log_row(event: str, *, ts: datetime, mode: str | None, message: str | None = None,
+                attempt: int | None = None, delay_s: float | None = None,
+                code: int | None = None) -> dict[str, Any]:
+    """One ``api_logs`` row, the only place one is built: a fresh ``log_id``, ``ts`` in
+    UTC, ``message`` cut to :data:`MESSAGE_MAX` characters (empty: NULL)."""
+    return {"log_id": uuid.uuid4().hex, "ts": ts.astimezone(UTC), "mode": mode,
+            "event": event, "attempt": attempt, "delay_s": delay_s, "code": code,
+            "message": message[:MESSAGE_MAX] if message else None}
 
 
 def schema_statements() -> list[str]:
@@ -297,10 +309,9 @@ class GreeksStore:
                   delay_s: float | None = None, code: int | None = None,
                   ts: datetime | None = None, mode: str | None = None) -> str:
         """One ``api_logs`` row (connect, disconnect, reconnect_attempt, error, ...)."""
-        row = {"log_id": uuid.uuid4().hex, "ts": (ts or self.now()).astimezone(UTC),
-               "mode": mode if mode is not None else self.mode, "event": event,
-               "attempt": attempt, "delay_s": delay_s, "code": code,
-               "message": message or None}
+        row = api_log_row(event, ts=ts or self.now(),
+                          mode=mode if mode is not None else self.mode, message=message,
+                          attempt=attempt, delay_s=delay_s, code=code)
         return self.write(Batch(LOGS_TABLE, (row,)))
 
     def write(self, batch: Batch) -> str:
@@ -324,10 +335,9 @@ class GreeksStore:
             self._unavailable_since = now
             log.warning("cannot write to %s (%s); buffering in %s and retrying every %g s",
                         self.db_path, exc, self.buffer.path, self.flush_interval)
-            row = {"log_id": uuid.uuid4().hex, "ts": self.now().astimezone(UTC),
-                   "mode": self.mode, "event": "db_unavailable", "attempt": None,
-                   "delay_s": self.flush_interval, "code": None,
-                   "message": f"{type(exc).__name__}: {exc}"[:2000]}
+            row = api_log_row("db_unavailable", ts=self.now(), mode=self.mode,
+                              delay_s=self.flush_interval,
+                              message=f"{type(exc).__name__}: {exc}")
             self.buffer.append(Batch(LOGS_TABLE, (row,)))
 
     # -- flushing ----------------------------------------------------------------------------
@@ -364,10 +374,9 @@ class GreeksStore:
         took = f" after {self.monotonic() - since:.0f} s" if since is not None else ""
         log.info("wrote %d buffered batch(es) to %s%s", len(batches), self.db_path, took)
         with contextlib.suppress(duckdb.Error, OSError):
-            row = {"log_id": uuid.uuid4().hex, "ts": self.now().astimezone(UTC),
-                   "mode": self.mode, "event": "buffer_flushed", "attempt": None,
-                   "delay_s": None, "code": len(batches),
-                   "message": f"{len(batches)} buffered batch(es) written{took}"}
+            row = api_log_row("buffer_flushed", ts=self.now(), mode=self.mode,
+                              code=len(batches),
+                              message=f"{len(batches)} buffered batch(es) written{took}")
             self._write([Batch(LOGS_TABLE, (row,))])
         return len(batches)
 

@@ -105,7 +105,7 @@ class Watchdog:
             except Exception as exc:
                 failures += 1
                 log.warning("reconnect attempt %d failed: %s", attempt, exc)
-                self._log("error", attempt=attempt, message=f"reconnect failed: {exc}"[:2000])
+                self._log("error", attempt=attempt, message=f"reconnect failed: {exc}")
                 if self.max_attempts is not None and failures >= self.max_attempts:
                     raise
                 continue
