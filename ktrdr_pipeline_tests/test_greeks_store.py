@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 import duckdb
 import pytest
 
+from ktrdr_pipeline.greeks import store as greeks_store
 from ktrdr_pipeline.greeks.model import (
     PositionGreeks,
     Snapshot,
@@ -134,6 +135,30 @@ def test_bootstrap_twice_is_a_no_op(tmp_path):
     assert {c for t, c, _ in after if t == "portfolio_greeks"} >= {c for c, _ in GREEKS_COLUMNS}
     assert {c for t, c, _ in after if t == "api_logs"} >= {c for c, _ in LOGS_COLUMNS}
     assert count == 3  # untouched
+
+
+def test_the_schema_is_created_once_at_start_up(tmp_path, monkeypatch):
+    created = []
+    statements = greeks_store.schema_statements
+    monkeypatch.setattr(greeks_store, "schema_statements",
+                        lambda: created.append(1) or statements())
+    store = make_store(tmp_path)
+    assert store.bootstrap()
+    assert len(created) == 1
+    for k in range(3):
+        assert store.write_snapshot(snap(k)) == "written"
+    store.log_event("connect", message="hello")
+    assert len(created) == 1  # writes only insert
+    # the file replaced behind the store's back: the rows wait in the buffer, and the flush
+    # creates the tables again
+    store.db_path.unlink()
+    store.db_path.with_name(store.db_path.name + ".wal").unlink(missing_ok=True)
+    assert store.write_snapshot(snap(3)) == "buffered"
+    assert store.flush() == 2  # db_unavailable, snap 3
+    assert len(created) == 2
+    assert ticks(store.db_path) == [snap(3).tick_time]
+    assert store.write_snapshot(snap(4)) == "written"
+    assert len(created) == 2
 
 
 def test_api_log_rows_are_built_in_one_place():

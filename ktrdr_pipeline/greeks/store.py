@@ -14,6 +14,10 @@ flush is tried every
 transaction, in file order, and the buffer is truncated only after that transaction has
 committed. Then normal writes resume.
 
+**Schema.** The tables are created once per :class:`GreeksStore`, by
+:meth:`GreeksStore.bootstrap` at start-up (or, if the database was unavailable then, by the
+first write that gets through); later writes only insert.
+
 **Exactly once.** Rows have primary keys (``snapshot_id, con_id``; ``log_id``) and are
 inserted with ``INSERT OR IGNORE``, so a flush repeated after a crash between the commit
 and the truncation (or two processes taking the same tick) stores nothing twice. A batch
@@ -255,12 +259,14 @@ class GreeksStore:
         self.now = now
         self._next_flush = float("-inf")  # a buffer left by an earlier process: flush now
         self._unavailable_since: float | None = None
+        self._schema_ready = False  # the tables exist: writes only insert
 
     # -- schema ------------------------------------------------------------------------------
     def bootstrap(self) -> bool:
         """Create both tables if missing (a no-op when they exist), then flush any buffer
         left by an earlier process. False when the database is unavailable right now
         (the tables are then created by the first write that gets through)."""
+        self._schema_ready = False  # check again: another process may have replaced the file
         try:
             self._write([])
         except (duckdb.Error, OSError) as exc:
@@ -275,24 +281,29 @@ class GreeksStore:
         return duckdb.connect(str(self.db_path), config={"autoinstall_known_extensions": False})
 
     def _write(self, batches: Sequence[Batch]) -> None:
-        """All ``batches`` in one transaction, in order; raises on any failure."""
+        """All ``batches`` in one transaction, in order (the tables created first when this
+        store has not created them yet); raises on any failure."""
         con = self._connect()
         try:
             con.execute("BEGIN TRANSACTION")
             try:
-                for st in schema_statements():
-                    con.execute(st)
+                if not self._schema_ready:
+                    for st in schema_statements():
+                        con.execute(st)
                 for b in batches:
                     if b.rows:
                         con.executemany(_insert_sql(b.table),
                                         [_decode_row(b.table, r) for r in b.rows])
                 con.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
+                if isinstance(exc, duckdb.CatalogException):
+                    self._schema_ready = False  # the file was replaced: create them again
                 raise
         finally:
             con.close()
+        self._schema_ready = True
 
     def _write_waiting(self, batches: Sequence[Batch]) -> None:
         """:meth:`_write`, retrying for up to ``lock_wait`` seconds while another process
