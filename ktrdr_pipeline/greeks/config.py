@@ -3,7 +3,9 @@
 Every value is validated when :meth:`GreeksConfig.from_env` runs (at the start of
 ``ktrdr-pipeline greeks run``, of a Dagster run, or of a test), before anything connects or
 writes; a bad value raises :class:`~ktrdr_pipeline.settings.SettingsError` (a
-``ValueError``) whose message names the variable.
+``ValueError``) whose message names the variable. The cron expressions themselves are
+checked by Dagster's own cron code, in the Dagster layer (:mod:`ktrdr_pipeline.defs.greeks`,
+when the definitions load): this package does no cron arithmetic.
 
 ========================== ================================================ ==============
 variable                   meaning                                          default
@@ -40,7 +42,6 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..settings import Settings, SettingsError
-from .cron import CronError, CronSchedule
 
 MODES = ("SOCKET", "PORTAL")
 GREEKS_DB_FILE = "greeks.duckdb"  # the name store.catalog attaches (GREEKS_FILE)
@@ -106,7 +107,8 @@ def _portal_verify(env: Mapping[str, str]) -> bool | str:
 
 
 def schedule_settings(env: Mapping[str, str] | None = None) -> tuple[tuple[str, ...], str]:
-    """``GREEKS_SCHEDULE_CRON`` (split on ``;``) and ``GREEKS_SCHEDULE_TIMEZONE``, validated."""
+    """``GREEKS_SCHEDULE_CRON`` (split on ``;``) and ``GREEKS_SCHEDULE_TIMEZONE`` (validated;
+    the crons are checked where they are evaluated, in the Dagster layer)."""
     env = os.environ if env is None else env
     tz = (env.get("GREEKS_SCHEDULE_TIMEZONE") or "").strip() or DEFAULT_TIMEZONE
     try:
@@ -116,10 +118,8 @@ def schedule_settings(env: Mapping[str, str] | None = None) -> tuple[tuple[str, 
                             f"America/New_York, got {tz!r}") from None
     raw = (env.get("GREEKS_SCHEDULE_CRON") or "").strip() or DEFAULT_CRON
     crons = tuple(c.strip() for c in raw.split(";") if c.strip())
-    try:
-        CronSchedule(crons, tz)
-    except CronError as exc:
-        raise SettingsError(f"GREEKS_SCHEDULE_CRON: {exc}") from None
+    if not crons:
+        raise SettingsError(f"GREEKS_SCHEDULE_CRON: no cron expression in {raw!r}")
     return crons, tz
 
 
@@ -152,9 +152,6 @@ class GreeksConfig:
     def claims_path(self) -> Path:
         """Which poll tick was last taken, shared by every process on this data dir."""
         return self.settings.data_dir / "greeks_ticks.claim"
-
-    def schedule(self) -> CronSchedule:
-        return CronSchedule(self.schedule_cron, self.schedule_timezone)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None,
