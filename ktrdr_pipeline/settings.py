@@ -304,11 +304,15 @@ def _portal_verify(env: Mapping[str, str]) -> bool | str:
 
 def greeks_schedule(env: Mapping[str, str] | None = None) -> tuple[tuple[str, ...], str]:
     """``GREEKS_SCHEDULE_CRON`` (split on ``;``) and ``GREEKS_SCHEDULE_TIMEZONE`` (validated);
-    the cron syntax is checked where the crons are used (:mod:`..greeks.config`)."""
+    the cron syntax is checked by Dagster's own cron code where the schedule is built
+    (:mod:`ktrdr_pipeline.defs.greeks`)."""
     env = _env(env)
     tz = _zone(env, "GREEKS_SCHEDULE_TIMEZONE", DEFAULT_GREEKS_TIMEZONE)
     raw = _text(env, "GREEKS_SCHEDULE_CRON") or DEFAULT_GREEKS_CRON
-    return tuple(c.strip() for c in raw.split(";") if c.strip()), tz
+    crons = tuple(c.strip() for c in raw.split(";") if c.strip())
+    if not crons:
+        raise SettingsError(f"GREEKS_SCHEDULE_CRON: no cron expression in {raw!r}")
+    return crons, tz
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from ktrdr_pipeline.defs.greeks import (
     JOB_NAME,
     SCHEDULE_NAME,
     greeks_definitions,
+    greeks_freshness,
     portfolio_greeks,
     run_config_for_tick,
 )
 from ktrdr_pipeline.defs.resources import KtrdrSettings
 from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.greeks.config import GreeksConfig
-from ktrdr_pipeline.greeks.health import check_freshness
 from ktrdr_pipeline.greeks.model import Snapshot
 from ktrdr_pipeline.greeks.runner import next_tick
 from ktrdr_pipeline.greeks.store import GreeksStore, read_rows
@@ -153,18 +153,18 @@ def market_cfg(tmp_path) -> GreeksConfig:
 
 def test_freshness_during_and_after_market_hours(market_cfg):
     during = datetime(2026, 11, 18, 16, 0, 20, tzinfo=UTC)  # 11:00:20 ET, a Wednesday
-    report = check_freshness(market_cfg, during)
+    report = greeks_freshness(market_cfg, during)
     assert not report.passed and "does not exist" in report.message
     store = GreeksStore(market_cfg.db_path, market_cfg.buffer_path)
     store.bootstrap()
     store.write_snapshot(_snap(during - timedelta(seconds=200)))
-    report = check_freshness(market_cfg, during)
+    report = greeks_freshness(market_cfg, during)
     assert not report.passed and report.age_s == 200
     store.write_snapshot(_snap(during - timedelta(seconds=5)))
-    assert check_freshness(market_cfg, during).passed
+    assert greeks_freshness(market_cfg, during).passed
     # at night the newest snapshot is expected at the end of the day's last run (16:00 ET)
     night = datetime(2026, 11, 19, 3, 0, tzinfo=UTC)
-    assert not check_freshness(market_cfg, night).passed
+    assert not greeks_freshness(market_cfg, night).passed
     store.write_snapshot(_snap(datetime(2026, 11, 18, 20, 59, 55, tzinfo=UTC)))
-    report = check_freshness(market_cfg, night)
+    report = greeks_freshness(market_cfg, night)
     assert report.passed and report.expected_by == datetime(2026, 11, 18, 21, 0, tzinfo=UTC)

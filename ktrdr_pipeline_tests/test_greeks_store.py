@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import duckdb
 import pytest
 
+from ktrdr_pipeline.greeks import store as greeks_store
 from ktrdr_pipeline.greeks.model import (
     PositionGreeks,
     Snapshot,
@@ -17,8 +19,10 @@ from ktrdr_pipeline.greeks.model import (
 from ktrdr_pipeline.greeks.store import (
     GREEKS_COLUMNS,
     LOGS_COLUMNS,
+    MESSAGE_MAX,
     GreeksStore,
     JsonlBuffer,
+    api_log_row,
     read_rows,
 )
 from ktrdr_pipeline.store.catalog import run_query
@@ -98,6 +102,51 @@ def test_bootstrap_twice_is_a_no_op(tmp_path):
     assert {c for t, c, _ in after if t == "portfolio_greeks"} >= {c for c, _ in GREEKS_COLUMNS}
     assert {c for t, c, _ in after if t == "api_logs"} >= {c for c, _ in LOGS_COLUMNS}
     assert count == 3  # untouched
+
+
+def test_the_schema_is_created_once_at_start_up(tmp_path, monkeypatch):
+    created = []
+    statements = greeks_store.schema_statements
+    monkeypatch.setattr(greeks_store, "schema_statements",
+                        lambda: created.append(1) or statements())
+    store = make_store(tmp_path)
+    assert store.bootstrap()
+    assert len(created) == 1
+    for k in range(3):
+        assert store.write_snapshot(snap(k)) == "written"
+    store.log_event("connect", message="hello")
+    assert len(created) == 1  # writes only insert
+    # the file replaced behind the store's back: the rows wait in the buffer, and the flush
+    # creates the tables again
+    store.db_path.unlink()
+    store.db_path.with_name(store.db_path.name + ".wal").unlink(missing_ok=True)
+    assert store.write_snapshot(snap(3)) == "buffered"
+    assert store.flush() == 2  # db_unavailable, snap 3
+    assert len(created) == 2
+    assert ticks(store.db_path) == [snap(3).tick_time]
+    assert store.write_snapshot(snap(4)) == "written"
+    assert len(created) == 2
+
+
+def test_api_log_rows_are_built_in_one_place():
+    ts = datetime(2026, 11, 18, 10, 0, tzinfo=ZoneInfo("America/New_York"))
+    row = api_log_row("error", ts=ts, mode="SOCKET", message="x" * (MESSAGE_MAX + 50),
+                      attempt=2, code=1100)
+    assert set(row) == {c for c, _ in LOGS_COLUMNS}
+    assert row["ts"] == ts and row["ts"].tzinfo == UTC
+    assert row["message"] == "x" * MESSAGE_MAX
+    assert (row["event"], row["mode"], row["attempt"], row["code"], row["delay_s"]) == (
+        "error", "SOCKET", 2, 1100, None)
+    assert api_log_row("connect", ts=ts, mode=None, message="")["message"] is None
+    assert api_log_row("connect", ts=ts, mode=None)["log_id"] != row["log_id"]
+
+
+def test_long_messages_are_cut_when_stored(tmp_path):
+    store = make_store(tmp_path)
+    store.bootstrap()
+    store.log_event("error", message="y" * 5000, code=2105)
+    (row,) = read_rows(store.db_path, "SELECT mode, message, code FROM api_logs")
+    assert row == {"mode": "SOCKET", "message": "y" * MESSAGE_MAX, "code": 2105}
 
 
 def test_rows_round_trip_and_a_tick_is_stored_once(tmp_path):

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ktrdr_pipeline import locking
 from ktrdr_pipeline.domain import calendars
 from ktrdr_pipeline.domain.bars import (
     BAR_COLUMNS,
@@ -808,7 +809,7 @@ def test_queries_do_not_wait_for_a_writer_holding_the_catalog(tmp_path: Path,
             time.sleep(seconds)
 
         clock = SimpleNamespace(monotonic=time.monotonic, sleep=sleep)
-        monkeypatch.setattr(cat, "time", clock)
+        monkeypatch.setattr(locking, "time", clock)  # the catalog waits through locking
         assert cat.refresh_catalog(tmp_path)
         assert waits and not holder.holding()  # it found the file held, waited, then wrote
     con = cat.connect_readonly(tmp_path, refresh=False)

@@ -10,6 +10,9 @@
 - ``greeks_snapshot_job`` and ``greeks_snapshot_schedule`` (default every minute during US
   market hours, ``GREEKS_SCHEDULE_CRON`` / ``GREEKS_SCHEDULE_TIMEZONE``), separate from the
   bar assets (no ``ib_api`` pool: a long backfill never delays the Greeks).
+- :class:`GreeksSchedule`: the cron arithmetic (a run's end, when the newest snapshot is
+  due), done here with the code Dagster's scheduler runs; :mod:`ktrdr_pipeline.greeks`
+  only receives the resulting times.
 
 Merge :func:`greeks_definitions` into the code location's ``Definitions``; it expects the
 ``ktrdr`` resource (:class:`~.resources.KtrdrSettings`) defined there.
@@ -17,20 +20,89 @@ Merge :func:`greeks_definitions` into the code location's ``Definitions``; it ex
 
 
 import asyncio
-from collections.abc import Mapping
-from datetime import UTC, datetime
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+from dagster._utils.schedules import is_valid_cron_string, schedule_execution_time_iterator
 
-from ..greeks.config import GreeksConfig, schedule_settings
-from ..greeks.health import check_freshness
+from ..greeks.config import GreeksConfig
+from ..greeks.health import Freshness, check_freshness
 from ..greeks.runner import run_snapshots
-from ..settings import parse_utc_time
+from ..settings import SettingsError, greeks_schedule, parse_utc_time
 from .resources import KtrdrSettings
 
 ASSET_NAME = "portfolio_greeks"
 JOB_NAME = "greeks_snapshot_job"
 SCHEDULE_NAME = "greeks_snapshot_schedule"
+
+_RANGE = re.compile(r"(?<![\d/])(\d+)-(\d+)")
+_PROBE_FROM = datetime(2001, 1, 1, tzinfo=UTC)
+
+
+class GreeksSchedule:
+    """``GREEKS_SCHEDULE_CRON`` in ``GREEKS_SCHEDULE_TIMEZONE``, its ticks computed by
+    ``schedule_execution_time_iterator``, the function Dagster's scheduler daemon iterates,
+    so run ends and the freshness expectation fall on the ticks the daemon fires, DST days
+    included (a local time the clocks skip fires at the jump's end, ``30 2 * * *`` at
+    03:00; one they repeat fires once, at its second occurrence). A cron Dagster refuses,
+    one with a backwards range (``5-1``: cron refuses it, Dagster would wrap it around) or
+    one that never fires is a :class:`SettingsError` naming ``GREEKS_SCHEDULE_CRON``."""
+
+    def __init__(self, crons: Sequence[str] | str, timezone: str = "UTC"):
+        self.crons = (crons,) if isinstance(crons, str) else tuple(crons)
+        self.timezone = timezone
+        if not self.crons:
+            raise SettingsError("GREEKS_SCHEDULE_CRON: no cron expression given")
+        for cron in self.crons:
+            if not is_valid_cron_string(cron):
+                raise SettingsError(
+                    f"GREEKS_SCHEDULE_CRON: {cron!r} is not a cron expression (5 fields: "
+                    "minute hour day-of-month month day-of-week, e.g. '* 10-15 * * 1-5')")
+            backwards = [m[0] for m in _RANGE.finditer(cron) if int(m[1]) > int(m[2])]
+            if backwards:
+                raise SettingsError(f"GREEKS_SCHEDULE_CRON: {cron!r}: the range "
+                                    f"{backwards[0]!r} runs backwards")
+            try:
+                next(schedule_execution_time_iterator(_PROBE_FROM.timestamp(), cron, timezone))
+            except ValueError:  # croniter gives up looking for a matching day
+                raise SettingsError(f"GREEKS_SCHEDULE_CRON: {cron!r} never fires") from None
+
+    @classmethod
+    def of(cls, config: GreeksConfig) -> "GreeksSchedule":
+        return cls(config.schedule_cron, config.schedule_timezone)
+
+    @property
+    def cron_schedule(self) -> str | list[str]:
+        """The crons as the schedule definition takes them."""
+        return list(self.crons) if len(self.crons) > 1 else self.crons[0]
+
+    def ticks(self, start: datetime, *, ascending: bool = True) -> Iterator[datetime]:
+        """The ticks at or after ``start`` (at or before it when descending), in UTC."""
+        for tick in schedule_execution_time_iterator(start.timestamp(), self.cron_schedule,
+                                                     self.timezone, ascending):
+            yield tick.astimezone(UTC)
+
+    def next_after(self, t: datetime) -> datetime:
+        """The first tick strictly after ``t``."""
+        return next(tick for tick in self.ticks(t) if tick > t)
+
+    def latest_at_or_before(self, t: datetime) -> datetime:
+        return next(self.ticks(t, ascending=False))
+
+    def run_end(self, scheduled: datetime, overlap_s: float = 0.0) -> datetime:
+        """When the run started for tick ``scheduled`` stops taking snapshots: the next
+        tick, or, after the last tick of a block (e.g. 15:59 before a night), as long
+        after ``scheduled`` as the gap since the previous tick; plus ``overlap_s``."""
+        nxt = self.next_after(scheduled)
+        prev = next(tick for tick in self.ticks(scheduled, ascending=False) if tick < scheduled)
+        return min(nxt, scheduled + (scheduled - prev)) + timedelta(seconds=overlap_s)
+
+    def expected_newest(self, now: datetime) -> datetime:
+        """When the newest snapshot should have been taken: now while a scheduled run
+        covers now, else the end of the last scheduled run."""
+        return min(now, self.run_end(self.latest_at_or_before(now)))
 
 
 class GreeksRunConfig(dg.Config):
@@ -85,10 +157,16 @@ def portfolio_greeks(context: dg.AssetExecutionContext, config: GreeksRunConfig,
                             "the schedule expects (now during scheduled hours, else the end "
                             "of the last scheduled run).")
 def portfolio_greeks_fresh(ktrdr: KtrdrSettings) -> dg.AssetCheckResult:
-    cfg = GreeksConfig.from_env(settings=ktrdr.settings())
-    report = check_freshness(cfg)
+    report = greeks_freshness(GreeksConfig.from_env(settings=ktrdr.settings()))
     return dg.AssetCheckResult(passed=report.passed, severity=dg.AssetCheckSeverity.WARN,
                                description=report.message, metadata=report.metadata())
+
+
+def greeks_freshness(config: GreeksConfig, now: datetime | None = None) -> Freshness:
+    """The freshness check's verdict at ``now``, the schedule saying when the newest
+    snapshot is due."""
+    now = now or datetime.now(UTC)
+    return check_freshness(config, now, GreeksSchedule.of(config).expected_newest(now))
 
 
 greeks_snapshot_job = dg.define_asset_job(
@@ -100,19 +178,20 @@ def run_config_for_tick(scheduled: datetime,
                         env: Mapping[str, str] | None = None) -> dict[str, object]:
     """The run config the schedule gives the run of tick ``scheduled``."""
     cfg = GreeksConfig.from_env(env)
-    until = cfg.schedule().run_end(scheduled, cfg.run_overlap)
+    until = GreeksSchedule.of(cfg).run_end(scheduled, cfg.run_overlap)
     return {"ops": {ASSET_NAME: {"config": {"until": until.isoformat(),
                                             "scheduled": scheduled.isoformat()}}}}
 
 
 def build_schedule(env: Mapping[str, str] | None = None) -> dg.ScheduleDefinition:
-    crons, tz = schedule_settings(env)
+    """The schedule; a bad ``GREEKS_SCHEDULE_*`` value stops the definitions loading."""
+    schedule = GreeksSchedule(*greeks_schedule(env))
 
     @dg.schedule(
         name=SCHEDULE_NAME,
         job=greeks_snapshot_job,
-        cron_schedule=list(crons) if len(crons) > 1 else crons[0],
-        execution_timezone=tz,
+        cron_schedule=schedule.cron_schedule,
+        execution_timezone=schedule.timezone,
         description="Portfolio Greeks: each run snapshots every BRIDGE_POLL_INTERVAL s until "
                     "the next tick (+ GREEKS_RUN_OVERLAP s). GREEKS_SCHEDULE_CRON / "
                     "GREEKS_SCHEDULE_TIMEZONE.",

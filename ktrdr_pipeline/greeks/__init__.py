@@ -3,6 +3,7 @@
 Plain Python: :mod:`.config` (settings), :mod:`.bridges` (``SocketBridge``,
 ``PortalBridge``), :mod:`.model` (``Snapshot``), :mod:`.store` (DuckDB tables and the
 outage buffer), :mod:`.watchdog` (reconnects), :mod:`.runner` (the wall-clock poll loop),
-:mod:`.cron` (schedule arithmetic), :mod:`.cli` (``ktrdr-pipeline greeks``). The Dagster
-shell is :mod:`ktrdr_pipeline.defs.greeks`.
+:mod:`.cli` (``ktrdr-pipeline greeks``). The Dagster shell is
+:mod:`ktrdr_pipeline.defs.greeks`; it also does the schedule's cron arithmetic (with
+Dagster's own cron code) and passes plain times down.
 """

@@ -116,7 +116,7 @@ class SocketBridge:
             return  # one row per distinct error in a row, not one per tick
         self._last_error = (code, message)
         what = f" ({contract.localSymbol or contract.symbol})" if contract else ""
-        self._log_event("error", code=code, message=f"{message}{what}"[:2000])
+        self._log_event("error", code=code, message=f"{message}{what}")
 
     def _on_disconnected(self) -> None:
         self._tickers.clear()
@@ -150,7 +150,7 @@ class SocketBridge:
         try:
             await self._connect()
         except GatewayUnreachable as exc:
-            self._log_event("error", message=str(exc)[:2000])
+            self._log_event("error", message=str(exc))
             if not self.keep_trying:
                 raise BridgeUnavailable(str(exc)) from exc
             log.warning("%s; the watchdog keeps trying", exc)

@@ -4,7 +4,9 @@
 Every value is validated when :meth:`GreeksConfig.from_env` runs (at the start of
 ``ktrdr-pipeline greeks run``, of a Dagster run, or of a test), before anything connects or
 writes; a bad value raises :class:`~ktrdr_pipeline.settings.SettingsError` (a
-``ValueError``) whose message names the variable.
+``ValueError``) whose message names the variable. The cron expressions themselves are
+checked by Dagster's own cron code, in the Dagster layer (:mod:`ktrdr_pipeline.defs.greeks`,
+when the definitions load): this package does no cron arithmetic.
 
 ========================== ================================================ ==============
 variable                   meaning                                          default
@@ -44,11 +46,9 @@ from ..settings import (
     GreeksSettings,
     Settings,
     SettingsError,
-    greeks_schedule,
 )
 from ..settings import GREEKS_MODES as MODES
 from ..settings import parse_mode as parse_mode  # re-exported: validates IB_API_MODE
-from .cron import CronError, CronSchedule
 
 GREEKS_DB_FILE = "greeks.duckdb"  # the name store.catalog attaches (GREEKS_FILE)
 BUFFER_FILE = "greeks_buffer.jsonl"
@@ -56,21 +56,7 @@ DEFAULT_CRON = DEFAULT_GREEKS_CRON
 DEFAULT_TIMEZONE = DEFAULT_GREEKS_TIMEZONE
 
 __all__ = ["BUFFER_FILE", "DEFAULT_CRON", "DEFAULT_PORTAL_URL", "DEFAULT_TIMEZONE",
-           "GREEKS_DB_FILE", "MODES", "GreeksConfig", "parse_mode", "schedule_settings"]
-
-
-def _validate_crons(crons: tuple[str, ...], tz: str) -> None:
-    try:
-        CronSchedule(crons, tz)
-    except CronError as exc:
-        raise SettingsError(f"GREEKS_SCHEDULE_CRON: {exc}") from None
-
-
-def schedule_settings(env: Mapping[str, str] | None = None) -> tuple[tuple[str, ...], str]:
-    """``GREEKS_SCHEDULE_CRON`` (split on ``;``) and ``GREEKS_SCHEDULE_TIMEZONE``, validated."""
-    crons, tz = greeks_schedule(env)
-    _validate_crons(crons, tz)
-    return crons, tz
+           "GREEKS_DB_FILE", "MODES", "GreeksConfig", "parse_mode"]
 
 
 @dataclass(frozen=True)
@@ -103,9 +89,6 @@ class GreeksConfig:
         """Which poll tick was last taken, shared by every process on this data dir."""
         return self.settings.data_dir / "greeks_ticks.claim"
 
-    def schedule(self) -> CronSchedule:
-        return CronSchedule(self.schedule_cron, self.schedule_timezone)
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None,
                  settings: Settings | None = None) -> GreeksConfig:
@@ -122,7 +105,6 @@ class GreeksConfig:
         if buffer_path.exists() and buffer_path.is_dir():
             raise SettingsError(f"BRIDGE_BUFFER_PATH must be a file, {buffer_path} is a "
                                 "directory")
-        _validate_crons(greeks.schedule_cron, greeks.schedule_timezone)
         return cls(
             settings=base,
             mode=greeks.mode,

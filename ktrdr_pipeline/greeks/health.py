@@ -1,5 +1,6 @@
 """Freshness of ``portfolio_greeks``: is the newest snapshot as recent as the schedule
-says it should be? Plain Python behind the Dagster asset check."""
+says it should be? Plain Python behind the Dagster asset check, which computes from the
+schedule when the newest snapshot is due (``expected``) and passes it in."""
 
 from __future__ import annotations
 
@@ -31,25 +32,14 @@ class Freshness:
         }
 
 
-def expected_newest(config: GreeksConfig, now: datetime) -> datetime | None:
-    """The time by which the newest snapshot should have been taken: now while a
-    scheduled run covers now, else the end of the last scheduled run (None if the
-    schedule never fired in the last five years)."""
-    sched = config.schedule()
-    last = sched.latest_at_or_before(now)
-    if last is None:
-        return None
-    return min(now, sched.run_end(last))
-
-
-def check_freshness(config: GreeksConfig, now: datetime | None = None) -> Freshness:
+def check_freshness(config: GreeksConfig, now: datetime,
+                    expected: datetime | None) -> Freshness:
     """Passes when the newest snapshot's tick is at most ``GREEKS_MAX_AGE`` seconds older
-    than :func:`expected_newest`."""
-    now = now or datetime.now(UTC)
+    than ``expected``, the time by which the schedule says the newest snapshot should have
+    been taken at ``now`` (None: the schedule has not fired yet, nothing is expected)."""
     buffer = JsonlBuffer(config.buffer_path)
     with buffer.locked():
         buffered = len(buffer.read())
-    expected = expected_newest(config, now)
     newest: datetime | None = None
     problem = ""
     if not config.db_path.exists():

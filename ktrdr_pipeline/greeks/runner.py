@@ -29,15 +29,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..locking import exclusive_file_lock
 from .bridges import Bridge, BridgeUnavailable, make_bridge
 from .config import GreeksConfig
 from .model import Snapshot
 from .store import GreeksStore
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +48,14 @@ def next_tick(now_ts: float, interval: float) -> float:
 
 
 class TickClaims:
-    """The newest tick any process has taken, in a small file under an ``flock``."""
+    """The newest tick any process has taken, in a small file under an exclusive lock."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def claim(self, tick_ts: float) -> bool:
         """True if this process may take ``tick_ts`` (nobody has taken it or a later tick)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive_file_lock(self.path) as fd:
             raw = os.pread(fd, 64, 0).decode(errors="replace").strip()
             try:
                 last = float(raw) if raw else float("-inf")
@@ -75,8 +67,6 @@ class TickClaims:
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)
             return True
-        finally:
-            os.close(fd)
 
 
 @dataclass

@@ -14,11 +14,15 @@ flush is tried every
 transaction, in file order, and the buffer is truncated only after that transaction has
 committed. Then normal writes resume.
 
+**Schema.** The tables are created once per :class:`GreeksStore`, by
+:meth:`GreeksStore.bootstrap` at start-up (or, if the database was unavailable then, by the
+first write that gets through); later writes only insert.
+
 **Exactly once.** Rows have primary keys (``snapshot_id, con_id``; ``log_id``) and are
 inserted with ``INSERT OR IGNORE``, so a flush repeated after a crash between the commit
 and the truncation (or two processes taking the same tick) stores nothing twice. A batch
 half-written to the buffer by a crash is an unparsable line: it is skipped with a
-warning. Every buffer operation holds an exclusive ``flock`` on ``<buffer>.lock``, so
+warning. Every buffer operation holds an exclusive file lock on ``<buffer>.lock``, so
 several processes sharing a data directory (overlapping scheduled runs, a standing
 ``greeks run``) keep one order and never flush the same lines concurrently.
 """
@@ -40,12 +44,7 @@ from typing import Any
 
 import duckdb
 
-try:  # POSIX; elsewhere the buffer is only guarded within this process
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
-
-from ..store.catalog import is_lock_error
+from ..locking import exclusive_file_lock, is_duckdb_locked, retry_while_locked
 from .model import Snapshot
 
 log = logging.getLogger(__name__)
@@ -101,6 +100,18 @@ _TIME_COLUMNS = {"tick_time", "snapshot_time", "data_time", "ts"}
 #: Events written to ``api_logs``.
 EVENTS = ("connect", "disconnect", "reconnect_attempt", "reset_wait", "error",
           "db_unavailable", "buffer_flushed")
+#: ``api_logs.message`` keeps this many characters.
+MESSAGE_MAX = 2000
+
+
+def api_log_row(event: str, *, ts: datetime, mode: str | None, message: str | None = None,
+                attempt: int | None = None, delay_s: float | None = None,
+                code: int | None = None) -> dict[str, Any]:
+    """One ``api_logs`` row, the only place one is built: a fresh ``log_id``, ``ts`` in
+    UTC, ``message`` cut to :data:`MESSAGE_MAX` characters (empty: NULL)."""
+    return {"log_id": uuid.uuid4().hex, "ts": ts.astimezone(UTC), "mode": mode,
+            "event": event, "attempt": attempt, "delay_s": delay_s, "code": code,
+            "message": message[:MESSAGE_MAX] if message else None}
 
 
 def schema_statements() -> list[str]:
@@ -167,15 +178,10 @@ class JsonlBuffer:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with self._thread_lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)  # releases the flock
+        # the thread lock first: a second open of the lock file in this process would wait
+        # for the first one, so a thread re-entering must not take the file lock again
+        with self._thread_lock, exclusive_file_lock(self.lock_path):
+            yield
 
     def size(self) -> int:
         try:
@@ -253,12 +259,14 @@ class GreeksStore:
         self.now = now
         self._next_flush = float("-inf")  # a buffer left by an earlier process: flush now
         self._unavailable_since: float | None = None
+        self._schema_ready = False  # the tables exist: writes only insert
 
     # -- schema ------------------------------------------------------------------------------
     def bootstrap(self) -> bool:
         """Create both tables if missing (a no-op when they exist), then flush any buffer
         left by an earlier process. False when the database is unavailable right now
         (the tables are then created by the first write that gets through)."""
+        self._schema_ready = False  # check again: another process may have replaced the file
         try:
             self._write([])
         except (duckdb.Error, OSError) as exc:
@@ -273,38 +281,35 @@ class GreeksStore:
         return duckdb.connect(str(self.db_path), config={"autoinstall_known_extensions": False})
 
     def _write(self, batches: Sequence[Batch]) -> None:
-        """All ``batches`` in one transaction, in order; raises on any failure."""
+        """All ``batches`` in one transaction, in order (the tables created first when this
+        store has not created them yet); raises on any failure."""
         con = self._connect()
         try:
             con.execute("BEGIN TRANSACTION")
             try:
-                for st in schema_statements():
-                    con.execute(st)
+                if not self._schema_ready:
+                    for st in schema_statements():
+                        con.execute(st)
                 for b in batches:
                     if b.rows:
                         con.executemany(_insert_sql(b.table),
                                         [_decode_row(b.table, r) for r in b.rows])
                 con.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
+                if isinstance(exc, duckdb.CatalogException):
+                    self._schema_ready = False  # the file was replaced: create them again
                 raise
         finally:
             con.close()
+        self._schema_ready = True
 
     def _write_waiting(self, batches: Sequence[Batch]) -> None:
         """:meth:`_write`, retrying for up to ``lock_wait`` seconds while another process
         holds the file (a reader's query takes milliseconds: no reason to buffer)."""
-        deadline = time.monotonic() + self.lock_wait
-        delay = 0.01
-        while True:
-            try:
-                return self._write(batches)
-            except duckdb.IOException as exc:
-                if not is_lock_error(exc) or time.monotonic() + delay > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        retry_while_locked(lambda: self._write(batches), deadline_s=self.lock_wait,
+                           is_locked=is_duckdb_locked, max_delay_s=0.1)
 
     # -- writing -----------------------------------------------------------------------------
     def write_snapshot(self, snapshot: Snapshot) -> str:
@@ -315,10 +320,9 @@ class GreeksStore:
                   delay_s: float | None = None, code: int | None = None,
                   ts: datetime | None = None, mode: str | None = None) -> str:
         """One ``api_logs`` row (connect, disconnect, reconnect_attempt, error, ...)."""
-        row = {"log_id": uuid.uuid4().hex, "ts": (ts or self.now()).astimezone(UTC),
-               "mode": mode if mode is not None else self.mode, "event": event,
-               "attempt": attempt, "delay_s": delay_s, "code": code,
-               "message": message or None}
+        row = api_log_row(event, ts=ts or self.now(),
+                          mode=mode if mode is not None else self.mode, message=message,
+                          attempt=attempt, delay_s=delay_s, code=code)
         return self.write(Batch(LOGS_TABLE, (row,)))
 
     def write(self, batch: Batch) -> str:
@@ -342,10 +346,9 @@ class GreeksStore:
             self._unavailable_since = now
             log.warning("cannot write to %s (%s); buffering in %s and retrying every %g s",
                         self.db_path, exc, self.buffer.path, self.flush_interval)
-            row = {"log_id": uuid.uuid4().hex, "ts": self.now().astimezone(UTC),
-                   "mode": self.mode, "event": "db_unavailable", "attempt": None,
-                   "delay_s": self.flush_interval, "code": None,
-                   "message": f"{type(exc).__name__}: {exc}"[:2000]}
+            row = api_log_row("db_unavailable", ts=self.now(), mode=self.mode,
+                              delay_s=self.flush_interval,
+                              message=f"{type(exc).__name__}: {exc}")
             self.buffer.append(Batch(LOGS_TABLE, (row,)))
 
     # -- flushing ----------------------------------------------------------------------------
@@ -382,10 +385,9 @@ class GreeksStore:
         took = f" after {self.monotonic() - since:.0f} s" if since is not None else ""
         log.info("wrote %d buffered batch(es) to %s%s", len(batches), self.db_path, took)
         with contextlib.suppress(duckdb.Error, OSError):
-            row = {"log_id": uuid.uuid4().hex, "ts": self.now().astimezone(UTC),
-                   "mode": self.mode, "event": "buffer_flushed", "attempt": None,
-                   "delay_s": None, "code": len(batches),
-                   "message": f"{len(batches)} buffered batch(es) written{took}"}
+            row = api_log_row("buffer_flushed", ts=self.now(), mode=self.mode,
+                              code=len(batches),
+                              message=f"{len(batches)} buffered batch(es) written{took}")
             self._write([Batch(LOGS_TABLE, (row,))])
         return len(batches)
 
@@ -400,18 +402,13 @@ def connect_readonly(db_path: Path, timeout_s: float = 5.0) -> duckdb.DuckDBPyCo
     """A read-only connection, retrying while a writer holds the file (each write holds
     it for milliseconds). Raises the last ``duckdb.Error`` after ``timeout_s``, and any
     other error (a missing file) at once."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.01
-    while True:
-        try:
-            con = duckdb.connect(str(db_path), read_only=True)
-            con.execute("SET TimeZone = 'UTC'")
-            return con
-        except duckdb.IOException as exc:
-            if not is_lock_error(exc) or time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+    def connect() -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(str(db_path), read_only=True)
+        con.execute("SET TimeZone = 'UTC'")
+        return con
+
+    return retry_while_locked(connect, deadline_s=timeout_s, is_locked=is_duckdb_locked,
+                              max_delay_s=0.2)
 
 
 def read_rows(db_path: Path, sql: str, params: Sequence[Any] = (),

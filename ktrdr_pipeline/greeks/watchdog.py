@@ -30,7 +30,7 @@ EventLog = Callable[..., object]
 
 class Watchdog:
     """Brings a connection back: ``await watchdog.recover()`` returns once ``connect()``
-    succeeded (it retries forever, unless ``max_attempts`` is given)."""
+    succeeded; it retries for ever (a bridge without IB has nothing better to do)."""
 
     def __init__(
         self,
@@ -41,7 +41,6 @@ class Watchdog:
         backoff: Sequence[float] = BACKOFF_S,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-        max_attempts: int | None = None,
     ):
         if not backoff:
             raise ValueError("backoff needs at least one delay")
@@ -51,7 +50,6 @@ class Watchdog:
         self.backoff = tuple(float(b) for b in backoff)
         self.clock = clock
         self.sleep = sleep
-        self.max_attempts = max_attempts
         self.attempts = 0  # over the watchdog's life
 
     def backoff_delay(self, steps: int) -> float:
@@ -105,9 +103,7 @@ class Watchdog:
             except Exception as exc:
                 failures += 1
                 log.warning("reconnect attempt %d failed: %s", attempt, exc)
-                self._log("error", attempt=attempt, message=f"reconnect failed: {exc}"[:2000])
-                if self.max_attempts is not None and failures >= self.max_attempts:
-                    raise
+                self._log("error", attempt=attempt, message=f"reconnect failed: {exc}")
                 continue
             log.info("reconnected after %d attempt(s)", attempt)
             self._log("connect", attempt=attempt, message="reconnected")

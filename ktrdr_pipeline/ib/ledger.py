@@ -49,6 +49,7 @@ from pathlib import Path
 
 from ..domain.ib_rules import MAX_OPEN_HISTORICAL_REQUESTS, PacingLimits
 from ..domain.pacing import PacedRequest, PacingEvent, PacingWindow
+from ..locking import is_sqlite_locked, retry_while_locked
 
 log = logging.getLogger(__name__)
 
@@ -408,15 +409,11 @@ class SqlitePacingLedger(PacingLedger):
         conn = sqlite3.connect(
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
-        deadline = time.monotonic() + self._busy_timeout
-        while True:
-            try:
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                break
-            except sqlite3.OperationalError as exc:  # switching modes needs a moment alone
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        # switching modes needs a moment alone: retry while another connection holds it
+        mode = retry_while_locked(
+            lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone()[0],
+            deadline_s=self._busy_timeout, is_locked=is_sqlite_locked,
+            first_delay_s=0.01, max_delay_s=0.01)
         if str(mode).lower() != "wal":
             raise RuntimeError(f"cannot put pacing ledger {self.path} in WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous=NORMAL")

@@ -64,7 +64,6 @@ import json
 import logging
 import math
 import re
-import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -75,6 +74,7 @@ import duckdb
 
 from ..domain.symbols import STORAGE_KEY_PATTERN
 from ..domain.timeframes import DEFAULT_TIMEFRAMES, TIMEFRAMES, Timeframe
+from ..locking import is_duckdb_locked, retry_while_locked
 from .parquet import BarStore
 
 log = logging.getLogger(__name__)
@@ -264,32 +264,23 @@ def catalog_path(data_dir: Path) -> Path:
     return Path(data_dir) / CATALOG_FILE
 
 
-def is_lock_error(exc: BaseException) -> bool:
-    """Whether DuckDB refused a file because another process holds its lock."""
-    text = str(exc).lower()
-    return "lock" in text and ("conflicting" in text or "could not set" in text)
-
-
 def _connect(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
     """Open ``path``, retrying with backoff while another process holds its lock."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.01
-    while True:
-        try:
-            return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if not is_lock_error(exc):
-                raise
-            if time.monotonic() + delay > deadline:
-                raise CatalogLockedError(
-                    f"DuckDB catalog {path} is locked by another process (gave up after "
-                    f"{timeout_s:g} s): {exc}. A DuckDB file opened read-write elsewhere "
-                    "(DBeaver, a Python shell) blocks everyone else: close it or open it "
-                    "read-only. Queries via the 'sql' command do not need this file."
-                ) from exc
-            log.debug("catalog %s locked; retrying in %.2f s", path, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+    try:
+        return retry_while_locked(
+            lambda: duckdb.connect(str(path), read_only=read_only), deadline_s=timeout_s,
+            is_locked=is_duckdb_locked, max_delay_s=0.5,
+            on_retry=lambda _exc, delay: log.debug("catalog %s locked; retrying in %.2f s",
+                                                   path, delay))
+    except duckdb.IOException as exc:
+        if not is_duckdb_locked(exc):
+            raise
+        raise CatalogLockedError(
+            f"DuckDB catalog {path} is locked by another process (gave up after "
+            f"{timeout_s:g} s): {exc}. A DuckDB file opened read-write elsewhere "
+            "(DBeaver, a Python shell) blocks everyone else: close it or open it "
+            "read-only. Queries via the 'sql' command do not need this file."
+        ) from exc
 
 
 def _stored_signature(path: Path) -> str | None:
@@ -440,20 +431,19 @@ def memory_connection(data_dir: Path | str,
         define_views(con, data_dir, timeframes)
         greeks = data_dir / GREEKS_FILE
         if greeks.is_file():
+            def attach() -> None:
+                con.execute(f"ATTACH {_sql_str(str(greeks.resolve()))} AS "
+                            f"{GREEKS_ALIAS} (READ_ONLY)")
+                # its tables are reachable unqualified too: FROM portfolio_greeks
+                con.execute(f"SET search_path = 'memory.main,{GREEKS_ALIAS}.main'")
+
             # the Greeks writer holds the file for a few milliseconds every few seconds:
-            # try for about a second before giving up on it
-            for attempt in range(10):
-                try:
-                    con.execute(f"ATTACH {_sql_str(str(greeks.resolve()))} AS "
-                                f"{GREEKS_ALIAS} (READ_ONLY)")
-                    # its tables are reachable unqualified too: FROM portfolio_greeks
-                    con.execute(f"SET search_path = 'memory.main,{GREEKS_ALIAS}.main'")
-                    break
-                except duckdb.Error as exc:  # locked by its writer, or not a DuckDB file
-                    if attempt == 9 or not is_lock_error(exc):
-                        log.info("not attaching %s: %s", greeks, exc)
-                        break
-                    time.sleep(0.1)
+            # try for about a second (every 0.1 s) before giving up on it
+            try:
+                retry_while_locked(attach, deadline_s=0.95, is_locked=is_duckdb_locked,
+                                   first_delay_s=0.1, max_delay_s=0.1)
+            except duckdb.Error as exc:  # locked by its writer, or not a DuckDB file
+                log.info("not attaching %s: %s", greeks, exc)
     except BaseException:
         con.close()
         raise

@@ -1,0 +1,97 @@
+"""File locks and retries on locked databases: I/O plumbing shared by every store.
+
+- :func:`exclusive_file_lock`: an exclusive ``flock`` on a file for the length of a
+  ``with`` block. Processes sharing a data directory take turns (the Greeks tick claims,
+  the Greeks outage buffer); so do two opens of the file within one process, so callers
+  that nest (one thread re-entering) guard with a thread lock of their own.
+- :func:`retry_while_locked`: run a function again, with backoff, while a database file is
+  held by another process, up to a deadline. DuckDB lets one process at a time open a file
+  read-write (and then nobody else, not even read-only); SQLite refuses a mode change or a
+  write while another connection holds its lock. The predicates :func:`is_duckdb_locked`
+  and :func:`is_sqlite_locked` tell such refusals from real errors, which are raised at
+  once (a missing file is not waited for).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+try:  # POSIX; elsewhere the lock is a no-op (one process per data directory)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def exclusive_file_lock(path: Path | str) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``path`` (created, with its directory, if missing)
+    until the block ends; waits as long as another holder keeps it. Yields the open file
+    descriptor, so the caller may read and write the locked file itself."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def is_duckdb_locked(exc: BaseException) -> bool:
+    """Whether DuckDB refused a file because another process holds its lock
+    (``IO Error: Could not set lock on file ...: Conflicting lock is held in ...``)."""
+    duckdb = sys.modules.get("duckdb")  # not imported: ``exc`` cannot be one of its errors
+    if duckdb is None or not isinstance(exc, duckdb.Error):
+        return False
+    text = str(exc).lower()
+    return "lock" in text and ("conflicting" in text or "could not set" in text)
+
+
+def is_sqlite_locked(exc: BaseException) -> bool:
+    """Whether SQLite refused because another connection holds the database's lock
+    (``database is locked``, ``database table is locked``)."""
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def retry_while_locked(
+    fn: Callable[[], T],
+    *,
+    deadline_s: float,
+    is_locked: Callable[[BaseException], bool],
+    on_retry: Callable[[BaseException, float], object] | None = None,
+    first_delay_s: float = 0.01,
+    max_delay_s: float = 0.1,
+    sleep: Callable[[float], object] | None = None,
+    monotonic: Callable[[], float] | None = None,
+) -> T:
+    """``fn()``, called again while it fails with an error ``is_locked`` recognises.
+
+    Waits ``first_delay_s`` before the second call, doubling up to ``max_delay_s``; gives
+    up when the next wait would end after ``deadline_s`` seconds from the first call and
+    raises the last error. Any other error is raised at once. ``on_retry(exc, delay)`` is
+    called before each wait (e.g. to log it). ``sleep``/``monotonic`` default to this
+    module's ``time`` at call time (tests replace either)."""
+    sleep = sleep or time.sleep
+    monotonic = monotonic or time.monotonic
+    deadline = monotonic() + deadline_s
+    delay = first_delay_s
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_locked(exc) or monotonic() + delay > deadline:
+                raise
+            if on_retry is not None:
+                on_retry(exc, delay)
+        sleep(delay)
+        delay = min(delay * 2, max_delay_s)
