@@ -7,7 +7,7 @@ script does what the Dagster daemon does with ``greeks_snapshot_schedule``: at t
 tick it evaluates the real schedule definition (cron ``* * * * *`` in UTC here, so the
 benchmark runs at any hour; everything else as shipped) and launches the run it requests
 as a fresh Python process that loads the code location (the bar definitions merged with
-``greeks_definitions()``) and executes ``greeks_snapshot_job`` with that run config --
+``defs.greeks.defs()``) and executes ``greeks_snapshot_job`` with that run config --
 like Dagster's default run launcher, start-up time included. Each run snapshots every
 ``BRIDGE_POLL_INTERVAL`` (5) seconds until the next tick plus ``GREEKS_RUN_OVERLAP`` (30)
 seconds. ``IB_API_MODE=SOCKET`` and ``IB_API_MODE=PORTAL`` run side by side, each with its
@@ -64,10 +64,12 @@ def run_one(run_config: dict[str, Any]) -> int:
     import dagster as dg
 
     from ktrdr_pipeline.definitions import defs as bar_defs
-    from ktrdr_pipeline.defs.greeks import ASSET_NAME, JOB_NAME, greeks_definitions
+    from ktrdr_pipeline.defs import greeks
+    from ktrdr_pipeline.defs.greeks.assets import ASSET_NAME
+    from ktrdr_pipeline.defs.greeks.jobs import JOB_NAME
 
     loaded = time.time()
-    defs = dg.Definitions.merge(bar_defs, greeks_definitions())
+    defs = dg.Definitions.merge(bar_defs, greeks.defs())
     job = defs.resolve_job_def(JOB_NAME)
     result = job.execute_in_process(run_config=run_config,
                                     instance=dg.DagsterInstance.ephemeral(),
@@ -104,9 +106,10 @@ def schedule_run_config(env: dict[str, str], tick: datetime) -> dict[str, Any]:
     does, with this mode's environment)."""
     import dagster as dg
 
-    from ktrdr_pipeline.defs.greeks import SCHEDULE_NAME, greeks_definitions
+    from ktrdr_pipeline.defs import greeks
+    from ktrdr_pipeline.defs.greeks.schedules import SCHEDULE_NAME
 
-    sched = greeks_definitions(env, standalone=True).resolve_schedule_def(SCHEDULE_NAME)
+    sched = greeks.defs(env, standalone=True).resolve_schedule_def(SCHEDULE_NAME)
     result = sched.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick))
     (request,) = result.run_requests
     return dict(request.run_config)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .defs import bars
-from .defs.greeks import greeks_definitions
+from .defs import bars, greeks
 from .defs.resources import ktrdr_resource
 from .settings import AutomationSettings, Settings, environment
 
@@ -18,6 +17,6 @@ def defs() -> dg.Definitions:
     settings = Settings.from_env()
     return dg.Definitions.merge(
         bars.defs(settings, AutomationSettings.from_env()),
-        greeks_definitions(),
+        greeks.defs(),
         dg.Definitions(resources={"ktrdr": ktrdr_resource(environment())}),
     )

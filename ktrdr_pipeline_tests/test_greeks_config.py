@@ -11,7 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from dagster._utils.schedules import cron_string_iterator, reverse_cron_string_iterator
 
-from ktrdr_pipeline.defs.greeks import GreeksSchedule, build_schedule
+from ktrdr_pipeline.defs.greeks.schedules import build_schedule
+from ktrdr_pipeline.defs.greeks.ticks import GreeksSchedule
 from ktrdr_pipeline.greeks.bridges import PortalBridge, SocketBridge, make_bridge
 from ktrdr_pipeline.greeks.cli import add_greeks_parser, cmd_greeks
 from ktrdr_pipeline.greeks.config import GreeksConfig, parse_mode

@@ -9,15 +9,10 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 import pytest
 
-from ktrdr_pipeline.defs.greeks import (
-    ASSET_NAME,
-    JOB_NAME,
-    SCHEDULE_NAME,
-    greeks_definitions,
-    greeks_freshness,
-    portfolio_greeks,
-    run_config_for_tick,
-)
+from ktrdr_pipeline.defs import greeks
+from ktrdr_pipeline.defs.greeks.assets import ASSET_NAME, greeks_freshness, portfolio_greeks
+from ktrdr_pipeline.defs.greeks.jobs import JOB_NAME
+from ktrdr_pipeline.defs.greeks.schedules import SCHEDULE_NAME, run_config_for_tick
 from ktrdr_pipeline.defs.resources import KtrdrSettings
 from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.greeks.config import GreeksConfig
@@ -38,7 +33,7 @@ def dagster_instance() -> Iterator[dg.DagsterInstance]:
 
 
 def _defs(env: dict[str, str] | None = None) -> dg.Definitions:
-    defs = greeks_definitions(env, standalone=True)
+    defs = greeks.defs(env, standalone=True)
     dg.Definitions.validate_loadable(defs)
     return defs
 
