@@ -40,8 +40,8 @@ import exchange_calendars as xcals  # noqa: E402
 import pandas as pd  # noqa: E402
 from ib_async import IB  # noqa: E402
 
-from ktrdr_pipeline.gateway.protocol import encode  # noqa: E402
-from ktrdr_pipeline.gateway.server import GatewayThread  # noqa: E402
+from ktrdr_pipeline.simulator.protocol import encode  # noqa: E402
+from ktrdr_pipeline.simulator.server import GatewayThread  # noqa: E402
 
 log = logging.getLogger("bench_gateway")
 

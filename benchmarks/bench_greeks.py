@@ -153,7 +153,7 @@ def measure(db_path: Path, start: datetime, end: datetime, interval: float) -> d
 
 def run_benchmark(minutes: int, interval: float, overlap: float, modes: list[str],
                   workdir: Path) -> dict[str, Any]:
-    from ktrdr_pipeline.gateway.server import GatewayThread
+    from ktrdr_pipeline.simulator.server import GatewayThread
 
     base_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("IB_", "BRIDGE_", "GREEKS_", "KTRDR_"))}

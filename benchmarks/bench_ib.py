@@ -53,11 +53,11 @@ from ib_async import IB, Contract, Forex, Stock
 from ktrdr_pipeline.domain import calendars
 from ktrdr_pipeline.domain.ib_rules import PacingLimits
 from ktrdr_pipeline.domain.planning import plan_requests
-from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.ib.connection import IBConnection
 from ktrdr_pipeline.ib.fetch import HistoricalFetcher
 from ktrdr_pipeline.ib.governor import PacingGovernor
 from ktrdr_pipeline.ib.ledger import MemoryPacingLedger, PacingLedger, SqlitePacingLedger
+from ktrdr_pipeline.simulator.server import GatewayThread
 
 log = logging.getLogger("benchmarks.bench_ib")
 

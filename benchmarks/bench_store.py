@@ -65,8 +65,8 @@ import pyarrow  # noqa: E402
 
 from ktrdr_pipeline.domain import calendars  # noqa: E402
 from ktrdr_pipeline.domain.timeframes import PARTITION_TZ  # noqa: E402
-from ktrdr_pipeline.gateway.market import C, H, L, MarketModel, N, O, T, V, W  # noqa: E402
-from ktrdr_pipeline.gateway.universe import Instrument, build_universe, stable_id  # noqa: E402
+from ktrdr_pipeline.simulator.market import C, H, L, MarketModel, N, O, T, V, W  # noqa: E402
+from ktrdr_pipeline.simulator.universe import Instrument, build_universe, stable_id  # noqa: E402
 from ktrdr_pipeline.store.catalog import memory_connection, run_query  # noqa: E402
 from ktrdr_pipeline.store.parquet import BarStore  # noqa: E402
 

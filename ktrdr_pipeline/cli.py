@@ -81,7 +81,7 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
 
 
 async def _run_gateway(args: argparse.Namespace) -> None:
-    from .gateway.server import GatewayServer
+    from .simulator.server import GatewayServer
 
     gw = GatewayServer(
         args.host, args.port, seed=args.seed, latency=args.latency, universe=args.universe,

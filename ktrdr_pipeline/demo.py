@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from .gateway.server import GatewayServer
 from .services import GraphQL, Processes, bin_path, free_port, port_free
 from .settings import UNIVERSE_FILE, Settings, environment
+from .simulator.server import GatewayServer
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from ib_async import IB
 
-from ktrdr_pipeline.gateway.protocol import encode
-from ktrdr_pipeline.gateway.server import GatewayThread
+from ktrdr_pipeline.simulator.protocol import encode
+from ktrdr_pipeline.simulator.server import GatewayThread
 
 #: A Wednesday, 10:00 US/Eastern: NYSE, FX and CME are all open.
 MARKET_OPEN = datetime(2026, 11, 18, 15, 0, tzinfo=UTC)

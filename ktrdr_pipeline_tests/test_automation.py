@@ -15,9 +15,9 @@ from ktrdr_pipeline.defs.bars.jobs import build_bar_job
 from ktrdr_pipeline.defs.bars.sensors import build_tail_fill_sensor, symbols_sensor
 from ktrdr_pipeline.defs.resources import KtrdrSettings
 from ktrdr_pipeline.domain.timeframes import get_timeframe
-from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.loader import PipelineContext, load_partition
 from ktrdr_pipeline.settings import AutomationSettings, Settings
+from ktrdr_pipeline.simulator.server import GatewayThread
 
 tail_fill_sensor = build_tail_fill_sensor(300, [build_bar_job(get_timeframe(n))
                                                 for n in ("1h", "1d")])

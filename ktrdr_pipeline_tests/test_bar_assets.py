@@ -20,8 +20,8 @@ from ktrdr_pipeline.defs.bars.checks import build_checks
 from ktrdr_pipeline.defs.resources import KtrdrSettings
 from ktrdr_pipeline.domain.bars import FetchState
 from ktrdr_pipeline.domain.timeframes import get_timeframe
-from ktrdr_pipeline.gateway.market import C, H, L, O, T, V
-from ktrdr_pipeline.gateway.server import GatewayThread
+from ktrdr_pipeline.simulator.market import C, H, L, O, T, V
+from ktrdr_pipeline.simulator.server import GatewayThread
 from ktrdr_pipeline.store.parquet import BarStore
 
 from .conftest import MARKET_OPEN, read_audit

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from ib_async import OptionComputation
 
-from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.greeks.bridges import (
     BridgeUnavailable,
     PortalBridge,
@@ -36,6 +35,7 @@ from ktrdr_pipeline.greeks.runner import (
     run_snapshots,
 )
 from ktrdr_pipeline.greeks.store import GreeksStore, read_rows
+from ktrdr_pipeline.simulator.server import GatewayThread
 
 from .lockholder import DuckDBLockHolder as Holder
 

@@ -14,11 +14,11 @@ from ktrdr_pipeline.defs.greeks.assets import ASSET_NAME, greeks_freshness, port
 from ktrdr_pipeline.defs.greeks.jobs import JOB_NAME
 from ktrdr_pipeline.defs.greeks.schedules import SCHEDULE_NAME, run_config_for_tick
 from ktrdr_pipeline.defs.resources import KtrdrSettings
-from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.greeks.config import GreeksConfig
 from ktrdr_pipeline.greeks.model import Snapshot
 from ktrdr_pipeline.greeks.runner import next_tick
 from ktrdr_pipeline.greeks.store import GreeksStore, read_rows
+from ktrdr_pipeline.simulator.server import GatewayThread
 
 WEEKEND = datetime(2026, 11, 21, 15, 0, tzinfo=UTC)
 

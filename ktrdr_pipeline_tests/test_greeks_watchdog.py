@@ -11,11 +11,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.greeks.config import GreeksConfig
 from ktrdr_pipeline.greeks.runner import run_snapshots
 from ktrdr_pipeline.greeks.store import GreeksStore, read_rows
 from ktrdr_pipeline.greeks.watchdog import Watchdog
+from ktrdr_pipeline.simulator.server import GatewayThread
 
 from .conftest import read_audit
 

@@ -18,7 +18,6 @@ from ktrdr_pipeline.domain.bars import BAR_COLUMNS
 from ktrdr_pipeline.domain.ib_rules import PacingLimits
 from ktrdr_pipeline.domain.planning import HistoricalRequest, plan_requests
 from ktrdr_pipeline.domain.symbols import SymbolError, parse_symbol
-from ktrdr_pipeline.gateway.server import GatewayThread
 from ktrdr_pipeline.ib.connection import IBConnection, ResetWindow
 from ktrdr_pipeline.ib.contracts import ContractResolver, HeadTimestamps
 from ktrdr_pipeline.ib.errors import (
@@ -32,6 +31,7 @@ from ktrdr_pipeline.ib.errors import (
 from ktrdr_pipeline.ib.fetch import HistoricalFetcher, default_what_to_show
 from ktrdr_pipeline.ib.governor import PacingGovernor
 from ktrdr_pipeline.ib.ledger import MemoryPacingLedger
+from ktrdr_pipeline.simulator.server import GatewayThread
 
 from .conftest import MARKET_OPEN, read_audit
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from ktrdr_pipeline.domain import calendars
 from ktrdr_pipeline.domain.ib_rules import BAR_SIZE_SECONDS
-from ktrdr_pipeline.gateway.market import C, H, L, MarketModel, N, O, T, V, W
-from ktrdr_pipeline.gateway.universe import build_universe
+from ktrdr_pipeline.simulator.market import C, H, L, MarketModel, N, O, T, V, W
+from ktrdr_pipeline.simulator.universe import build_universe
 
 UNIVERSE = build_universe(date(2026, 11, 18))
 MODEL = MarketModel(seed=7)

@@ -1,5 +1,5 @@
-"""The Client Portal Web API v1 simulator (``ktrdr_pipeline.gateway.portal``, served by
-``ktrdr_pipeline.gateway.http_app`` on uvicorn)."""
+"""The Client Portal Web API v1 simulator (``ktrdr_pipeline.simulator.portal``, served by
+``ktrdr_pipeline.simulator.http_app`` on uvicorn)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 import requests
 from ib_async import Contract
 
-from ktrdr_pipeline.gateway.portal import ACCOUNTS_FIRST, PortalServer, start_portal
-from ktrdr_pipeline.gateway.server import GatewayServer, GatewayThread
+from ktrdr_pipeline.simulator.portal import ACCOUNTS_FIRST, PortalServer, start_portal
+from ktrdr_pipeline.simulator.server import GatewayServer, GatewayThread
 
 from .conftest import MARKET_OPEN, connect
 

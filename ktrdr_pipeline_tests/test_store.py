@@ -33,8 +33,8 @@ from ktrdr_pipeline.domain.bars import (
     fetch_state,
 )
 from ktrdr_pipeline.domain.timeframes import get_timeframe
-from ktrdr_pipeline.gateway.market import C, H, L, MarketModel, N, O, T, V, W
-from ktrdr_pipeline.gateway.universe import build_universe
+from ktrdr_pipeline.simulator.market import C, H, L, MarketModel, N, O, T, V, W
+from ktrdr_pipeline.simulator.universe import build_universe
 from ktrdr_pipeline.store import catalog as cat
 from ktrdr_pipeline.store import parquet as pqstore
 from ktrdr_pipeline.store.parquet import BarStore

@@ -12,7 +12,7 @@ Endpoints (all answer JSON)::
 Example: ``curl -X POST 'http://127.0.0.1:PORT/faults/pacing?count=3'``.
 
 The admin works on :class:`AdminControls`, the few handles of the gateway it needs; the
-HTTP side is :func:`ktrdr_pipeline.gateway.http_app.build_admin_app`.
+HTTP side is :func:`ktrdr_pipeline.simulator.http_app.build_admin_app`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The model is generated top-down so every bar size agrees exactly:
 
 1. **Session levels.** Per instrument, one random walk of session closes over the whole
    schedule (seeded by ``seed`` and the contract id), anchored so the close at
-   :data:`~ktrdr_pipeline.gateway.universe.REFERENCE_DATE` is the instrument's base price.
+   :data:`~ktrdr_pipeline.simulator.universe.REFERENCE_DATE` is the instrument's base price.
 2. **Minute bars.** Per session, a Brownian bridge from the session's open level to its
    close level gives every minute's open/high/low/close, volume, trade count and WAP over
    the instrument's *all-hours* session. Regular-hours data is the subset of those minutes.

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import requests
 
-from ktrdr_pipeline.gateway.http_app import ApiError, build_admin_app, build_portal_app
-from ktrdr_pipeline.gateway.http_server import HttpServer
+from ktrdr_pipeline.simulator.http_app import ApiError, build_admin_app, build_portal_app
+from ktrdr_pipeline.simulator.http_server import HttpServer
 
 
 def _admin(gateway, method: str, path: str) -> tuple[int, dict[str, Any]]:

@@ -12,13 +12,13 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from ktrdr_pipeline.domain import ib_rules
-from ktrdr_pipeline.gateway import rules
-from ktrdr_pipeline.gateway.audit import AuditLog
-from ktrdr_pipeline.gateway.faults import ConnectionFaults, Faults
-from ktrdr_pipeline.gateway.latency import LatencyModel
-from ktrdr_pipeline.gateway.options import monthly_expiries
-from ktrdr_pipeline.gateway.protocol import describe, format_bar_time, parse_contract
-from ktrdr_pipeline.gateway.universe import build_universe
+from ktrdr_pipeline.simulator import rules
+from ktrdr_pipeline.simulator.audit import AuditLog
+from ktrdr_pipeline.simulator.faults import ConnectionFaults, Faults
+from ktrdr_pipeline.simulator.latency import LatencyModel
+from ktrdr_pipeline.simulator.options import monthly_expiries
+from ktrdr_pipeline.simulator.protocol import describe, format_bar_time, parse_contract
+from ktrdr_pipeline.simulator.universe import build_universe
 
 GATEWAY = Path(__file__).resolve().parents[1] / "ktrdr_pipeline" / "gateway"
 NOW = datetime(2026, 11, 18, 15, 0, tzinfo=UTC)
@@ -33,7 +33,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
                 names = [node.module.split(".")[0]] if node.module else [
                     a.name for a in node.names]
                 found.update(names)
-            elif node.module and node.module.startswith("ktrdr_pipeline.gateway."):
+            elif node.module and node.module.startswith("ktrdr_pipeline.simulator."):
                 found.add(node.module.split(".")[2])
     return found & modules
 

@@ -2,8 +2,8 @@
 loopback admin interface.
 
 This module only binds HTTP to behaviour: routes, query parameters and bodies in, JSON out.
-What the endpoints do lives in :mod:`~ktrdr_pipeline.gateway.portal` and
-:mod:`~ktrdr_pipeline.gateway.admin`, reached through :class:`PortalApi` and
+What the endpoints do lives in :mod:`~ktrdr_pipeline.simulator.portal` and
+:mod:`~ktrdr_pipeline.simulator.admin`, reached through :class:`PortalApi` and
 :class:`AdminApi`; they signal client errors with :class:`ApiError`. Every answer,
 errors included, is JSON: the portal's errors as the real gateway sends them
 (``{"error": message, "statusCode": status}``), the admin's as ``{"error": message}``.
@@ -49,7 +49,7 @@ class ApiError(Exception):
 
 
 class PortalApi(Protocol):
-    """The Client Portal endpoints (see :class:`~ktrdr_pipeline.gateway.portal.ClientPortal`);
+    """The Client Portal endpoints (see :class:`~ktrdr_pipeline.simulator.portal.ClientPortal`);
     each returns the JSON payload of a 200 answer or raises :class:`ApiError`."""
 
     async def tickle(self) -> Any: ...
@@ -63,7 +63,7 @@ class PortalApi(Protocol):
 
 
 class AdminApi(Protocol):
-    """The admin endpoints (see :class:`~ktrdr_pipeline.gateway.admin.Admin`); query
+    """The admin endpoints (see :class:`~ktrdr_pipeline.simulator.admin.Admin`); query
     parameters arrive as text (None when absent)."""
 
     def status(self) -> Any: ...

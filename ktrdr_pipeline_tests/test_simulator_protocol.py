@@ -245,7 +245,7 @@ def test_futures_bars_follow_the_cme_calendar(ib):
 
 
 def test_universe_file_replaces_the_default(tmp_path):
-    from ktrdr_pipeline.gateway.server import GatewayThread
+    from ktrdr_pipeline.simulator.server import GatewayThread
 
     universe = tmp_path / "universe.yaml"
     universe.write_text(

@@ -1,5 +1,5 @@
 """The IB Gateway simulator: TWS socket protocol, Client Portal Web API, market model.
 
-Start it in-process with :class:`ktrdr_pipeline.gateway.server.GatewayServer` or from the
+Start it in-process with :class:`ktrdr_pipeline.simulator.server.GatewayServer` or from the
 command line with ``ktrdr-pipeline gateway``.
 """

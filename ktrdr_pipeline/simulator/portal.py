@@ -1,7 +1,7 @@
 """The Client Portal Web API v1 side of the gateway simulator (``shared/ib-facts.md`` §6).
 
 :class:`ClientPortal` is the API's behaviour; :class:`PortalServer` serves it over HTTP/1.1
-(starlette routes from :mod:`~ktrdr_pipeline.gateway.http_app`, uvicorn), TLS by default
+(starlette routes from :mod:`~ktrdr_pipeline.simulator.http_app`, uvicorn), TLS by default
 with a self-signed certificate for ``localhost``/``127.0.0.1`` generated at start; clients
 verify against :attr:`PortalServer.cert_path`. Malformed requests get a 4xx from the HTTP
 stack and the server keeps serving everyone else.
@@ -124,7 +124,7 @@ Compute = Callable[..., Awaitable[Any]]
 
 class ClientPortal:
     """The Client Portal Web API's behaviour: one method per endpoint, each returning the
-    JSON payload of its 200 answer or raising :class:`~ktrdr_pipeline.gateway.http_app.ApiError`.
+    JSON payload of its 200 answer or raising :class:`~ktrdr_pipeline.simulator.http_app.ApiError`.
 
     Attributes: ``session`` (the session id), ``last_tickle`` (``time.time()`` of the last
     tickle, None before the first) and ``tickles``.

@@ -10,7 +10,7 @@ import tracemalloc
 import pytest
 from ib_async import Stock
 
-from ktrdr_pipeline.gateway.protocol import MAX_FRAME_BYTES, encode
+from ktrdr_pipeline.simulator.protocol import MAX_FRAME_BYTES, encode
 
 from .conftest import RawClient, connect, wait_until
 

@@ -10,7 +10,7 @@ import pytest
 from ib_async import Contract, Forex, Stock
 
 from ktrdr_pipeline.domain import ib_rules
-from ktrdr_pipeline.gateway.server import GatewayThread
+from ktrdr_pipeline.simulator.server import GatewayThread
 
 from .conftest import MARKET_OPEN, ErrorLog, RawClient, connect, read_audit, wait_until
 
