@@ -20,7 +20,7 @@ from ktrdr_pipeline.simulator.options import monthly_expiries
 from ktrdr_pipeline.simulator.protocol import describe, format_bar_time, parse_contract
 from ktrdr_pipeline.simulator.universe import build_universe
 
-GATEWAY = Path(__file__).resolve().parents[1] / "ktrdr_pipeline" / "gateway"
+SIMULATOR = Path(__file__).resolve().parents[1] / "ktrdr_pipeline" / "simulator"
 NOW = datetime(2026, 11, 18, 15, 0, tzinfo=UTC)
 
 
@@ -39,8 +39,8 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
 
 
 def test_the_simulator_has_no_import_cycles():
-    modules = {p.stem for p in GATEWAY.glob("*.py")}
-    graph = {m: _imports(GATEWAY / f"{m}.py", modules) for m in modules}
+    modules = {p.stem for p in SIMULATOR.glob("*.py")}
+    graph = {m: _imports(SIMULATOR / f"{m}.py", modules) for m in modules}
     done: set[str] = set()
 
     def visit(m: str, path: list[str]) -> None:
