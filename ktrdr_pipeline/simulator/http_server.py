@@ -65,15 +65,22 @@ class HttpServer:
         return [self._socket]
 
     async def start(self) -> HttpServer:
-        """Serve until :meth:`stop`; returns once uvicorn accepts connections."""
+        """Serve until :meth:`stop`; returns once uvicorn accepts connections.
+
+        uvicorn's own steps (``startup``, ``main_loop`` for its once-a-second
+        housekeeping such as the Date header, ``shutdown``) are driven here rather than
+        through ``serve``, so that stopping does not wait for the main loop's next tick."""
+        server = self._server
+        if not server.config.loaded:
+            server.config.load()
+        server.lifespan = server.config.lifespan_class(server.config)
+        try:
+            await server.startup(sockets=[self._socket])
+        except BaseException:
+            self._socket.close()
+            raise
         self._task = asyncio.get_running_loop().create_task(
-            self._server.serve(sockets=[self._socket]), name=f"uvicorn-{self.name}")
-        while not self._server.started:
-            if self._task.done():
-                self._socket.close()
-                self._task.result()  # raises uvicorn's start-up error
-                raise RuntimeError(f"{self.name} server stopped during start-up")
-            await asyncio.sleep(0.005)
+            server.main_loop(), name=f"uvicorn-{self.name}")
         log.info("%s listening on %s://%s:%d", self.name, "https" if self.tls else "http",
                  self.host, self.port)
         return self
@@ -84,17 +91,20 @@ class HttpServer:
         if self._task is None:
             self._socket.close()
             return
-        self._server.should_exit = True
-        self._server.force_exit = True  # do not wait for idle keep-alive connections
+        server = self._server
+        server.should_exit = True
+        server.force_exit = True  # do not wait for idle keep-alive connections
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - a failed or slow shutdown must not stop ours
-            log.warning("%s server did not stop cleanly; cancelled", self.name, exc_info=True)
-            self._task.cancel()
-        finally:
-            for conn in list(self._server.server_state.connections):
+            for conn in list(server.server_state.connections):
                 transport = getattr(conn, "transport", None)
                 if transport is not None:
                     transport.abort()
+            await asyncio.wait_for(server.shutdown(sockets=[self._socket]), STOP_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a failed or slow shutdown must not stop ours
+            log.warning("%s server did not stop cleanly", self.name, exc_info=True)
+        finally:
             self._socket.close()
             self._task = None
