@@ -15,9 +15,9 @@ from ktrdr_pipeline.defs.greeks.schedules import build_schedule
 from ktrdr_pipeline.defs.greeks.ticks import GreeksSchedule
 from ktrdr_pipeline.greeks.bridges import PortalBridge, SocketBridge, make_bridge
 from ktrdr_pipeline.greeks.cli import add_greeks_parser, cmd_greeks
-from ktrdr_pipeline.greeks.config import GreeksConfig, parse_mode
+from ktrdr_pipeline.greeks.config import GreeksConfig
 from ktrdr_pipeline.greeks.store import GreeksStore
-from ktrdr_pipeline.settings import SettingsError
+from ktrdr_pipeline.settings import SettingsError, parse_mode
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -34,46 +34,33 @@ attaches that file read-only as ``greeks``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..settings import (
-    DEFAULT_GREEKS_CRON,
-    DEFAULT_GREEKS_TIMEZONE,
-    DEFAULT_PORTAL_URL,
-    GreeksSettings,
-    Settings,
-    SettingsError,
-)
-from ..settings import GREEKS_MODES as MODES
-from ..settings import parse_mode as parse_mode  # re-exported: validates IB_API_MODE
+from ..settings import GreeksSettings, Settings, SettingsError
+from ..store.catalog import GREEKS_FILE as GREEKS_DB_FILE  # the file `sql` attaches
 
-GREEKS_DB_FILE = "greeks.duckdb"  # the name store.catalog attaches (GREEKS_FILE)
 BUFFER_FILE = "greeks_buffer.jsonl"
-DEFAULT_CRON = DEFAULT_GREEKS_CRON
-DEFAULT_TIMEZONE = DEFAULT_GREEKS_TIMEZONE
-
-__all__ = ["BUFFER_FILE", "DEFAULT_CRON", "DEFAULT_PORTAL_URL", "DEFAULT_TIMEZONE",
-           "GREEKS_DB_FILE", "MODES", "GreeksConfig", "parse_mode"]
 
 
 @dataclass(frozen=True)
 class GreeksConfig:
-    """Everything the Greeks bridge needs; build it with :meth:`from_env`."""
+    """Everything the Greeks bridge needs; build it with :meth:`from_env` or
+    :meth:`from_settings` (the defaults live in :class:`~ktrdr_pipeline.settings.GreeksSettings`
+    only)."""
 
-    settings: Settings = dataclasses.field(default_factory=Settings)
-    mode: str = "SOCKET"
-    poll_interval: float = 5.0
-    buffer_path: Path = Path("./data") / BUFFER_FILE
-    flush_interval: float = 60.0
-    portal_url: str = DEFAULT_PORTAL_URL
-    portal_verify: bool | str = True
-    schedule_cron: tuple[str, ...] = tuple(DEFAULT_CRON.split(";"))
-    schedule_timezone: str = DEFAULT_TIMEZONE
-    run_overlap: float = 30.0
-    max_age: float = 120.0
+    settings: Settings
+    mode: str
+    poll_interval: float
+    buffer_path: Path
+    flush_interval: float
+    portal_url: str
+    portal_verify: bool | str
+    schedule_cron: tuple[str, ...]
+    schedule_timezone: str
+    run_overlap: float
+    max_age: float
 
     @property
     def data_dir(self) -> Path:
