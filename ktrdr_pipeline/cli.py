@@ -283,14 +283,25 @@ def cmd_symbols(args: argparse.Namespace) -> int:
     return 0 if all(o["ok"] for o in outcomes.values()) else 1
 
 
+def _timeframe(text: str) -> str:
+    """``--timeframe``: the canonical name (``1H`` -> ``1h``), or a usage error saying what
+    is allowed."""
+    from .domain.timeframes import get_timeframe
+
+    try:
+        return get_timeframe(text).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     from .domain.timeframes import TIMEFRAMES
 
     p = sub.add_parser("load", help="load bars for a symbol and timeframe (same code as the "
                                     "assets)")
     p.add_argument("symbol")
-    p.add_argument("--timeframe", required=True, choices=list(TIMEFRAMES), metavar="TF",
-                   help=f"one of {', '.join(TIMEFRAMES)}")
+    p.add_argument("--timeframe", required=True, type=_timeframe, metavar="TF",
+                   help=f"one of {', '.join(TIMEFRAMES)} (1H = 1h; 1M is refused: 1m or 1mo)")
     p.add_argument("--mode", choices=("tail", "backfill", "full"), default="tail")
     p.add_argument("--start", type=_date, help="first session date (YYYY-MM-DD, inclusive)")
     p.add_argument("--end", type=_date, help="last session date (YYYY-MM-DD, inclusive)")

@@ -37,8 +37,11 @@ def free_port() -> int:
 
 
 def port_free(port: int) -> bool:
-    """Whether ``port`` can be bound on 127.0.0.1."""
+    """Whether ``port`` can be bound on 127.0.0.1 by a server: with ``SO_REUSEADDR``, as
+    servers bind (uvicorn, dagster-webserver), so a port whose last connections are still
+    in TIME-WAIT after a quick restart counts as free and the UI keeps its address."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True

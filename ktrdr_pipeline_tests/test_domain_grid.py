@@ -76,3 +76,4 @@ def test_every_bar_start_is_on_the_grid_and_bars_tile_the_session(size, open_off
     inside = np.arange(session_open, session_close, 7, dtype=np.int64)
     labels = grid.bar_starts(inside, size, session_open, origin)
     assert np.isin(labels, starts).all()
+

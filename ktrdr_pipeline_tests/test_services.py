@@ -53,3 +53,24 @@ def test_graphql_wait_ready_gives_up_clearly() -> None:
         GraphQL(free_port()).wait_ready(5, alive=lambda: False)
     with pytest.raises(RuntimeError, match="not ready after 1 s"):
         GraphQL(free_port()).wait_ready(1)
+
+
+def test_a_port_in_time_wait_after_a_quick_restart_counts_as_free():
+    """A server that closed its connections first leaves them in TIME-WAIT; a new server
+    (binding with SO_REUSEADDR, as uvicorn and dagster-webserver do) can take the port at
+    once, so the UI keeps port 3000 across a quick restart of the demo."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the server side closes first: its end goes to TIME-WAIT
+        client.recv(1)
+        client.close()
+    with socket.socket() as plain:  # what the old probe did: refused while TIME-WAIT lasts
+        try:
+            plain.bind(("127.0.0.1", port))
+            in_time_wait = False
+        except OSError:
+            in_time_wait = True
+    assert in_time_wait, "the test did not produce a TIME-WAIT socket"
+    assert port_free(port)

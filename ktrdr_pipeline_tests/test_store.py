@@ -915,8 +915,10 @@ def test_format_table() -> None:
 
 def test_format_csv() -> None:
     text = cat.format_result(ROWS, COLUMNS, "csv")
-    assert text.startswith("symbol,ts,close,volume,bar_count,note,day,flag\r\n")
-    assert text.count("\r\n") == 3  # header and two rows; the quoted field keeps its "\n"
+    # "\n" line ends (no CR: shell pipelines see clean lines)
+    assert text.startswith("symbol,ts,close,volume,bar_count,note,day,flag\n")
+    assert "\r" not in text and text.endswith("\n")
+    assert text.count("\n") == 4  # header and two rows, plus the quoted field's own "\n"
     parsed = list(csv.reader(io.StringIO(text, newline="")))
     assert parsed[0] == COLUMNS
     assert parsed[1] == ["AAPL", "2024-03-04T14:30:00+00:00", "187.5", "NaN", "12", "",

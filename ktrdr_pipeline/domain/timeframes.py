@@ -109,7 +109,19 @@ TIMEFRAMES: dict[str, Timeframe] = {tf.name: tf for tf in _ALL}
 
 
 def get_timeframe(name: str) -> Timeframe:
-    try:
-        return TIMEFRAMES[name.strip()]
-    except KeyError:
-        raise ValueError(f"unknown timeframe {name!r}; allowed: {', '.join(TIMEFRAMES)}") from None
+    """The timeframe ``name`` names, case-insensitively where that is unambiguous: ``1H`` is
+    ``1h`` and ``1D`` is ``1d``, but a capital ``M`` alone (``1M``, ``5M``) is refused,
+    since it reads as minutes to some and as months to others (``1m`` is one minute,
+    ``1mo`` one month)."""
+    text = name.strip()
+    found = TIMEFRAMES.get(text)
+    if found is not None:
+        return found
+    if text[:-1].isdigit() and text.endswith("M"):
+        raise ValueError(f"ambiguous timeframe {name!r}: write {text[:-1]}m for minutes or "
+                         f"{text[:-1]}mo for months; allowed: {', '.join(TIMEFRAMES)}")
+    found = TIMEFRAMES.get(text.lower())
+    if found is None:
+        raise ValueError(f"unknown timeframe {name!r}; allowed: {', '.join(TIMEFRAMES)} "
+                         "(case-insensitive but for a capital M)")
+    return found

@@ -541,11 +541,12 @@ def _is_number(value: Any) -> bool:
 
 
 def format_result(rows: Sequence[Sequence[Any]], columns: Sequence[str], fmt: str) -> str:
-    """Rows as ``table`` (aligned text like psql), ``csv`` (RFC 4180 with a header, CRLF
-    line ends) or ``json`` (an array of objects; ISO 8601 times, NaN as null)."""
+    """Rows as ``table`` (aligned text like psql), ``csv`` (RFC 4180 quoting with a header,
+    ``\\n`` line ends so that shell pipelines see clean lines) or ``json`` (an array of
+    objects; ISO 8601 times, NaN as null)."""
     if fmt == "csv":
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
+        writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
         writer.writerow(columns)
         for row in rows:
             writer.writerow([_text(v) for v in row])
