@@ -218,7 +218,7 @@ def test_unknown_and_ambiguous_contracts_are_200(gateway, ib):
 
 def test_bid_ask_head_timestamps_weigh_two_as_for_the_governor(audit_path):
     """IB counts BID_ASK twice in every pacing rule, head timestamps included
-    (``shared/ib-facts.md`` §1): two BID_ASK head timestamps (weight 4) and a BID_ASK
+    (``docs/ib-facts.md`` §1): two BID_ASK head timestamps (weight 4) and a BID_ASK
     5-second request (2) for one contract exceed the 5 allowed in 2 s. The keys come from
     ``domain.pacing``, the one builder the governor uses too. Windows are stretched 10×
     so that a busy machine cannot let the first requests age out of the window."""

@@ -1,7 +1,7 @@
 """IB's rules in one place: bar sizes, request durations, pacing limits, error codes.
 
 Both the client side (planner, pacing governor, fetcher) and the gateway simulator read
-these facts from here, so the two can never disagree. Source: ``shared/ib-facts.md``.
+these facts from here, so the two can never disagree. Source: ``docs/ib-facts.md``.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def is_daily_or_larger(bar_size: str) -> bool:
 #: The whatToShow value that counts twice in the pacing rules.
 BID_ASK = "BID_ASK"
 
-#: Every whatToShow value this project requests (``shared/ib-facts.md`` §2).
+#: Every whatToShow value this project requests (``docs/ib-facts.md`` §2).
 WHAT_TO_SHOW: tuple[str, ...] = (
     "TRADES",
     "MIDPOINT",

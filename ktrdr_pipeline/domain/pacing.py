@@ -1,4 +1,4 @@
-"""Pure evaluation of IB's hard pacing rules (``shared/ib-facts.md`` §1).
+"""Pure evaluation of IB's hard pacing rules (``docs/ib-facts.md`` §1).
 
 One implementation serves both sides: the gateway simulator asks :meth:`PacingWindow.violation`
 to decide whether to answer 162, and the client's governor asks
@@ -35,7 +35,7 @@ class PacedRequest:
 
 
 def _weight(what_to_show: str) -> int:
-    """BID_ASK counts twice in every pacing rule (``shared/ib-facts.md`` §1)."""
+    """BID_ASK counts twice in every pacing rule (``docs/ib-facts.md`` §1)."""
     return PacingLimits.bid_ask_weight if what_to_show.upper() == BID_ASK else 1
 
 
@@ -72,7 +72,7 @@ def head_timestamp_pacing_key(
     contract_key: str, exchange: str, what_to_show: str, use_rth: bool
 ) -> PacedRequest:
     """The pacing key of a ``reqHeadTimeStamp``: IB paces it like a small-bar request
-    (``shared/ib-facts.md`` §1), BID_ASK counting twice as for bars."""
+    (``docs/ib-facts.md`` §1), BID_ASK counting twice as for bars."""
     identity = "|".join(
         ("head", contract_key, exchange.upper(), what_to_show.upper(), str(int(use_rth)))
     )

@@ -8,7 +8,7 @@ ranges, sharing requests between nearby ones. :func:`trading_intervals` gives th
 time a plan must cover (gap analysis works on the bar grid:
 :mod:`ktrdr_pipeline.domain.gaps`).
 
-Semantics of one IB request (``shared/ib-facts.md`` §2): it returns the bars whose start
+Semantics of one IB request (``docs/ib-facts.md`` §2): it returns the bars whose start
 ``t`` satisfies ``end - span <= t < end``, where ``span`` is the duration's wall-clock
 length (``ib_rules.DURATION_UNIT_SECONDS``). Bar timestamps are whole seconds, so all the
 arithmetic here is done in integer epoch seconds; a bound with a fractional second is

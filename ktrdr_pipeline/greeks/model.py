@@ -38,7 +38,7 @@ def clean_number(value: Any, sentinels: tuple[float, ...] = ()) -> float | None:
 
 def clean_greek(value: Any) -> float | None:
     """A model Greek from IB: -2 means "not computed". ib_async maps it to None for
-    delta and gamma but leaves vega and theta at -2.0 (``shared/ib-facts.md`` §5)."""
+    delta and gamma but leaves vega and theta at -2.0 (``docs/ib-facts.md`` §5)."""
     return clean_number(value, (-2.0,))
 
 

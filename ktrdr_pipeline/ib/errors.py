@@ -25,7 +25,7 @@ class ErrorKind(Enum):
 
 
 def classify(code: int, message: str) -> ErrorKind:
-    """What an IB error answer means for a loader (``shared/ib-facts.md`` §3)."""
+    """What an IB error answer means for a loader (``docs/ib-facts.md`` §3)."""
     text = message.lower()
     if code == ib_rules.ERR_HMDS:
         if "pacing violation" in text:

@@ -1,4 +1,4 @@
-"""The Client Portal Web API v1 side of the gateway simulator (``shared/ib-facts.md`` §6).
+"""The Client Portal Web API v1 side of the gateway simulator (``docs/ib-facts.md`` §6).
 
 :class:`ClientPortal` is the API's behaviour; :class:`PortalServer` serves it over HTTP/1.1
 (starlette routes from :mod:`~ktrdr_pipeline.simulator.http_app`, uvicorn), TLS by default

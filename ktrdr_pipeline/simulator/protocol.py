@@ -1,4 +1,4 @@
-"""TWS socket protocol encoding (``shared/ib-facts.md`` §7).
+"""TWS socket protocol encoding (``docs/ib-facts.md`` §7).
 
 After the client's ``API\\0`` greeting every message is a 4-byte big-endian length followed
 by NUL-terminated UTF-8 fields. Besides the framing: the contract fields of requests, and
