@@ -353,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("ib_async").setLevel(logging.CRITICAL)  # ours say it better
+        # the Dagster instance's storage migrations (symbols, the demo): routine, not news
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         load_env_file()
         Settings.from_env()

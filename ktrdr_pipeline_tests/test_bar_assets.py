@@ -344,7 +344,7 @@ def test_the_checks_read_a_partition_once_for_all_four(env, monkeypatch):
     from ktrdr_pipeline.defs.bars.jobs import build_bar_job
 
     job = dg.Definitions(assets=[build_bar_asset(tf)], asset_checks=build_checks(tf),
-                         jobs=[build_bar_job(tf)], resources=resources).get_job_def("bars_1d_job")
+                         jobs=[build_bar_job(tf)], resources=resources).resolve_job_def("bars_1d_job")
     fresh_only = job.get_subset(asset_selection=set(), asset_check_selection={
         dg.AssetCheckKey(dg.AssetKey("bars_1d"), "fresh")})
     result = fresh_only.execute_in_process(

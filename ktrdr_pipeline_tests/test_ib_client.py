@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_unreachable_gateway_retries_then_names_host_and_port():
     assert slept == [0.5, 1.0]  # 3 attempts, exponential backoff between them
 
 
-def test_client_id_in_use_moves_to_the_next(gateway):
+def test_client_id_in_use_moves_to_the_next(gateway, caplog):
     squatter = IB()
     squatter.connect("127.0.0.1", gateway.port, clientId=1)
     try:
@@ -86,9 +87,15 @@ def test_client_id_in_use_moves_to_the_next(gateway):
             status = conn.status()
             await conn.disconnect()
             return status
-        status = run(go())
+        with caplog.at_level(logging.DEBUG):
+            status = run(go())
         assert status["client_id"] == 2 and status["connected"] is True
         assert status["accounts"] == ["DU0000001"] and status["server_version"] == 178
+        # handled, so nothing in the log reads like a failure: ib_async's 326 error and its
+        # cancelled connect are dropped, ours says what happened at INFO
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        assert any("client id 1 is in use by another session" in r.getMessage()
+                   for r in caplog.records)
     finally:
         squatter.disconnect()
 

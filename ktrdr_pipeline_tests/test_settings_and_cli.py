@@ -231,3 +231,15 @@ def test_only_the_settings_module_reads_the_environment():
         if path.name != "settings.py" or path.parent != package
         if any(word in path.read_text() for word in ("os.environ", "getenv", "environ[")))
     assert readers == []
+
+
+def test_a_fresh_dagster_home_is_set_up_without_noise(tmp_path):
+    """Creating the Dagster instance's storage (the first `symbols` command, the demo) runs
+    its migrations quietly: nothing a user would read as news or as a failure."""
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster"),
+           "KTRDR_DATA_DIR": str(tmp_path / "data")}
+    (tmp_path / "dagster").mkdir()
+    out = subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "symbols", "list"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "alembic" not in out.stderr and "Warning" not in out.stderr, out.stderr

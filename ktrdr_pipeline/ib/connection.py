@@ -45,6 +45,30 @@ class ConnectionStatus:
         }
 
 
+class HandledConnectionNoise(logging.Filter):
+    """Drops ib_async's ERROR records about what :class:`IBConnection` handles and reports
+    in its own words: a client id in use (326: the next id of the span is tried, which is
+    routine when runs overlap) and the cancelled connect that follows it. Without it a
+    Dagster run's log reads like a crash when nothing failed."""
+
+    _IN_USE = f"Error {ib_rules.ERR_CLIENT_ID_IN_USE},"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self._IN_USE)
+                    or message.startswith("API connection failed: CancelledError"))
+
+
+_NOISE_FILTER = HandledConnectionNoise()
+
+
+def _quiet_handled_connection_errors() -> None:
+    for name in ("ib_async.wrapper", "ib_async.client"):
+        logger = logging.getLogger(name)
+        if _NOISE_FILTER not in logger.filters:
+            logger.addFilter(_NOISE_FILTER)
+
+
 class IBConnection:
     """Owns one ``ib_async.IB`` client and keeps it connected."""
 
@@ -73,6 +97,7 @@ class IBConnection:
         self.reset_window = reset_window or ResetWindow()
         self.clock = clock
         self.sleep = sleep
+        _quiet_handled_connection_errors()
         self.ib = IB()
         self.ib.RaiseRequestErrors = True
         self.status_info = ConnectionStatus(host, port)
@@ -137,7 +162,8 @@ class IBConnection:
                 last_exc = exc
                 self.ib.disconnect()
                 if in_use.is_set() or "already in use" in str(exc):
-                    log.warning("client id %d is in use; trying the next one", client_id)
+                    log.info("client id %d is in use by another session; trying the next "
+                             "one", client_id)
                     k += 1
                     if k >= len(ids):
                         raise GatewayUnreachable(
