@@ -127,6 +127,8 @@ def test_a_run_without_config_takes_one_snapshot_and_a_bad_mode_fails_it(
         meta = {k: v.value for k, v in
                 result.asset_materializations_for_node(ASSET_NAME)[0].metadata.items()}
         assert meta["snapshots"] == 1 and meta["portfolio_positions"] == 8
+        # the one snapshot is the run's one tick: its metadata says when it was taken
+        assert meta["ticks"] == 1 and meta["first_tick"] == meta["last_tick"] != ""
         monkeypatch.setenv("IB_API_MODE", "FIX")
         result = dg.materialize([portfolio_greeks], resources={"ktrdr": KtrdrSettings()},
                                 instance=dagster_instance, raise_on_error=False)

@@ -87,6 +87,12 @@ class RunStats:
     def snapshots(self) -> int:
         return self.written + self.buffered
 
+    def count_tick(self, tick: datetime) -> None:
+        """A tick the run tried to take (taken, failed or taken by another process)."""
+        self.ticks += 1
+        self.first_tick = self.first_tick or tick
+        self.last_tick = tick
+
     @property
     def max_drift_s(self) -> float:
         return max(self.drifts, default=0.0)
@@ -169,8 +175,12 @@ class SnapshotRunner:
         return snap
 
     async def once(self, stats: RunStats | None = None) -> Snapshot | None:
-        """One snapshot now (its tick time is now, off the grid); no claim."""
-        return await self.take(self.clock(), stats if stats is not None else RunStats())
+        """One snapshot now (its tick time is now, off the grid); no claim. It counts as
+        the run's one tick in ``stats``."""
+        stats = stats if stats is not None else RunStats()
+        tick_ts = self.clock()
+        stats.count_tick(datetime.fromtimestamp(tick_ts, UTC))
+        return await self.take(tick_ts, stats)
 
     async def run(self, until: datetime | None = None,
                   stop: asyncio.Event | None = None) -> RunStats:
@@ -191,10 +201,7 @@ class SnapshotRunner:
                             now - tick)
                 tick = following
                 continue
-            stats.ticks += 1
-            when = datetime.fromtimestamp(tick, UTC)
-            stats.first_tick = stats.first_tick or when
-            stats.last_tick = when
+            stats.count_tick(datetime.fromtimestamp(tick, UTC))
             if not self.bridge.available:
                 stats.failed += 1
             elif self.claims is not None and not self.claims.claim(tick):
