@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -229,10 +229,14 @@ def _run_data_command(coro_fn) -> object:
 def cmd_load(args: argparse.Namespace) -> int:
     from . import commands
 
-    progress = _Progress(not args.json, Settings.from_env().progress_bar)
+    settings = Settings.from_env()
+    progress = _Progress(not args.json, settings.progress_bar)
+    loaded: list = []
     summary = _run_data_command(lambda ctx: commands.load(
-        ctx, args.symbol, args.timeframe, args.mode, args.start, args.end, progress))
+        ctx, args.symbol, args.timeframe, args.mode, args.start, args.end, progress,
+        on_partition=loaded.append))
     progress.close()
+    _report(settings, "the loaded partitions", lambda: _bar_materializations(loaded))
     data = commands.summary_dict(summary)
     if args.json:
         print(json.dumps(data))
@@ -242,6 +246,33 @@ def cmd_load(args: argparse.Namespace) -> int:
               f"{data['gaps_analyzed']} gap(s), {data['ib_requests_made']} IB request(s), "
               f"{data['fetched_bars']} bars fetched, {data['bars_written']} bars written")
     return 0
+
+
+def _bar_materializations(results: list) -> list:
+    from .defs.bars.report import load_materializations
+
+    return load_materializations(results)
+
+
+def _report(settings: Settings, what: str, events: Callable[[], list]) -> None:
+    """Tell the Dagster instance at ``DAGSTER_HOME`` (when set) about work done here; the
+    data is stored either way, so a failure to report is a warning, not an error."""
+    if settings.dagster_home is None:
+        return
+    from .defs.instance import report_materializations
+
+    try:
+        report_materializations(settings, events())
+    except Exception as exc:  # noqa: BLE001 - the data is written; only the UI lags
+        log.warning("%s are stored but could not be reported to the Dagster instance at "
+                    "%s: %s", what, settings.dagster_home, exc)
+
+
+def _report_greeks(config, stats, snap) -> None:
+    from .defs.greeks.assets import greeks_materialization
+
+    _report(config.settings, "the Greeks snapshots",
+            lambda: [greeks_materialization(config, stats, snap)] if stats.ticks else [])
 
 
 def cmd_ranges(args: argparse.Namespace) -> int:
@@ -339,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     from .greeks.cli import add_greeks_parser
 
-    add_greeks_parser(sub)
+    add_greeks_parser(sub, report=_report_greeks)
     return parser
 
 

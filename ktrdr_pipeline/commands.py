@@ -13,7 +13,14 @@ from zoneinfo import ZoneInfo
 from .domain import calendars
 from .domain.symbols import parse_symbol
 from .domain.timeframes import TIMEFRAMES, Timeframe, get_timeframe
-from .loader import LoadError, LoadSummary, PipelineContext, default_use_rth, load_partition
+from .loader import (
+    LoadError,
+    LoadSummary,
+    PartitionResult,
+    PipelineContext,
+    default_use_rth,
+    load_partition,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,12 +45,14 @@ def session_window(tf: Timeframe, profile: calendars.HoursProfile, first: date, 
 
 async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "tail",
                start: date | None = None, end: date | None = None,
-               progress: Callable[[str, int, int], None] | None = None) -> LoadSummary:
+               progress: Callable[[str, int, int], None] | None = None,
+               on_partition: Callable[[PartitionResult], None] | None = None) -> LoadSummary:
     """``ktrdr-pipeline load``: the asset code path over a range of session dates.
 
     tail: from the last stored bar to now; backfill: from the head timestamp (or
     ``start``) to the first stored bar; full: re-fetch every bar from ``start`` (or the head)
-    to ``end``. With nothing stored, tail and backfill both initialise the whole range."""
+    to ``end``. With nothing stored, tail and backfill both initialise the whole range.
+    ``on_partition`` receives each partition's result as it is done."""
     if mode not in LOAD_MODES:
         raise LoadError(f"unknown mode {mode!r}; allowed: {', '.join(LOAD_MODES)}")
     tf = get_timeframe(timeframe)
@@ -97,6 +106,8 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
         summary.segments_fetched += result.segments_fetched
         summary.ib_requests_made += result.ib_requests_made
         summary.bars_written += result.bars_written
+        if on_partition is not None:
+            on_partition(result)
         if progress is not None:
             progress(period, k + 1, len(periods))
     return summary

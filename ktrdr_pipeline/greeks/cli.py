@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from ..settings import SettingsError
@@ -17,7 +18,13 @@ from ..settings import SettingsError
 log = logging.getLogger(__name__)
 
 
-def add_greeks_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+#: Called with (config, stats, last snapshot) when a run ends (the CLI reports the run to
+#: the Dagster instance with it; this package does not know Dagster).
+RunReport = Callable[[Any, Any, Any], None]
+
+
+def add_greeks_parser(sub: argparse._SubParsersAction,
+                      report: RunReport | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "greeks", help="portfolio Greeks snapshots into KTRDR_DATA_DIR/greeks.duckdb",
         description="Record the portfolio's option Greeks (IB_API_MODE=SOCKET or PORTAL) "
@@ -32,7 +39,7 @@ def add_greeks_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "as JSON and exit.")
     run.add_argument("--once", action="store_true",
                      help="take one snapshot now, print it as JSON and exit")
-    run.set_defaults(func=cmd_greeks)
+    run.set_defaults(func=cmd_greeks, report=report)
     return p
 
 
@@ -56,6 +63,9 @@ async def _run(args: argparse.Namespace) -> int:
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not main thread
             pass
     stats, snap = await run_snapshots(config, once=args.once, stop=stop)
+    report = getattr(args, "report", None)
+    if report is not None:
+        report(config, stats, snap)
     if args.once and snap is not None:
         print(_json_rows(snap.rows()))
     return 0

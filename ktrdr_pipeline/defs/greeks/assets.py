@@ -18,7 +18,8 @@ import dagster as dg
 
 from ...greeks.config import GreeksConfig
 from ...greeks.health import Freshness, check_freshness
-from ...greeks.runner import run_snapshots
+from ...greeks.model import Snapshot
+from ...greeks.runner import RunStats, run_snapshots
 from ...settings import parse_utc_time
 from ..resources import KtrdrSettings
 from .ticks import GreeksSchedule
@@ -63,14 +64,29 @@ def portfolio_greeks(context: dg.AssetExecutionContext, config: GreeksRunConfig,
     if until is not None and stats.ticks and not stats.snapshots and not stats.taken_elsewhere:
         raise dg.Failure(f"no snapshot in {stats.ticks} tick(s): IB unreachable "
                          f"({cfg.mode}); see api_logs", metadata=_meta(stats.as_dict()))
+    meta = run_metadata(cfg, stats, snap)
+    if config.scheduled:
+        meta["scheduled"] = config.scheduled
+    return dg.MaterializeResult(metadata=meta)
+
+
+def run_metadata(cfg: GreeksConfig, stats: RunStats,
+                 snap: Snapshot | None) -> dict[str, object]:
+    """What a run of the bridge records on ``portfolio_greeks``: its statistics, mode and
+    database, and the portfolio row of its last snapshot."""
     meta: dict[str, object] = {**stats.as_dict(), "mode": cfg.mode,
                                "database": str(cfg.db_path)}
     if snap is not None:
         meta.update({f"portfolio_{k}": v for k, v in snap.summary().items()
                      if k != "snapshot_id"})
-    if config.scheduled:
-        meta["scheduled"] = config.scheduled
-    return dg.MaterializeResult(metadata=_meta(meta))
+    return _meta(meta)
+
+
+def greeks_materialization(cfg: GreeksConfig, stats: RunStats,
+                           snap: Snapshot | None) -> dg.AssetMaterialization:
+    """A run of ``ktrdr-pipeline greeks run`` as a materialization of ``portfolio_greeks``."""
+    return dg.AssetMaterialization(asset_key=ASSET_NAME, metadata=run_metadata(cfg, stats, snap),
+                                   description="snapshots taken by ktrdr-pipeline greeks run")
 
 
 @dg.asset_check(asset=portfolio_greeks, name="portfolio_greeks_fresh",
