@@ -6,9 +6,12 @@ import asyncio
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,6 +20,7 @@ from ib_async import IB, Contract
 from ktrdr_pipeline.domain import calendars, ib_rules
 from ktrdr_pipeline.domain.bars import BAR_COLUMNS
 from ktrdr_pipeline.domain.ib_rules import PacingLimits
+from ktrdr_pipeline.domain.pacing import head_timestamp_pacing_key
 from ktrdr_pipeline.domain.planning import HistoricalRequest, plan_requests
 from ktrdr_pipeline.domain.symbols import SymbolError, parse_symbol
 from ktrdr_pipeline.ib.connection import IBConnection, ResetWindow
@@ -385,3 +389,100 @@ def test_status_command(gateway):
                           timeout=60)
     assert down.returncode == 1
     assert "127.0.0.1:1" in down.stderr
+
+
+# -- pacing violations back off for every bar size, head timestamps included (issue 14) --
+
+def test_pacing_violations_for_one_minute_bars_wait_as_the_log_says(gateway, audit_path,
+                                                                   caplog):
+    """IB's 162 for bars of 1 min and larger (its soft throttle, or another tool on the
+    account) holds those requests back in every process for the logged penalty, doubling;
+    the simulator's audit log shows the client waiting at least that long each time."""
+    gateway.inject("pacing", 3)
+
+    async def go():
+        conn = await _connected(gateway)
+        gov = PacingGovernor(MemoryPacingLedger(), PacingLimits(time_scale=0.01))
+        try:
+            return await HistoricalFetcher(conn, gov, backoff_s=0.05).fetch(_aapl(),
+                                                                           _plan(days=1))
+        finally:
+            await conn.disconnect()
+
+    with caplog.at_level(logging.INFO, logger="ktrdr_pipeline"):
+        result = run(go())
+    assert len(result.frame) == 390 and result.pacing_violations == 3
+    backoffs = [float(m) for m in re.findall(r"backing off ([\d.]+) s", caplog.text)]
+    assert backoffs == [0.15, 0.3, 0.6]  # 15 s scaled by 0.01, doubling
+    audit = [e for e in read_audit(audit_path) if e["message"] == "reqHistoricalData"
+             and e["outcome"] == "request"]
+    sent = [e["mono"] for e in audit]
+    assert len(sent) == 4
+    waited = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    assert all(w >= b for w, b in zip(waited, backoffs, strict=True)), (waited, backoffs)
+
+
+def test_a_penalty_bound_wait_is_announced_at_info_with_its_end(caplog):
+    """A wait of more than a few seconds says why and until when, at INFO, before it
+    starts (a user never stares at a silent process)."""
+    ledger = MemoryPacingLedger()
+    gov = PacingGovernor(ledger, PacingLimits())
+    until = ledger.penalize(600.0)
+
+    async def go():
+        waiter = asyncio.ensure_future(gov.slot(head_timestamp_pacing_key("265598", "SMART", "TRADES", True)).__aenter__())
+        deadline = time.monotonic() + 30
+        while not any("waiting" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the wait was never announced"
+            assert not waiter.done(), "the penalty did not hold the request back"
+            await asyncio.sleep(0.01)
+        waiter.cancel()
+
+    with caplog.at_level(logging.INFO, logger="ktrdr_pipeline.ib.governor"):
+        run(go())
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("waiting")]
+    assert record.levelno == logging.INFO
+    end = datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds")
+    assert end in record.getMessage() and "pacing violation" in record.getMessage()
+
+
+def test_a_head_timestamp_pacing_violation_is_retried(audit_path, tmp_path):
+    """Two data directories (two ledgers, as with any other tool on the account) ask for
+    the same head timestamp within IB's 15 s: the second is answered 162 pacing violation,
+    backs off and succeeds."""
+    with GatewayThread(clock=MARKET_OPEN, latency="none", audit_log=audit_path,
+                       pacing_time_scale=0.02) as gw:
+        async def head(data_dir: Path, client_id: int) -> datetime:
+            conn = await _connected(gw, client_id)
+            gov = PacingGovernor(MemoryPacingLedger(), PacingLimits(time_scale=0.02))
+            try:
+                contract = await ContractResolver(conn, data_dir).resolve("MSFT")
+                return await HeadTimestamps(conn, gov, data_dir).get(contract)
+            finally:
+                await conn.disconnect()
+
+        first = run(head(tmp_path / "a", 21))
+        second = run(head(tmp_path / "b", 22))
+    assert first == second
+    answers = [e["outcome"] for e in read_audit(audit_path)
+               if e.get("message") in ("headTimestamp", "pacing")]
+    assert answers.count("violation") >= 1 and answers.count("ok") == 2
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_penalties_hold_back_their_own_kind_of_request(kind, tmp_path):
+    """A violation for large bars holds back large bars only; one for paced requests
+    (small bars, head timestamps) holds those only: neither stalls the other."""
+    from ktrdr_pipeline.ib.ledger import PENALTY, SlotPolicy, SqlitePacingLedger
+
+    ledger = (MemoryPacingLedger() if kind == "memory"
+              else SqlitePacingLedger(tmp_path / "pacing.sqlite"))
+    policy = SlotPolicy(PacingLimits())
+    paced = head_timestamp_pacing_key("265598", "SMART", "TRADES", True)
+    assert ledger.penalize(30.0, large=True, now=100.0) == 130.0
+    held = ledger.try_reserve(None, policy, large=True, now=110.0)
+    assert (held.reason, held.wait) == (PENALTY, 20.0)
+    assert ledger.try_reserve(paced, policy, now=110.0).granted
+    assert ledger.penalize(5.0, now=110.0) == 115.0
+    assert ledger.try_reserve(paced, policy, now=112.0).reason == PENALTY
+    assert ledger.try_reserve(None, policy, large=True, now=131.0).granted

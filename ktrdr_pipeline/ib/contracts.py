@@ -178,10 +178,12 @@ class HeadTimestamps:
     """Earliest available data per contract, whatToShow and useRTH (cached, paced)."""
 
     def __init__(self, connection: IBConnection, governor: PacingGovernor, data_dir: Path, *,
-                 timeout_s: float = 30.0, ttl_s: float = 7 * 86400):
+                 timeout_s: float = 30.0, ttl_s: float = 7 * 86400,
+                 max_pacing_retries: int = 5):
         self.conn = connection
         self.governor = governor
         self.timeout_s = timeout_s
+        self.max_pacing_retries = max_pacing_retries
         self.cache = JsonCache(data_dir / "cache" / "head_timestamps.json", ttl_s)
 
     async def get(self, contract: ResolvedContract, what_to_show: str | None = None,
@@ -191,6 +193,29 @@ class HeadTimestamps:
         cached = self.cache.get(key)
         if cached is not None:
             return datetime.fromisoformat(cached)
+        pacing = 0
+        while True:
+            try:
+                value = await self._request(contract, what, use_rth)
+                break
+            except IBError as exc:
+                # another tool on the account (TWS itself, a second data directory) can
+                # cause it: hold back and retry through the governor, as for bars
+                if exc.kind is not ErrorKind.PACING or pacing >= self.max_pacing_retries:
+                    raise
+                pacing += 1
+                wait = self.governor.report_violation()
+                log.warning("pacing violation for the head timestamp of %s; backing off "
+                            "%.3g s and retrying", contract.key, wait)
+        if not isinstance(value, datetime):
+            raise IBError(f"no head timestamp for {contract.key}: IB answered {value!r}",
+                          kind=ErrorKind.NO_DATA)
+        value = value if value.tzinfo else value.replace(tzinfo=UTC)
+        self.cache.put(key, value.astimezone(UTC).isoformat())
+        return value.astimezone(UTC)
+
+    async def _request(self, contract: ResolvedContract, what: str, use_rth: bool) -> object:
+        """One reqHeadTimeStamp through the governor; IB's error answers as IBError."""
         ib = await self.conn.ensure_connected()
         paced = head_timestamp_pacing_key(str(contract.con_id), contract.exchange, what, use_rth)
         async with self.governor.slot(paced, small=True):
@@ -207,9 +232,4 @@ class HeadTimestamps:
                     raise IBError.from_answer(code, getattr(exc, "message", str(exc)),
                                               f"head timestamp of {contract.key}") from None
                 raise
-        if not isinstance(value, datetime):
-            raise IBError(f"no head timestamp for {contract.key}: IB answered {value!r}",
-                          kind=ErrorKind.NO_DATA)
-        value = value if value.tzinfo else value.replace(tzinfo=UTC)
-        self.cache.put(key, value.astimezone(UTC).isoformat())
-        return value.astimezone(UTC)
+        return value

@@ -148,10 +148,11 @@ class HistoricalFetcher:
                     pacing += 1
                     result.pacing_violations += 1
                     result.retries += 1
-                    wait = self.governor.report_violation()
+                    wait = self.governor.report_violation(
+                        large=not ib_rules.is_small_bar(req.bar_size))
                     if pacing > self.max_pacing_retries:
                         raise
-                    log.warning("pacing violation for %s; backing off %.1fs and retrying",
+                    log.warning("pacing violation for %s; backing off %.3g s and retrying",
                                 _describe(contract, req), wait)
                     continue
                 if not exc.retryable:

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 from ..domain.ib_rules import MAX_OPEN_HISTORICAL_REQUESTS, PacingLimits
 from ..domain.pacing import PacedRequest
@@ -33,15 +34,35 @@ from .ledger import (
     CONTRACT,
     DEFAULT_LEASE_TTL,
     DEFAULT_MAX_OPEN_LARGE,
+    GLOBAL,
     IDENTICAL,
     OPEN,
     OPEN_LARGE,
+    PENALTY,
     PacingLedger,
     Reservation,
     SlotPolicy,
 )
 
 log = logging.getLogger(__name__)
+
+#: Waits this long or longer are announced at INFO with their reason and end time.
+LONG_WAIT_S = 3.0
+#: What a wait for each ledger reason means, in a user's words.
+WAIT_REASONS = {
+    PENALTY: "IB reported a pacing violation; requests of that kind are held back in "
+             "every process on this machine",
+    IDENTICAL: "IB allows no identical historical request within 15 s",
+    CONTRACT: "IB allows fewer than 6 requests per contract and data type within 2 s",
+    GLOBAL: "IB allows at most 60 small-bar and head-timestamp requests in 10 minutes",
+    OPEN: "IB allows at most 50 historical requests open at once",
+    OPEN_LARGE: "the configured maximum of open requests for bars of 1 min and larger "
+                "(KTRDR_MAX_CONCURRENT_LARGE) is reached",
+}
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
 
 class PacingGovernor:
     """Admits historical requests no faster than IB's pacing rules allow, across processes.
@@ -130,11 +151,14 @@ class PacingGovernor:
             if renewer is not None:
                 renewer.cancel()
             self._release(token)
-            if ok and request_key is not None and self._violations == seen_violations:
+            if ok and self._violations == seen_violations:
                 self.report_success()
 
-    def report_violation(self) -> float:
-        """IB answered 162 pacing violation: hold back all paced requests (every process).
+    def report_violation(self, *, large: bool = False) -> float:
+        """IB answered 162 pacing violation: hold back the requests of its kind in every
+        process — the paced ones (small bars, head timestamps), or with ``large`` those for
+        bars of 1 min and larger (IB's soft throttle) — and the caller retries through
+        :meth:`slot`, which waits the penalty out.
 
         The penalty starts at ``backoff_initial``, doubles on each further violation up to
         ``backoff_max`` and goes back to the start after a success. Returns the penalty.
@@ -144,12 +168,10 @@ class PacingGovernor:
             self._backoff = self.backoff_initial
         else:
             self._backoff = min(self._backoff * 2, self.backoff_max)
-        until = self.ledger.penalize(self._backoff)
+        until = self.ledger.penalize(self._backoff, large=large)
         log.warning(
-            "IB reported a pacing violation: holding paced requests for %.3g s (until %.3f)",
-            self._backoff,
-            until,
-        )
+            "IB reported a pacing violation: holding %s requests for %.3g s (until %s)",
+            "large-bar" if large else "paced", self._backoff, _utc(until))
         return self._backoff
 
     def report_success(self) -> None:
@@ -169,8 +191,20 @@ class PacingGovernor:
 
     # -- internals --
 
+    def _announce(self, res: Reservation, announced: str) -> str:
+        """Log a wait of :data:`LONG_WAIT_S` or more at INFO, once per reason and end: a
+        user sees why nothing happens, and until when."""
+        until = res.at + res.wait
+        key = f"{res.reason}@{round(until)}"
+        if res.wait >= LONG_WAIT_S and key != announced:
+            log.info("waiting %.0f s, until %s: %s", res.wait, _utc(until),
+                     WAIT_REASONS.get(res.reason, res.reason))
+            return key
+        return announced
+
     async def _acquire(self, request: PacedRequest | None, large: bool) -> Reservation:
         gate_key: str | None = None
+        announced = ""
         try:
             while True:
                 res = self.ledger.try_reserve(request, self.policy, large=large)
@@ -187,6 +221,7 @@ class PacingGovernor:
                     gate_key = key
                     continue
                 log.debug("pacing: waiting %.4f s (%s)", res.wait, res.reason)
+                announced = self._announce(res, announced)
                 if res.reason in (OPEN, OPEN_LARGE):
                     await self._wait_release(min(res.wait, self.open_poll))
                 else:

@@ -151,10 +151,12 @@ class PacingLedger(ABC):
         """How many requests are open (after purging leases of dead owners or past expiry)."""
 
     @abstractmethod
-    def penalize(self, seconds: float, *, now: float | None = None) -> float:
-        """Hold back every paced request for ``seconds``; returns the penalty's end time.
-
-        An existing later penalty is kept.
+    def penalize(self, seconds: float, *, large: bool = False,
+                 now: float | None = None) -> float:
+        """Hold back requests for ``seconds``; returns the penalty's end time. ``large``:
+        the penalty holds back requests for bars of 1 min and larger (IB's soft throttle
+        answered one of them with a pacing violation); else the paced ones (small bars and
+        head timestamps). An existing later penalty of the same scope is kept.
         """
 
     @abstractmethod
@@ -196,10 +198,11 @@ def evaluate(
     """The pure decision behind :meth:`PacingLedger.try_reserve`: ``(wait, reason)``.
 
     ``events`` and ``leases`` must already be purged; ``wait`` is 0 exactly when granted.
+    ``penalty_until`` is the penalty of the request's scope (:func:`penalty_key`).
     """
+    if now < penalty_until:
+        return penalty_until - now, PENALTY
     if request is not None:
-        if now < penalty_until:
-            return penalty_until - now, PENALTY
         window = PacingWindow(policy.limits, events)
         t = window.next_allowed(request, now)
         if t > now:
@@ -209,6 +212,13 @@ def evaluate(
     if large and sum(1 for lease in leases if lease.large) >= policy.max_open_large:
         return _lease_wait([lease for lease in leases if lease.large], now), OPEN_LARGE
     return 0.0, OK
+
+
+def penalty_key(paced: bool) -> str:
+    """Which penalty holds a request back: paced requests (small bars, head timestamps:
+    those with a pacing key) share one, requests for larger bars another, so that a
+    violation of one kind does not stall the other."""
+    return "penalty_until" if paced else "penalty_until_large"
 
 
 def _lease_wait(leases: list[Lease], now: float) -> float:
@@ -255,7 +265,7 @@ class MemoryPacingLedger(PacingLedger):
         self._lock = threading.Lock()
         self._events: list[PacingEvent] = []
         self._leases: dict[str, Lease] = {}
-        self._penalty_until = -math.inf
+        self._penalty_until: dict[str, float] = {}
         self._host = socket.gethostname()
 
     def _purge(self, now: float, horizon: float) -> None:
@@ -291,7 +301,8 @@ class MemoryPacingLedger(PacingLedger):
                 now=now,
                 events=in_window,
                 leases=list(self._leases.values()),
-                penalty_until=self._penalty_until,
+                penalty_until=self._penalty_until.get(penalty_key(request is not None),
+                                                    -math.inf),
             )
             if reason != OK:
                 return Reservation(None, wait, reason, now)
@@ -329,11 +340,14 @@ class MemoryPacingLedger(PacingLedger):
                     del self._leases[token]
             return sum(1 for lease in self._leases.values() if lease.large or not large_only)
 
-    def penalize(self, seconds: float, *, now: float | None = None) -> float:
+    def penalize(self, seconds: float, *, large: bool = False,
+                 now: float | None = None) -> float:
         with self._lock:
             now = self._clock() if now is None else now
-            self._penalty_until = max(self._penalty_until, now + seconds)
-            return self._penalty_until
+            key = penalty_key(not large)
+            until = max(self._penalty_until.get(key, -math.inf), now + seconds)
+            self._penalty_until[key] = until
+            return until
 
     def events(self) -> list[PacingEvent]:
         with self._lock:
@@ -491,7 +505,8 @@ class SqlitePacingLedger(PacingLedger):
             ).fetchall()
             events = [PacingEvent(*row) for row in rows]
             leases = self._purge_leases(conn, now)
-            row = conn.execute("SELECT value FROM ledger_state WHERE key = 'penalty_until'")
+            row = conn.execute("SELECT value FROM ledger_state WHERE key = ?",
+                               (penalty_key(request is not None),))
             found = row.fetchone()
             wait, reason = evaluate(
                 request,
@@ -535,20 +550,18 @@ class SqlitePacingLedger(PacingLedger):
             leases = self._purge_leases(conn, self._now(now))
             return sum(1 for lease in leases if lease.large or not large_only)
 
-    def penalize(self, seconds: float, *, now: float | None = None) -> float:
+    def penalize(self, seconds: float, *, large: bool = False,
+                 now: float | None = None) -> float:
+        key = penalty_key(not large)
         with self._tx() as conn:
             until = self._now(now) + seconds
             found = conn.execute(
-                "SELECT value FROM ledger_state WHERE key = 'penalty_until'"
+                "SELECT value FROM ledger_state WHERE key = ?", (key,)
             ).fetchone()
             if found is None:
-                conn.execute(
-                    "INSERT INTO ledger_state (key, value) VALUES ('penalty_until', ?)", (until,)
-                )
+                conn.execute("INSERT INTO ledger_state (key, value) VALUES (?, ?)", (key, until))
             elif found[0] < until:
-                conn.execute(
-                    "UPDATE ledger_state SET value = ? WHERE key = 'penalty_until'", (until,)
-                )
+                conn.execute("UPDATE ledger_state SET value = ? WHERE key = ?", (until, key))
             else:
                 until = found[0]
             return until
