@@ -228,8 +228,16 @@ def _run_data_command(coro_fn) -> object:
 
 def cmd_load(args: argparse.Namespace) -> int:
     from . import commands
+    from .domain.symbols import SymbolError, parse_symbol
 
     settings = Settings.from_env()
+    # bad input is refused before anything is created or any connection opened
+    try:
+        parse_symbol(args.symbol)
+    except SymbolError as exc:
+        raise CliError(str(exc)) from None
+    if args.start and args.end and args.start > args.end:
+        raise CliError(f"--start {args.start} is after --end {args.end}")
     progress = _Progress(not args.json, settings.progress_bar)
     loaded: list = []
     summary = _run_data_command(lambda ctx: commands.load(
@@ -245,6 +253,9 @@ def cmd_load(args: argparse.Namespace) -> int:
               f"{data['status']}; {data['cached_before']} bars stored before, "
               f"{data['gaps_analyzed']} gap(s), {data['ib_requests_made']} IB request(s), "
               f"{data['fetched_bars']} bars fetched, {data['bars_written']} bars written")
+    if data["reason"]:  # nothing of the range could be loaded
+        print(f"ktrdr-pipeline: nothing loaded: {data['reason']}", file=sys.stderr)
+        return 1
     return 0
 
 

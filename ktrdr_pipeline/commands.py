@@ -49,12 +49,16 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
                on_partition: Callable[[PartitionResult], None] | None = None) -> LoadSummary:
     """``ktrdr-pipeline load``: the asset code path over a range of session dates.
 
-    tail: from the last stored bar to now; backfill: from the head timestamp (or
-    ``start``) to the first stored bar; full: re-fetch every bar from ``start`` (or the head)
-    to ``end``. With nothing stored, tail and backfill both initialise the whole range.
+    An explicit ``start``/``end`` always defines the window, whatever the mode, and every
+    missing bar inside it is fetched (inner gaps included). The mode only chooses the
+    window's open sides: tail from the last stored bar to now, backfill from the head
+    timestamp to the first stored bar (each the whole history when nothing is stored);
+    full re-fetches every bar of the window (head timestamp to now by default).
     ``on_partition`` receives each partition's result as it is done."""
     if mode not in LOAD_MODES:
         raise LoadError(f"unknown mode {mode!r}; allowed: {', '.join(LOAD_MODES)}")
+    if start is not None and end is not None and start > end:
+        raise LoadError(f"--start {start} is after --end {end}")
     tf = get_timeframe(timeframe)
     key = parse_symbol(symbol).key
     contract = await ctx.resolver.resolve(ctx.aliases.get(key, symbol), key=key)
@@ -65,34 +69,40 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
     now = ctx.clock()
     tz = ZoneInfo(profile.tz)
     today = now.astimezone(tz).date()
-    first_day = start or head.astimezone(tz).date()
-    last_day = end or today
-    if first_day > last_day:
-        raise LoadError(f"start {first_day} is after end {last_day}")
-    stored = ctx.store.partitions(tf.name, key)
-    stored_bars = None
-    if stored and mode != "full":
-        first_p, last_p = stored[0][2], stored[-1][2]
-        first_frame = ctx.store.read(tf.name, key, first_p)
-        last_frame = ctx.store.read(tf.name, key, last_p)
-        if len(first_frame) and len(last_frame):
-            stored_bars = (first_frame.index[0].to_pydatetime(),
-                           last_frame.index[-1].to_pydatetime())
+    # each side of the window with the words that say where it came from (for errors)
+    first_day, first_is = (start, "--start") if start else (
+        head.astimezone(tz).date(), "IB's earliest data")
+    last_day, last_is = (end, "--end") if end else (today, "today")
+
     def bar_day(ts: datetime) -> date:  # daily and larger bars are keyed by session date
         return ts.astimezone(UTC).date() if tf.is_daily_or_larger else ts.astimezone(tz).date()
 
-    if stored_bars is not None and mode == "tail":
-        first_day = max(first_day, bar_day(stored_bars[1]))
-    elif stored_bars is not None and mode == "backfill":
-        last_day = min(last_day, bar_day(stored_bars[0]))
+    stored = ctx.store.partitions(tf.name, key)
+    if stored and mode in ("tail", "backfill") and (start is None or end is None):
+        if mode == "tail" and start is None:
+            bars = ctx.store.read(tf.name, key, stored[-1][2])
+            if len(bars):
+                first_day, first_is = bar_day(bars.index[-1].to_pydatetime()), \
+                    "the last stored bar"
+        elif mode == "backfill" and end is None:
+            bars = ctx.store.read(tf.name, key, stored[0][2])
+            if len(bars):
+                last_day, last_is = bar_day(bars.index[0].to_pydatetime()), \
+                    "the first stored bar"
+    if first_day > last_day:
+        raise LoadError(f"{first_is} {first_day} is after {last_is} {last_day}: nothing to "
+                        f"load in {mode} mode")
     summary = LoadSummary(status="ok", symbol=key, timeframe=tf.name, mode=mode,
                           start=first_day.isoformat(), end=last_day.isoformat())
     window = session_window(tf, profile, first_day, last_day, use_rth)
     if window is None:
         summary.status = "no_sessions"
+        summary.reason = (f"no trading session of {key} from {first_day} to {last_day} "
+                          "(a closed market or holidays)")
         return summary
     periods = tf.periods_between(window[0], window[1])
     summary.partitions = periods
+    results: list[PartitionResult] = []
     for k, period in enumerate(periods):
         def on_progress(done: int, total: int, _p: str = period) -> None:
             if progress is not None:
@@ -106,10 +116,15 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
         summary.segments_fetched += result.segments_fetched
         summary.ib_requests_made += result.ib_requests_made
         summary.bars_written += result.bars_written
+        results.append(result)
         if on_partition is not None:
             on_partition(result)
         if progress is not None:
             progress(period, k + 1, len(periods))
+    if not any(r.rows for r in results):  # nothing of the range could be loaded: say why
+        summary.status = "empty"
+        summary.reason = "; ".join(dict.fromkeys(r.reason for r in results if r.reason)) or (
+            f"IB has no {tf.name} bars of {key} from {first_day} to {last_day}")
     return summary
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .domain import calendars, gaps
+from .domain import calendars, gaps, ib_rules
 from .domain.bars import FetchState, empty_bars, fetch_state
 from .domain.ib_rules import PacingLimits
 from .domain.planning import plan_ranges
@@ -69,7 +69,9 @@ class PartitionResult:
     symbol: str
     timeframe: str
     period: str
-    status: str = "ok"  # ok | complete | no_data
+    status: str = "ok"  # ok | complete | empty | no_data
+    #: Why nothing (more) could be loaded, in a user's words ("" when bars were loaded).
+    reason: str = ""
     cached_before: int = 0
     expected_bars: int = 0
     gaps_found: int = 0
@@ -192,10 +194,28 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
             raise
         result.status = "no_data"
         return result
-    if p_start >= now or p_end <= head or p_start >= p_end:
-        result.status = "complete"
+    oldest = now - ib_rules.SMALL_BAR_HISTORY if ib_rules.is_small_bar(tf.bar_size) else None
+    if p_start >= now or p_end <= head or p_start >= p_end or (
+            oldest is not None and p_end <= oldest):
+        if p_start >= now:
+            result.reason = (f"{period} is after the gateway's clock "
+                             f"({now:%Y-%m-%d %H:%M} UTC): no bars yet")
+        elif p_end <= head:
+            result.reason = f"{period} is before IB's earliest data for {key} ({head.date()})"
+        elif oldest is not None and p_end <= oldest:
+            result.reason = (f"{period} is older than IB keeps {tf.bar_size} bars (about "
+                             f"{ib_rules.SMALL_BAR_HISTORY.days} days, since {oldest.date()})")
+            # the session's bars stay missing (not "IB answered without"): nothing is asked
+            exp_start, _ = gaps.expected_bars(profile, tf.bar_size, p_start, p_end, use_rth,
+                                              head=head, now=now)
+            stored_s = stored.index.asi8 // 10**9 if len(stored) else np.empty(0, np.int64)
+            result.expected_bars = len(exp_start)
+            result.missing_bars = int((~np.isin(exp_start, stored_s)).sum())
+        result.status = "complete" if len(stored) else "empty"
         _finish(result, stored)
         return result
+    if oldest is not None:  # IB has none older: they are not expected, nor asked for
+        p_start = max(p_start, oldest)
     exp_start, exp_end = gaps.expected_bars(profile, tf.bar_size, p_start, p_end, use_rth,
                                             head=head, now=now)
     result.expected_bars = len(exp_start)
@@ -261,6 +281,13 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
         1 for seg in segments
         if _segment_resolved(seg, exp_start, resolved, after))
     asked_until = min(int(now.timestamp()), max(int(seg.end.timestamp()) for seg in segments))
+    if not len(merged) and meta is None:
+        # nothing stored and IB answered with no bars: no empty file, and say so
+        result.status = "empty"
+        result.reason = (f"IB answered {len(plan)} request(s) for {key} {tf.name} {period} "
+                         "with no bars")
+        _finish(result, merged)
+        return result
     ctx.store.write(tf.name, key, period, merged, use_rth=use_rth, what_to_show=what,
                     fetch=FetchState(con_id=str(contract.con_id), fetched_at=now.isoformat(),
                                      partial_from=new_partial,
@@ -351,3 +378,5 @@ class LoadSummary:
     bars_written: int = 0
     partitions: list[str] = field(default_factory=list)
     error: str | None = None
+    #: Why nothing of the range could be loaded (status ``empty`` or ``no_sessions``).
+    reason: str | None = None

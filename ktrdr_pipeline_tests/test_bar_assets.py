@@ -421,3 +421,6 @@ def test_thin_stock_second_bars_and_what_ib_no_longer_keeps(env):
     old = _load(gw, data_dir, "ILLQ", "5s", "2026-03-02")
     assert old.ib_requests_made == 0 and old.known_empty_bars == 0 and old.rows == 0
     assert old.missing_bars == 390 * 12
+    # ... and the empty result says why, with no empty file written (issue 14 case 7)
+    assert old.status == "empty" and "older than IB keeps 5 secs bars" in old.reason
+    assert not BarStore(data_dir).path("5s", "ILLQ", "2026-03-02").exists()

@@ -45,9 +45,9 @@ class SymbolSpec:
 def parse_symbol(text: str) -> SymbolSpec:
     """Validate a symbol string; raise :class:`SymbolError` saying what is allowed."""
     raw = text.strip()
-    allowed = ("letters, digits, '.', '-', '_', ':' for the explicit form "
-               "SYMBOL:SECTYPE[:EXCHANGE[:CURRENCY[:EXPIRY]]], and '/' only in FX pairs "
-               "like EUR/USD")
+    allowed = ("at most 24 letters, digits, '.', '-', '_' (a symbol), ':' for the explicit "
+               "form SYMBOL:SECTYPE[:EXCHANGE[:CURRENCY[:EXPIRY]]] (parts after the symbol "
+               "at most 16 characters each), and '/' only in FX pairs like EUR/USD")
     if not raw:
         raise SymbolError(f"empty symbol; allowed: {allowed}")
     if ".." in raw or "\\" in raw or raw.startswith((".", "-")) or "\0" in raw:
@@ -80,7 +80,8 @@ def parse_symbol(text: str) -> SymbolSpec:
             key = symbol + currency
         return SymbolSpec(key, symbol, sec_type, exchange, currency, expiry)
     if not _PLAIN.match(upper):
-        raise SymbolError(f"invalid symbol {text!r}; allowed: {allowed}")
+        too_long = f" ({len(upper)} characters)" if len(upper) > 24 else ""
+        raise SymbolError(f"invalid symbol {text!r}{too_long}; allowed: {allowed}")
     if len(upper) == 6 and upper[:3] in CURRENCIES and upper[3:] in CURRENCIES:
         return SymbolSpec(upper, upper[:3], "", "", upper[3:])  # CASH tried first
     return SymbolSpec(upper, upper)
