@@ -316,7 +316,12 @@ def cmd_symbols(args: argparse.Namespace) -> int:
     if not args.symbols:
         raise CliError(f"symbols {args.action} needs at least one symbol")
     if args.action == "remove":
-        removed = commands.remove_symbols(settings, args.symbols)
+        from .domain.symbols import SymbolError
+
+        try:
+            removed = commands.remove_symbols(settings, args.symbols)
+        except (SymbolError, ValueError, OSError) as exc:
+            raise CliError(str(exc)) from exc
         print(json.dumps({"removed": removed}))
         return 0
     outcomes = _run_data_command(lambda ctx: commands.add_symbols(ctx, args.symbols))
@@ -363,7 +368,13 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=cmd_sql)
 
-    p = sub.add_parser("symbols", help="manage the 'symbols' partitions")
+    p = sub.add_parser(
+        "symbols", help="manage the symbol universe: the universe file and the 'symbols' "
+                        "partitions",
+        description="add: validate each symbol through IB, then add it to the universe file "
+                    "(KTRDR_UNIVERSE or KTRDR_DATA_DIR/universe.yaml) and the 'symbols' "
+                    "partitions; remove: take it out of both (stored bars stay); list: the "
+                    "'symbols' partitions.")
     p.add_argument("action", choices=("add", "remove", "list"))
     p.add_argument("symbols", nargs="*")
     p.set_defaults(func=cmd_symbols)

@@ -22,6 +22,7 @@ from .loader import (
     load_partition,
 )
 from .settings import Settings
+from .universe import add_entries, remove_entries, universe_lock
 
 log = logging.getLogger(__name__)
 
@@ -167,23 +168,37 @@ def symbol_partitions(settings: Settings) -> list[str]:
 
 
 async def add_symbols(ctx: PipelineContext, symbols: list[str]) -> dict[str, dict[str, Any]]:
-    """Validate and discover each symbol through IB; add the good ones as partitions."""
+    """Validate and discover each symbol through IB; add the good ones to the universe file
+    (the one source of truth, which the symbols sensor applies) and as partitions now, so
+    they can be materialized at once. An explicit contract (``ES:FUT:CME``) is kept in the
+    entry; a symbol the file lists already keeps its entry."""
     outcomes = await ctx.resolver.validate_many(symbols)
-    good = [o["contract"]["key"] for o in outcomes.values() if o["ok"]]
+    good = {o["contract"]["key"]: text for text, o in outcomes.items() if o["ok"]}
     if good:
-        with dagster_instance(ctx.settings) as instance:
-            instance.add_dynamic_partitions("symbols", sorted(set(good)))
+        path = ctx.settings.universe_path
+        with universe_lock(path):
+            add_entries(path, sorted(good.items()))
+            with dagster_instance(ctx.settings) as instance:
+                existing = set(instance.get_dynamic_partitions("symbols"))
+                new = sorted(set(good) - existing)
+                if new:
+                    instance.add_dynamic_partitions("symbols", new)
     return outcomes
 
 
 def remove_symbols(settings: Settings, symbols: list[str]) -> list[str]:
-    keys = [parse_symbol(s).key for s in symbols]
-    with dagster_instance(settings) as instance:
-        existing = set(instance.get_dynamic_partitions("symbols"))
-        removed = [k for k in keys if k in existing]
-        for k in removed:
-            instance.delete_dynamic_partition("symbols", k)
-    return removed
+    """Remove the symbols from the universe file and their partitions; the keys that were
+    in either (the stored bars stay)."""
+    keys = list(dict.fromkeys(parse_symbol(s).key for s in symbols))
+    path = settings.universe_path
+    with universe_lock(path):
+        listed = set(remove_entries(path, keys))
+        with dagster_instance(settings) as instance:
+            existing = set(instance.get_dynamic_partitions("symbols"))
+            for k in keys:
+                if k in existing:
+                    instance.delete_dynamic_partition("symbols", k)
+    return [k for k in keys if k in listed or k in existing]
 
 
 def summary_dict(summary: LoadSummary) -> dict[str, Any]:

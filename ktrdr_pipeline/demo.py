@@ -6,9 +6,11 @@
 2. a Dagster instance in ``KTRDR_DATA_DIR/dagster`` (``DAGSTER_HOME``) with a
    ``dagster.yaml`` that queues runs and limits the ``ib_api`` pool, a small universe
    (``KTRDR_DATA_DIR/universe.yaml``) and its ``symbols`` partitions;
-3. ``dagster-webserver`` and ``dagster-daemon`` (sensors and schedules keep the data fresh);
+3. ``dagster-webserver``;
 4. an initial backfill of the current year's hourly and daily bars, launched through the
    webserver's GraphQL API;
+5. ``dagster-daemon`` (sensors and schedules keep the data fresh), started after the
+   backfill is recorded so that their first ticks leave its partitions to it;
 
 then prints the UI address. Ctrl-C stops everything and leaves no process behind. Running
 it again reuses what is stored: complete partitions cost no IB request.
@@ -34,7 +36,8 @@ from .simulator.server import GatewayServer
 log = logging.getLogger(__name__)
 
 DEMO_UNIVERSE = """\
-# The demo's universe: the symbols sensor keeps the 'symbols' partitions in line with it.
+# The demo's universe: the symbols sensor keeps the 'symbols' partitions in line with it;
+# `ktrdr-pipeline symbols add/remove` and partitions added in the Dagster UI edit it.
 symbols:
   - AAPL
   - SPY
@@ -126,16 +129,18 @@ async def run_demo(settings: Settings, out: TextIO = sys.stdout, forever: bool =
                                         str(ui_port)], env)
         gql = GraphQL(ui_port)
         await asyncio.to_thread(gql.wait_ready, 180, lambda: web.poll() is None)
-        procs.start("daemon", [_bin("dagster-daemon"), "run", "-m", "ktrdr_pipeline.definitions"],
-                    env)
         year = str(datetime.now(UTC).year)
         keys = [f"{year}|{s}" for s in symbols]
+        # The backfill is recorded before the daemon starts: the sensors' and schedules'
+        # first ticks see it in progress and leave its partitions to it.
         launched = gql(LAUNCH, {"params": {
             "assetSelection": [{"path": [a]} for a in DEMO_ASSETS], "partitionNames": keys,
             "title": "ktrdr demo: initial backfill"}})["launchPartitionBackfill"]
         if launched["__typename"] != "LaunchBackfillSuccess":
             raise RuntimeError(f"backfill not launched: {launched}")
         backfill_id = launched["backfillId"]
+        procs.start("daemon", [_bin("dagster-daemon"), "run", "-m", "ktrdr_pipeline.definitions"],
+                    env)
         out.write(f"Dagster UI: http://127.0.0.1:{ui_port}\n")
         out.write(f"backfill {backfill_id}: {', '.join(DEMO_ASSETS)} for {', '.join(keys)}\n")
         out.write(f"data in {data_dir}; query it with: .venv/bin/ktrdr-pipeline sql "

@@ -23,6 +23,7 @@ from ktrdr_pipeline.domain.timeframes import get_timeframe
 from ktrdr_pipeline.simulator.market import C, H, L, O, T, V
 from ktrdr_pipeline.simulator.server import GatewayThread
 from ktrdr_pipeline.store.parquet import BarStore
+from ktrdr_pipeline.universe import load_universe
 
 from .conftest import MARKET_OPEN, read_audit
 
@@ -398,8 +399,11 @@ def test_backfill_mode_ranges_and_symbols_commands(env, tmp_path):
     assert outcome["AAPL"] == {"added": "AAPL"} and outcome["eurusd"] == {"added": "EURUSD"}
     assert "error" in outcome["NOPE"] and "error" in outcome["../x"]
     assert symbols("list").stdout.split() == ["AAPL", "EURUSD"]
+    # the universe file, which the symbols sensor applies, lists them too
+    assert load_universe(data_dir / "universe.yaml").keys == ["AAPL", "EURUSD"]
     assert json.loads(symbols("remove", "AAPL").stdout) == {"removed": ["AAPL"]}
     assert symbols("list").stdout.split() == ["EURUSD"]
+    assert load_universe(data_dir / "universe.yaml").keys == ["EURUSD"]
 
 
 def test_thin_stock_second_bars_and_what_ib_no_longer_keeps(env):

@@ -348,3 +348,84 @@ def test_backfill_over_graphql_with_webserver_and_daemon(tmp_path):
     assert not port_open(web_port), "the webserver's port is still open"
     if ib_port is not None:
         assert not port_open(ib_port), "the gateway's port is still open"
+
+
+# --- symbols: a partition added in the UI stays (issue 11) ----------------------------------
+
+LOCATIONS = """
+{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError {
+    ... on RepositoryLocation { repositories { name } } } } } } }
+"""
+
+ADD_PARTITION = """
+mutation Add($repo: RepositorySelector!, $name: String!, $key: String!) {
+  addDynamicPartition(repositorySelector: $repo, partitionsDefName: $name, partitionKey: $key) {
+    __typename
+    ... on AddDynamicPartitionSuccess { partitionKey }
+    ... on PythonError { message }
+    ... on UnauthorizedError { message }
+  }
+}
+"""
+
+
+@pytest.mark.slow
+def test_partition_added_in_the_ui_survives_the_symbols_sensor(tmp_path):
+    """The UI's "Add a partition" (GraphQL ``addDynamicPartition`` through the webserver):
+    three ticks of ``symbols_sensor`` later the partition is still there, and the universe
+    file lists it."""
+    import dagster as dg
+
+    from ktrdr_pipeline.defs.bars.sensors import symbols_sensor
+    from ktrdr_pipeline.defs.resources import KtrdrSettings
+    from ktrdr_pipeline.universe import load_universe
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    universe = data_dir / "universe.yaml"
+    universe.write_text("# the desk's list\nsymbols:\n  - AAPL\n")
+    web_port = free_port()
+    (tmp_path / "logs").mkdir()
+    procs = Processes(tmp_path / "logs", cwd=REPO)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "DAGSTER_HOME": str(home),
+        "KTRDR_DATA_DIR": str(data_dir),
+        "KTRDR_TIMEFRAMES": "1h,1d",
+    }
+    env.pop("KTRDR_UNIVERSE", None)
+    resources = {"ktrdr": KtrdrSettings(data_dir=str(data_dir))}
+    gql = GraphQL(web_port)
+    try:
+        procs.start("webserver", [_bin("dagster-webserver"), "-w", "workspace.yaml",
+                                  "-h", "127.0.0.1", "-p", str(web_port)], env)
+        _wait_for_location(gql, procs)
+        [entry] = gql(LOCATIONS)["workspaceOrError"]["locationEntries"]
+        [repo] = entry["locationOrLoadError"]["repositories"]
+        selector = {"repositoryLocationName": entry["name"], "repositoryName": repo["name"]}
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            cursor = None
+            for tick in range(4):  # the first tick registers AAPL, three more follow
+                if tick == 1:
+                    added = gql(ADD_PARTITION, {"repo": selector, "name": "symbols",
+                                                "key": "MSFT"})["addDynamicPartition"]
+                    assert added == {"__typename": "AddDynamicPartitionSuccess",
+                                     "partitionKey": "MSFT"}, added
+                result = symbols_sensor(dg.build_sensor_context(
+                    instance=instance, resources=resources, cursor=cursor))
+                for request in result.dynamic_partitions_requests or []:
+                    assert isinstance(request, dg.AddDynamicPartitionsRequest), request
+                    instance.add_dynamic_partitions("symbols", list(request.partition_keys))
+                cursor = result.cursor or cursor
+            assert sorted(instance.get_dynamic_partitions("symbols")) == ["AAPL", "MSFT"]
+        assert load_universe(universe).keys == ["AAPL", "MSFT"]
+        assert universe.read_text().startswith("# the desk's list\n")
+    finally:
+        leftovers = procs.stop()
+        tails = procs.tails()
+    assert not leftovers, f"processes survived SIGTERM: {leftovers}\n{tails}"
