@@ -17,17 +17,16 @@ database row lock, a lease in a key-value store) behind the same ``hold``.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..locking import exclusive_file_lock
+from ..locking import FileLockTimeout, exclusive_file_lock
 
-#: How long a writer waits for another writer of the same partition. A holder keeps the
-#: lock only to re-read, merge, validate and write one partition (well under a second for
-#: a month of minutes), so this is reached only when a holder hangs.
-LOCK_TIMEOUT_S = 120.0
+log = logging.getLogger(__name__)
+
 LOCK_DIR = "locks"
 
 
@@ -36,8 +35,8 @@ class PartitionLock(Protocol):
     """Mutual exclusion of the writers of one partition (timeframe × symbol × period).
 
     ``hold`` blocks until no other holder (in any process using the same store) holds the
-    partition, keeps it for the ``with`` block and raises ``TimeoutError`` when it cannot
-    get it in reasonable time. It need not be re-entrant (:class:`~.parquet.BarStore`
+    partition and keeps it for the ``with`` block (an implementation may give up with a
+    ``TimeoutError``). It need not be re-entrant (:class:`~.parquet.BarStore`
     does not take a lock it already holds). Arguments are validated by the store before
     they reach the lock."""
 
@@ -53,9 +52,12 @@ class FilePartitionLock:
     data (a listing, the DuckDB glob and an emptied directory's removal never see them);
     they are never deleted (unlinking a lock file another process is about to lock would
     let two holders in). A holder killed by ``kill -9`` releases its lock with its file
-    descriptors."""
+    descriptors. A holder keeps the lock only to re-read, merge, validate and write one
+    partition (well under a second for a month of minutes), so a writer waits for it as
+    long as it takes (saying so at INFO), or up to ``timeout_s`` when given
+    (:class:`~ktrdr_pipeline.locking.FileLockTimeout`)."""
 
-    def __init__(self, data_dir: Path | str, *, timeout_s: float = LOCK_TIMEOUT_S):
+    def __init__(self, data_dir: Path | str, *, timeout_s: float | None = None):
         self.root = Path(data_dir) / LOCK_DIR / "bars"
         self.timeout_s = timeout_s
 
@@ -69,6 +71,12 @@ class FilePartitionLock:
 
     @contextlib.contextmanager
     def hold(self, timeframe: str, symbol: str, period: str) -> Iterator[None]:
-        with exclusive_file_lock(self.path(timeframe, symbol, period),
-                                 timeout_s=self.timeout_s):
+        path = self.path(timeframe, symbol, period)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(exclusive_file_lock(path, timeout_s=0))
+            except FileLockTimeout:
+                log.info("%s %s %s: another writer holds the partition; waiting for it",
+                         symbol, timeframe, period)
+                stack.enter_context(exclusive_file_lock(path, timeout_s=self.timeout_s))
             yield
