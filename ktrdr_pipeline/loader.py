@@ -14,6 +14,15 @@ in the partition's metadata (``empty_runs``) and counts as present from then on,
 fills do not ask for it again; mode ``full`` forgets them and asks afresh. ``asked_until``
 records up to when IB was last asked, so freshness checks do not chase a bar that never
 traded.
+
+**Concurrent writers.** The fetch holds no lock (it may take minutes); the merge, the
+validation and the write run under the partition's write lock
+(:meth:`~ktrdr_pipeline.store.parquet.BarStore.locked`) and start by re-reading the
+partition's metadata: when another writer (a load of another window of the month, a
+Dagster run) wrote since this load planned, its bars and its fetch record are re-read and
+merged with this load's, so neither loses the other's bars. The merged record keeps both:
+this load's knowledge inside its window, the other writer's outside it (empty runs, the
+bar in progress), and the later ``asked_until``.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from .domain import calendars, gaps, ib_rules
-from .domain.bars import FetchState, empty_bars, fetch_state
+from .domain.bars import FetchState, PartitionMeta, empty_bars, fetch_state
 from .domain.ib_rules import PacingLimits
 from .domain.planning import plan_ranges
 from .domain.symbols import parse_symbol
@@ -170,20 +179,12 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     what = contract.what_to_show
     result = PartitionResult(key, tf.name, period, use_rth=use_rth, what_to_show=what)
     stored, meta = ctx.store.read_with_meta(tf.name, key, period)
+    first_read = stored
     state = fetch_state(meta)
-    if meta is not None and mode != "full":
-        stored_rth = meta.use_rth
-        if stored_rth != use_rth:
-            raise LoadError(
-                f"{key} {tf.name} {period} is stored with useRTH={int(stored_rth)} but this "
-                f"load asks for useRTH={int(use_rth)}; mixing them is refused — re-fetch the "
-                f"period with mode 'full' to switch")
+    _check_rth(meta, use_rth, mode, f"{key} {tf.name} {period}")
     await ctx.connection.ensure_connected()  # also measures IB's clock
-    if mode == "full":  # re-fetch the window: what is stored inside it is replaced
-        inside = (stored.index >= p_start) & (stored.index < p_end)
-        outside, stored = stored[~inside], empty_bars()
-    else:
-        outside = empty_bars()
+    if mode == "full":  # re-fetch the window: what is stored inside it is replaced (the
+        stored = empty_bars()  # bars outside it are kept by the merge)
     result.cached_before = len(stored)
     now = ctx.clock()
     profile = calendars.profile_for(contract.sec_type)
@@ -257,45 +258,105 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     result.segments_fetched = len(segments)
     result.ib_requests_made = fetched.requests_made
     result.fetched_bars = len(frame)
-    merged = pd.concat([outside, stored[~stored.index.isin(frame.index)], frame]).sort_index()
-    if partial_from is not None and mode != "full":
-        # a partial bar the new fetch did not return again stays only if still in progress
-        stale = (merged.index.asi8 // 10**9 >= partial_from) & ~merged.index.isin(frame.index)
-        merged = merged[~stale]
-    validate_bars(merged, tf, profile, use_rth)
-    new_partial = _partial_start(merged, exp_start)
-    merged_s = merged.index.asi8 // 10**9
-    present = np.isin(exp_start, merged_s)
-    # every request was answered: a bar one of them covered that is still missing and had
-    # long closed, IB does not have (bars no request covered — older than IB keeps, say —
-    # stay missing)
-    settled = _asked(plan, exp_start, exp_end, tf) & (
-        exp_end <= int((now - HOLE_SETTLE).timestamp()))
-    known_empty = (known_empty | settled) & ~present
-    result.known_empty_bars = int(known_empty.sum())
-    runs = sorted(gaps.runs_outside(old_runs, lo_s, hi_s)
-                  + gaps.runs_of(exp_start, exp_end, known_empty))
-    resolved = present | known_empty
-    after = set(merged_s)
-    result.gaps_filled = sum(
-        1 for seg in segments
-        if _segment_resolved(seg, exp_start, resolved, after))
-    asked_until = min(int(now.timestamp()), max(int(seg.end.timestamp()) for seg in segments))
-    if not len(merged) and meta is None:
-        # nothing stored and IB answered with no bars: no empty file, and say so
-        result.status = "empty"
-        result.reason = (f"IB answered {len(plan)} request(s) for {key} {tf.name} {period} "
-                         "with no bars")
-        _finish(result, merged)
-        return result
-    ctx.store.write(tf.name, key, period, merged, use_rth=use_rth, what_to_show=what,
-                    fetch=FetchState(con_id=str(contract.con_id), fetched_at=now.isoformat(),
-                                     partial_from=new_partial,
-                                     asked_until=max(asked_until, state.asked_until or 0),
-                                     empty_runs=tuple(runs)))
+    # read-merge-validate-write under the partition's lock, onto what is stored *now*
+    with ctx.store.locked(tf.name, key, period):
+        current, current_meta = _reread(ctx.store, tf.name, key, period, first_read, meta)
+        _check_rth(current_meta, use_rth, mode, f"{key} {tf.name} {period}")
+        current_state = fetch_state(current_meta)
+        in_window = (current.index >= p_start) & (current.index < p_end)
+        if mode == "full":  # what is stored inside the window is replaced
+            kept = current[~in_window]
+        else:  # a newer fetch wins
+            kept = current[~current.index.isin(frame.index)]
+        merged = pd.concat([kept, frame]).sort_index()
+        merged_in_window = (merged.index >= p_start) & (merged.index < p_end)
+        partial_from = current_state.partial_from
+        if partial_from is not None and mode != "full":
+            # a partial bar inside the window the new fetch did not return again stays
+            # only if still in progress (outside the window this load asked nothing)
+            stale = ((merged.index.asi8 // 10**9 >= partial_from)
+                     & ~merged.index.isin(frame.index) & merged_in_window)
+            merged = merged[~stale]
+            merged_in_window = (merged.index >= p_start) & (merged.index < p_end)
+        validate_bars(merged, tf, profile, use_rth)
+        merged_s = merged.index.asi8 // 10**9
+        new_partial = _merged_partial(merged[merged_in_window], exp_start, partial_from,
+                                      merged_s, lo_s, hi_s)
+        present = np.isin(exp_start, merged_s)
+        # every request was answered: a bar one of them covered that is still missing and
+        # had long closed, IB does not have (bars no request covered — older than IB
+        # keeps, say — stay missing); another writer's empty runs count as well
+        settled = _asked(plan, exp_start, exp_end, tf) & (
+            exp_end <= int((now - HOLE_SETTLE).timestamp()))
+        if mode != "full":
+            known_empty = known_empty | gaps.in_runs(exp_start, list(current_state.empty_runs))
+        known_empty = (known_empty | settled) & ~present
+        result.known_empty_bars = int(known_empty.sum())
+        runs = sorted(gaps.runs_outside(list(current_state.empty_runs), lo_s, hi_s)
+                      + gaps.runs_of(exp_start, exp_end, known_empty))
+        resolved = present | known_empty
+        after = set(merged_s)
+        result.gaps_filled = sum(
+            1 for seg in segments
+            if _segment_resolved(seg, exp_start, resolved, after))
+        asked_until = min(int(now.timestamp()),
+                          max(int(seg.end.timestamp()) for seg in segments))
+        if not len(merged) and current_meta is None:
+            # nothing stored and IB answered with no bars: no empty file, and say so
+            result.status = "empty"
+            result.reason = (f"IB answered {len(plan)} request(s) for {key} {tf.name} "
+                             f"{period} with no bars")
+            _finish(result, merged)
+            return result
+        ctx.store.write(tf.name, key, period, merged, use_rth=use_rth, what_to_show=what,
+                        fetch=FetchState(con_id=str(contract.con_id),
+                                         fetched_at=now.isoformat(),
+                                         partial_from=new_partial,
+                                         asked_until=max(asked_until,
+                                                         current_state.asked_until or 0),
+                                         empty_runs=tuple(runs)))
     result.bars_written = len(merged)
     _finish(result, merged)
     return result
+
+
+def _check_rth(meta: PartitionMeta | None, use_rth: bool, mode: str, what: str) -> None:
+    """Refuse to mix regular-hours and all-hours bars in one partition (mode ``full``
+    re-fetches and may switch)."""
+    if meta is None or mode == "full" or meta.use_rth == use_rth:
+        return
+    raise LoadError(
+        f"{what} is stored with useRTH={int(meta.use_rth)} but this load asks for "
+        f"useRTH={int(use_rth)}; mixing them is refused — re-fetch the period with mode "
+        f"'full' to switch")
+
+
+def _reread(store: BarStore, tf: str, key: str, period: str, first_read: pd.DataFrame,
+            first_meta: PartitionMeta | None) -> tuple[pd.DataFrame, PartitionMeta | None]:
+    """The partition as stored now (called under its lock): one metadata read when
+    nobody wrote it since ``first_meta`` was read (the bars read then are still current;
+    every write stamps ``written_at``), otherwise the whole file again."""
+    now_meta = store.read_meta(tf, key, period)
+    if now_meta == first_meta:
+        return first_read, first_meta
+    log.info("%s %s %s was written by another writer while this load fetched; merging "
+             "onto its %d bar(s)", key, tf, period, now_meta.rows if now_meta else 0)
+    return store.read_with_meta(tf, key, period)
+
+
+def _merged_partial(window_bars: pd.DataFrame, exp_start: np.ndarray,
+                    stored_partial: int | None, merged_s: np.ndarray, lo_s: int,
+                    hi_s: int) -> int | None:
+    """``partial_from`` of the merged partition: the bar in progress this load fetched
+    (only bars of its window can be: later stored bars are not "later than every expected
+    bar" of a window that ends before them), else a bar in progress another load stored
+    outside this window, if it is still there."""
+    ours = _partial_start(window_bars, exp_start)
+    theirs = (stored_partial if stored_partial is not None
+              and not lo_s <= stored_partial < hi_s and bool((merged_s == stored_partial).any())
+              else None)
+    found = [p for p in (ours, theirs) if p is not None]
+    return min(found) if found else None
 
 
 def _asked(plan: list, exp_start: np.ndarray, exp_end: np.ndarray,

@@ -1,8 +1,9 @@
 """File locks and retries on locked databases: I/O plumbing shared by every store.
 
 - :func:`exclusive_file_lock`: an exclusive ``flock`` on a file for the length of a
-  ``with`` block. Processes sharing a data directory take turns (the Greeks tick claims,
-  the Greeks outage buffer); so do two opens of the file within one process, so callers
+  ``with`` block, waiting for ever or up to a deadline. Processes sharing a data directory
+  take turns (the Greeks tick claims, the Greeks outage buffer, the writers of one bar
+  partition); so do two opens of the file within one process, so callers
   that nest (one thread re-entering) guard with a thread lock of their own.
 - :func:`retry_while_locked`: run a function again, with backoff, while a database file is
   held by another process, up to a deadline. DuckDB lets one process at a time open a file
@@ -31,17 +32,34 @@ except ImportError:  # pragma: no cover
 T = TypeVar("T")
 
 
+class FileLockTimeout(TimeoutError):
+    """Another holder kept a file lock longer than the caller was willing to wait."""
+
+
 @contextlib.contextmanager
-def exclusive_file_lock(path: Path | str) -> Iterator[int]:
+def exclusive_file_lock(path: Path | str, *, timeout_s: float | None = None) -> Iterator[int]:
     """Hold an exclusive ``flock`` on ``path`` (created, with its directory, if missing)
-    until the block ends; waits as long as another holder keeps it. Yields the open file
-    descriptor, so the caller may read and write the locked file itself."""
+    until the block ends. Waits as long as another holder keeps it, or, with
+    ``timeout_s``, up to that long (polling with backoff) before raising
+    :class:`FileLockTimeout` naming the file. Yields the open file descriptor, so the
+    caller may read and write the locked file itself. A holder that dies (even by
+    ``kill -9``) releases the lock: the kernel drops it with the process's descriptors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if timeout_s is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                try:
+                    retry_while_locked(lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB),
+                                       deadline_s=timeout_s,
+                                       is_locked=lambda e: isinstance(e, BlockingIOError),
+                                       first_delay_s=0.005, max_delay_s=0.05)
+                except BlockingIOError:
+                    raise FileLockTimeout(f"{path} stayed locked by another holder for more "
+                                          f"than {timeout_s:g} s") from None
         yield fd
     finally:
         os.close(fd)  # releases the flock

@@ -4,6 +4,8 @@ real disconnect injected into the simulator."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from ktrdr_pipeline.greeks.bridges import make_bridge
 from ktrdr_pipeline.greeks.config import GreeksConfig
 from ktrdr_pipeline.greeks.runner import run_snapshots
 from ktrdr_pipeline.greeks.store import GreeksStore, read_rows
@@ -175,3 +178,44 @@ async def _wait_for(cond, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
         await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_reset_that_closes_the_socket_leaves_no_unretrieved_future(tmp_path, caplog):
+    """After a reset ending in 1102, ib_async re-requests the account summary (which the
+    simulator, like a slow gateway, leaves unanswered); a later reset ending in a close
+    fails that request. The bridge retrieves it: no "Future exception was never
+    retrieved" (asyncio logs it at ERROR when the failed future is collected)."""
+    with GatewayThread(clock=WEEKEND, latency="none", tick_interval=0.2) as gw:
+        cfg = GreeksConfig.from_env({"KTRDR_DATA_DIR": str(tmp_path), "IB_PORT": str(gw.port),
+                                     "IB_API_MODE": "SOCKET", "BRIDGE_POLL_INTERVAL": "1",
+                                     "KTRDR_RESET_WINDOW": "off"})
+        store = CountingStore(cfg.db_path, cfg.buffer_path, mode="SOCKET")
+        store.bootstrap()
+        bridge = make_bridge(cfg, store, backoff=(0.1,))
+
+        async def scenario():
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_snapshots(cfg, stop=stop, store=store,
+                                                     bridge=bridge))
+            await _wait_for(lambda: len(store.ticks) >= 1, 10)
+            restored = bridge.ib.wrapper._futures.copy()
+            await asyncio.to_thread(lambda: gw.reset(0.2, "1102").result(10))
+            # the account summary re-request is pending (the simulator does not answer it)
+            await _wait_for(lambda: len(bridge.ib.wrapper._futures) > len(restored), 10)
+            cut = time.time()
+            await asyncio.to_thread(lambda: gw.reset(0.2, "close").result(10))
+            await _wait_for(lambda: sum(t > cut for t in store.ticks) >= 1, 20)  # reconnected
+            gc.collect()  # an unretrieved failed future is reported when it is collected
+            stop.set()
+            return await task
+
+        with caplog.at_level(logging.DEBUG):
+            stats, _ = asyncio.run(scenario())
+            gc.collect()
+    assert stats.snapshots >= 2
+    logs = read_rows(cfg.db_path, "SELECT event FROM api_logs ORDER BY ts")
+    assert "disconnect" in [r["event"] for r in logs]  # the close did happen
+    assert "account summary request ended: ConnectionError('Socket disconnect')" in caplog.text
+    assert "never retrieved" not in caplog.text
+    assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]

@@ -962,3 +962,78 @@ def test_greeks_tables_are_reachable_qualified_and_not(tmp_path):
     assert run_query(tmp_path, "SELECT delta FROM greeks.portfolio_greeks").rows == [(1,)]
     assert run_query(tmp_path, "SELECT delta FROM portfolio_greeks").rows == [(1,)]
     assert run_query(tmp_path, "SELECT count(*) FROM bars").rows == [(0,)]
+
+
+# == sql reads only the store ===================================================================
+def _outside_queries(tmp_path: Path) -> list[str]:
+    bars = (tmp_path / "bars").resolve()
+    return [
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_text('/etc/shadow')",
+        "SELECT * FROM glob('/root/**')",
+        f"SELECT * FROM glob('{tmp_path.resolve()}/**')",
+        f"SELECT * FROM read_text('{tmp_path.resolve()}/secret.txt')",
+        f"SELECT * FROM read_text('{bars}/../secret.txt')",
+        f"SELECT count(*) FROM read_parquet('{tmp_path.resolve()}/elsewhere.parquet')",
+        "SELECT * FROM read_csv('https://example.com/x.csv')",
+    ]
+
+
+def test_sql_reads_only_the_store(tmp_path: Path) -> None:
+    frames = _fill(BarStore(tmp_path))
+    (tmp_path / "secret.txt").write_text("top secret\n")
+    duckdb.sql(f"COPY (SELECT 1 AS x) TO '{tmp_path / 'elsewhere.parquet'}' (FORMAT parquet)")
+    con = duckdb.connect(str(tmp_path / cat.GREEKS_FILE))
+    con.execute("CREATE TABLE portfolio_greeks AS SELECT 'AAPL' AS symbol, 0.5 AS delta")
+    con.close()
+    for sql in _outside_queries(tmp_path):
+        with pytest.raises(cat.QueryError, match=r"^queries may read only the store: the bar "
+                                                 r"files under .*; DuckDB refused: "):
+            cat.run_query(tmp_path, sql)
+    for sql in ("SET enable_external_access = true", "RESET enable_external_access",
+                "SET lock_configuration = false", "SET allowed_directories = ['/']"):
+        with pytest.raises(cat.QueryError, match="SET and RESET are not allowed.*may read "
+                                                 "only the store"):
+            cat.run_query(tmp_path, sql)
+    # ... and even on the connection itself, the configuration is locked
+    con = cat.memory_connection(tmp_path)
+    try:
+        with pytest.raises(duckdb.Error, match="configuration has been locked"):
+            con.execute("SET enable_external_access = true")
+        with pytest.raises(duckdb.PermissionException):
+            con.execute("SELECT * FROM read_text('/etc/passwd')")
+    finally:
+        con.close()
+    # every view, the macro and the Greeks tables still work
+    n_1m = len(frames["AAPL"]) + len(frames["SPY"])
+    assert cat.run_query(tmp_path, "SELECT count(*) FROM bars").rows == [
+        (n_1m + len(frames["AAPL_1d"]),)]
+    assert cat.run_query(tmp_path, "SELECT count(*) FROM bars_1m").rows == [(n_1m,)]
+    assert cat.run_query(tmp_path, "SELECT count(*) FROM bars_1d").rows == [
+        (len(frames["AAPL_1d"]),)]
+    assert cat.run_query(tmp_path, "SELECT sum(rows) FROM coverage").rows == [
+        (n_1m + len(frames["AAPL_1d"]),)]
+    assert cat.run_query(tmp_path, "SELECT count(*) FROM symbol_bars('1m', 'SPY')").rows == [
+        (len(frames["SPY"]),)]
+    assert cat.run_query(tmp_path, "SELECT delta FROM greeks.portfolio_greeks").rows == [(0.5,)]
+    assert cat.run_query(tmp_path, "SELECT delta FROM portfolio_greeks").rows == [(0.5,)]
+    with pytest.raises(cat.QueryError, match="no 1m bars stored for symbol 'MSFT'"):
+        cat.run_query(tmp_path, "SELECT count(*) FROM symbol_bars('1m', 'MSFT')")
+
+
+def test_sql_command_refuses_files_outside_the_store(tmp_path: Path) -> None:
+    write(BarStore(tmp_path), "1m", "AAPL", "2024-03", minute_frame("2024-03-04 14:30", 3))
+    env = {**subprocess_env(), "KTRDR_DATA_DIR": str(tmp_path)}
+
+    def sql(query: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "sql", query],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    refused = sql("select * from read_csv('/etc/passwd')")
+    assert refused.returncode != 0 and "root:" not in refused.stdout
+    assert "queries may read only the store" in refused.stderr
+    refused = sql("SET enable_external_access = true")
+    assert refused.returncode != 0 and "may read only the store" in refused.stderr
+    ok = sql("select count(*) AS n from symbol_bars('1m', 'AAPL')")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split("\n")[2].strip() == "3"

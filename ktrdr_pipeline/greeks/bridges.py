@@ -129,6 +129,25 @@ class SocketBridge:
         self._log_event("disconnect", message=f"{self.conn.host}:{self.conn.port}")
         self._start_recovery("disconnected")
 
+    def _on_restored(self, req_id: int, code: int, message: str, contract: Any) -> None:
+        """ib_async's own 1102 handler (``IB._onError``), with its request's outcome kept.
+
+        On 1102 ("connectivity restored") ib_async re-requests the account summary and
+        drops the request's future. If the socket closes before the answer (a nightly
+        reset ending in a close; the simulator never answers it), ib_async fails that
+        future with ``ConnectionError('Socket disconnect')`` and, nobody having awaited
+        it, asyncio logs "Future exception was never retrieved" at ERROR. The bridge reads
+        positions and model Greeks, never the summary: the request is made as before, and
+        a failure is only noted at DEBUG (the disconnect itself is logged and recovered)."""
+        if code != ib_rules.ERR_RESTORED_DATA_MAINTAINED:
+            return
+        try:
+            request = asyncio.ensure_future(self.ib.reqAccountSummaryAsync())
+        except (ConnectionError, RuntimeError) as exc:  # not connected, or no running loop
+            log.debug("account summary not re-requested after 1102: %r", exc)
+            return
+        request.add_done_callback(_retrieve_outcome)
+
     def _start_recovery(self, reason: str) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop: nothing to recover for
             self._recovery = asyncio.get_running_loop().create_task(
@@ -146,6 +165,8 @@ class SocketBridge:
 
     async def start(self) -> None:
         self.ib.errorEvent += self._on_error
+        self.ib.errorEvent -= self.ib._onError  # replaced by _on_restored (see there)
+        self.ib.errorEvent += self._on_restored
         self.ib.disconnectedEvent += self._on_disconnected
         try:
             await self._connect()
@@ -178,6 +199,8 @@ class SocketBridge:
         was_connected = self.ib.isConnected()
         await self.conn.disconnect()
         self.ib.errorEvent -= self._on_error
+        self.ib.errorEvent -= self._on_restored
+        self.ib.errorEvent += self.ib._onError
         self.ib.disconnectedEvent -= self._on_disconnected
         if was_connected:
             self._log_event("disconnect", message="closed by the bridge")
@@ -248,6 +271,13 @@ class SocketBridge:
                     **common, underlying_price=clean_price(ticker.marketPrice())))
         return Snapshot(account=self.account, mode=self.mode, tick_time=tick_time,
                         snapshot_time=taken, positions=tuple(rows), data_time=newest)
+
+
+def _retrieve_outcome(request: asyncio.Future) -> None:
+    """Retrieve a fire-and-forget request's outcome, so that its failure (the socket
+    closed before the answer) is not logged as "never retrieved"."""
+    if not request.cancelled() and request.exception() is not None:
+        log.debug("account summary request ended: %r", request.exception())
 
 
 def _has_greeks(ticker: Ticker) -> bool:

@@ -2,6 +2,8 @@
 
 - :mod:`.parquet`: :class:`~.parquet.BarStore`, atomic per-partition Parquet files under
   ``data_dir/bars/timeframe=<tf>/symbol=<SYM>/period=<key>/data.parquet``.
+- :mod:`.locks`: :class:`~.locks.PartitionLock`, the write lock of one partition, and its
+  one-machine implementation :class:`~.locks.FilePartitionLock` (``flock`` files).
 - :mod:`.schema`: the pandera schema of a bar frame and the checks the asset checks reuse.
 - :mod:`.catalog`: DuckDB views over the Parquet files (``bars``, ``bars_<tf>``,
   ``coverage``), the ``catalog.duckdb`` file for external tools and read-only queries.
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+from .locks import FilePartitionLock, PartitionLock
 from .parquet import BarStore
 
-__all__ = ["BarStore"]
+__all__ = ["BarStore", "FilePartitionLock", "PartitionLock"]

@@ -51,6 +51,16 @@ DESCRIBE, SUMMARIZE, EXPLAIN of those, and informational PRAGMAs (``table_info``
 ``show_tables``, ...) — classified by DuckDB's own parser (:func:`duckdb.extract_statements`).
 Everything else (INSERT, CREATE, COPY, ATTACH, SET, several statements) is refused with
 :class:`QueryError`.
+
+**Confined to the store.** A read-only statement can still name files: ``read_csv``,
+``read_text``, ``glob``, ``read_parquet`` of any path or URL. After the views, the macro
+and the Greeks attachment are in place, :func:`memory_connection` therefore turns DuckDB's
+external access off (``enable_external_access = false``) except for the store's bar
+directory (``allowed_directories = ['<data_dir>/bars/']``, which the views and
+``symbol_bars`` glob at query time) and locks the configuration
+(``lock_configuration = true``: no statement can turn it back on). The Greeks database,
+attached before, stays readable; extensions cannot be installed or loaded. A query naming
+anything else fails with a :class:`QueryError` saying that queries may read only the store.
 """
 
 from __future__ import annotations
@@ -410,6 +420,10 @@ def check_read_only(sql: str) -> str:
             return st.query
         raise QueryError(f"PRAGMA {name} is not allowed; read-only PRAGMAs: "
                          f"{', '.join(sorted(READ_PRAGMAS))}")
+    if kind == duckdb.StatementType.SET:
+        raise QueryError("SET and RESET are not allowed: queries run read-only with DuckDB's "
+                         "settings locked, and may read only the store (its bar files and "
+                         "the attached Greeks database)")
     raise QueryError(
         f"only read-only statements are allowed (SELECT, WITH, FROM, VALUES, SHOW, DESCRIBE, "
         f"SUMMARIZE, EXPLAIN, PRAGMA table_info); got {kind.name}")
@@ -417,9 +431,10 @@ def check_read_only(sql: str) -> str:
 
 def memory_connection(data_dir: Path | str,
                       timeframes: Iterable[str | Timeframe] | None = None,
-                      ) -> duckdb.DuckDBPyConnection:
+                      *, confined: bool = True) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the catalog's views over the Parquet files (no file lock)
-    and ``greeks.duckdb`` attached read-only as ``greeks`` when available."""
+    and ``greeks.duckdb`` attached read-only as ``greeks`` when available; ``confined``
+    (the default) leaves it able to read only those (see the module docstring)."""
     data_dir = Path(data_dir)
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
     try:
@@ -444,10 +459,28 @@ def memory_connection(data_dir: Path | str,
                                    first_delay_s=0.1, max_delay_s=0.1)
             except duckdb.Error as exc:  # locked by its writer, or not a DuckDB file
                 log.info("not attaching %s: %s", greeks, exc)
+        if confined:
+            confine(con, data_dir)
     except BaseException:
         con.close()
         raise
     return con
+
+
+def confine(con: duckdb.DuckDBPyConnection, data_dir: Path | str) -> None:
+    """Let ``con`` read no file but the store's bars from now on (databases attached
+    before stay readable), and lock its configuration so no statement can undo it."""
+    root = _bars_root(Path(data_dir)).as_posix() + "/"
+    con.execute(f"SET allowed_directories = [{_sql_str(root)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _outside_the_store(text: str, data_dir: Path) -> QueryError:
+    return QueryError(
+        f"queries may read only the store: the bar files under {_bars_root(data_dir)} "
+        f"(through the views bars, bars_<tf>, coverage and {SYMBOL_BARS}()) and the attached "
+        f"Greeks database; DuckDB refused: {' '.join(text.split())}")
 
 
 #: DuckDB's error for a ``symbol_bars`` call whose symbol has no file at that timeframe.
@@ -458,6 +491,8 @@ _NOTHING_STORED = re.compile(r'No files found that match the pattern "[^"]*/time
 def _query_error(exc: duckdb.Error, data_dir: Path) -> QueryError:
     """DuckDB's error, with what is stored when ``symbol_bars`` found nothing."""
     text = str(exc)
+    if isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in text:
+        return _outside_the_store(text, data_dir)
     found = _NOTHING_STORED.search(text)
     if found:
         tf, symbol = found.groups()

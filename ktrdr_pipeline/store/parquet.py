@@ -13,9 +13,18 @@ the partition's coordinates, ``rows``, ``written_at`` and any extra metadata of 
 Writes are atomic: the file is written to a temporary file in the same directory, flushed
 to disk (``fsync``) and renamed over ``data.parquet`` (``os.replace``), then the directory
 is synced. A reader therefore sees either the previous complete file or the new complete
-file, never a torn one; a process killed mid-write leaves only a ``*.tmp`` file, which
-readers (and the DuckDB glob, which names ``data.parquet`` exactly) ignore and the next
-write of that partition removes.
+file, never a torn one; a process killed mid-write leaves only a
+``data.parquet.<pid>.<random>.tmp`` file, which readers (and the DuckDB glob, which names
+``data.parquet`` exactly) ignore. Such leftovers of dead writers are removed by the next
+write of that partition, and by a store's first write of any partition of that symbol and
+timeframe (one directory scan per symbol × timeframe a process writes, so a kill during a
+rewrite of an old month is cleaned up by the next load of the current one); temporary files
+of live writers are left alone. Readers never delete anything.
+
+Writers of one partition take turns: :meth:`BarStore.write` holds the partition's lock
+(:mod:`.locks`), and a read-merge-write (the loader's) holds it across the re-read, the
+merge and the write with :meth:`BarStore.locked`, so a second writer merges onto what the
+first wrote instead of replacing it.
 
 Every timeframe, symbol and period is validated *before* it becomes a path component, so
 no caller-supplied string can point outside ``data_dir/bars``.
@@ -29,8 +38,9 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +53,7 @@ import pyarrow.parquet as pq
 from ..domain.bars import BAR_COLUMNS, FORMAT_VERSION, FetchState, PartitionMeta, empty_bars
 from ..domain.symbols import check_storage_key
 from ..domain.timeframes import TIMEFRAMES, Timeframe
+from .locks import FilePartitionLock, PartitionLock
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +174,19 @@ class BarStore:
     Frames are pandas DataFrames indexed by a UTC ``DatetimeIndex`` named ``ts`` with the
     columns of :data:`ktrdr_pipeline.domain.bars.BAR_COLUMNS` (see
     :func:`~ktrdr_pipeline.ib.fetch.bars_to_frame`). The store is safe for concurrent
-    readers and writers of different partitions; concurrent writers of the same partition
-    never produce a torn file (the last rename wins).
+    readers and writers: readers see whole files, writers of one partition take turns
+    under ``lock`` (default: :class:`~.locks.FilePartitionLock` files under
+    ``data_dir/locks``, one machine), and a read-merge-write that holds :meth:`locked`
+    around its re-read and its write loses nobody's bars.
     """
 
-    def __init__(self, data_dir: Path | str):
+    def __init__(self, data_dir: Path | str, *, lock: PartitionLock | None = None):
         self.data_dir = Path(data_dir)
         self.root = self.data_dir / "bars"
+        self.lock: PartitionLock = lock if lock is not None else FilePartitionLock(data_dir)
+        self._held = threading.local()  # partitions this thread holds (re-entrancy)
+        self._swept: set[tuple[str, str]] = set()  # (timeframe, symbol) swept of leftovers
+        self._swept_guard = threading.Lock()
 
     def __repr__(self) -> str:
         return f"BarStore({str(self.data_dir)!r})"
@@ -288,6 +305,27 @@ class BarStore:
         """Timeframes with at least one partition, in registry order."""
         return list(dict.fromkeys(t for t, _, _ in self.partitions()))
 
+    # -- locking --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, tf: str | Timeframe, symbol: str, period: str) -> Iterator[None]:
+        """Hold the partition's write lock for the ``with`` block: no other writer (in
+        this or another process) writes the partition meanwhile, so what is read inside
+        the block is what the write inside it replaces. Re-entrant within a thread
+        (:meth:`write` inside the block does not lock again); keep the block free of
+        slow work (no IB requests) and of ``await`` (coroutines share the thread)."""
+        timeframe, _, _ = self._validated(tf, symbol, period)
+        key = (timeframe.name, symbol, period)
+        held: set[tuple[str, str, str]] = self._held.__dict__.setdefault("keys", set())
+        if key in held:
+            yield
+            return
+        with self.lock.hold(*key):
+            held.add(key)
+            try:
+                yield
+            finally:
+                held.discard(key)
+
     # -- writing --------------------------------------------------------------------------
     def write(self, tf: str | Timeframe, symbol: str, period: str, frame: pd.DataFrame, *,
               use_rth: bool, what_to_show: str, fetch: FetchState | None = None,
@@ -319,20 +357,22 @@ class BarStore:
         encoded = json.dumps(meta, default=_json_default, sort_keys=True).encode()
         table = table.replace_schema_metadata({META_KEY: encoded})
         directory = path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        self._clean_stale_tmp(directory)
-        tmp = directory / f"{FILE_NAME}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-        try:
-            with open(tmp, "xb") as fh:
-                _write_table(table, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(directory)
+        self._sweep_once(timeframe.name, symbol)
+        with self.locked(timeframe, symbol, period):
+            directory.mkdir(parents=True, exist_ok=True)
+            self._clean_stale_tmp(directory)
+            tmp = directory / f"{FILE_NAME}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+            try:
+                with open(tmp, "xb") as fh:
+                    _write_table(table, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            _fsync_dir(directory)
         log.debug("wrote %d bars to %s", table.num_rows, path)
         return path
 
@@ -342,28 +382,62 @@ class BarStore:
         path = self.path(tf, symbol, period)
         directory = path.parent
         doomed = directory / f"{FILE_NAME}.{os.getpid()}.{secrets.token_hex(6)}.deleted.tmp"
-        try:
-            os.replace(path, doomed)
-        except FileNotFoundError:
-            return False
-        doomed.unlink()
-        _fsync_dir(directory)
-        self._clean_stale_tmp(directory)
-        with contextlib.suppress(OSError):
-            directory.rmdir()  # only when empty; a concurrent writer may have refilled it
+        with self.locked(tf, symbol, period):
+            try:
+                os.replace(path, doomed)
+            except FileNotFoundError:
+                return False
+            doomed.unlink()
+            _fsync_dir(directory)
+            self._clean_stale_tmp(directory)
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only when empty
         log.debug("deleted %s", path)
         return True
 
+    # -- leftovers of killed writers -------------------------------------------------------
+    def sweep_stale_tmp(self, tf: str | Timeframe | None = None,
+                        symbol: str | None = None) -> int:
+        """Remove the temporary files dead writers left in every partition directory (of
+        ``tf`` and/or ``symbol`` when given); returns how many were removed. Temporary
+        files of live writers stay (see :meth:`_clean_stale_tmp`)."""
+        tf_names = [check_timeframe(tf).name] if tf is not None else None
+        if symbol is not None:
+            check_storage_key(symbol)
+        removed = 0
+        for _, tf_dir in self._children(self.root, "timeframe", tf_names):
+            syms = [symbol] if symbol is not None else None
+            for _, sym_dir in self._children(tf_dir, "symbol", syms):
+                for _, p_dir in self._children(sym_dir, "period", None):
+                    removed += self._clean_stale_tmp(p_dir)
+        return removed
+
+    def _sweep_once(self, tf_name: str, symbol: str) -> None:
+        """The first write of this store to a symbol × timeframe sweeps that symbol's
+        partition directories (a kill during the rewrite of another period leaves a
+        leftover no later write of *that* period would see soon)."""
+        with self._swept_guard:
+            if (tf_name, symbol) in self._swept:
+                return
+            self._swept.add((tf_name, symbol))
+        removed = self.sweep_stale_tmp(tf_name, symbol)
+        if removed:
+            log.info("removed %d temporary file(s) of dead writers under %s/%s", removed,
+                     tf_name, symbol)
+
     @staticmethod
-    def _clean_stale_tmp(directory: Path) -> None:
+    def _clean_stale_tmp(directory: Path) -> int:
         """Remove temporary files left by killed writers: files of this store's pattern
-        whose process is gone (or that are older than an hour), and any other ``*.tmp``.
-        Temporary files of live concurrent writers are left alone."""
+        whose process is gone (or that are older than an hour), and any other ``*.tmp``;
+        returns how many. Temporary files of live concurrent writers are left alone. (The
+        pid test holds on one machine; a store shared by several machines relies on the
+        age, or on a shared lock's owner.)"""
         now = time.time()
+        removed = 0
         try:
             entries = list(os.scandir(directory))
         except FileNotFoundError:
-            return
+            return 0
         for entry in entries:
             if not entry.name.endswith(".tmp") or not entry.is_file(follow_symlinks=False):
                 continue
@@ -379,6 +453,8 @@ class BarStore:
             log.info("removing stale temporary file %s", entry.path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
+                removed += 1
+        return removed
 
 
 def _meta_of(schema: pa.Schema) -> PartitionMeta:
