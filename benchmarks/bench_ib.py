@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -62,7 +63,7 @@ from ib_async import IB, Contract, Forex, Stock
 
 from ktrdr_pipeline.domain import calendars
 from ktrdr_pipeline.domain.ib_rules import PacingLimits
-from ktrdr_pipeline.domain.pacing import PacedRequest, PacingWindow, bars_pacing_key
+from ktrdr_pipeline.domain.pacing import PacedRequest, PacingEvent, PacingWindow, bars_pacing_key
 from ktrdr_pipeline.domain.planning import plan_requests
 from ktrdr_pipeline.ib.connection import IBConnection
 from ktrdr_pipeline.ib.fetch import HistoricalFetcher
@@ -649,18 +650,18 @@ def bench_b(
 def _c_worker(path: str, tag: str, n: int, scale: float, barrier: Any, results: Any) -> None:
     """One process of (c): ``n`` requests at once, over the contracts the other uses too."""
 
-    async def main() -> list[float]:
+    async def main() -> list[tuple[float, str]]:
         gov = PacingGovernor(
             SqlitePacingLedger(path, retention=3600), PacingLimits(time_scale=scale)
         )
-        granted: list[float] = []
+        granted: list[tuple[float, str]] = []
 
         async def one(i: int) -> None:
             k = bars_pacing_key(
                 f"T{i % 4}", "SMART", f"20260101 {tag}{i:05d}", "1800 S", "1 secs", "TRADES", True
             )
             async with gov.slot(k):
-                granted.append(time.time())
+                granted.append((time.time(), k.identity))
                 await asyncio.sleep(0.001)
 
         barrier.wait()
@@ -686,15 +687,24 @@ def bench_c_rep(rep: int, workdir: Path) -> dict[str, Any]:
     got = dict(results.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(timeout=30)
-    times = sorted(got["A"] + got["B"])
+    sends = sorted(got["A"] + got["B"])
+    times = [t for t, _ in sends]
     events = sorted(SqlitePacingLedger(path).events(), key=lambda e: e.at)
-    violations = sum(
-        1
-        for i, e in enumerate(events)
-        if PacingWindow(lim, events[:i]).violation(
-            PacedRequest(e.identity, e.tick_key, e.weight), e.at
+
+    def broken(evs: list[PacingEvent]) -> int:
+        return sum(
+            1
+            for i, e in enumerate(evs)
+            if PacingWindow(lim, evs[:i]).violation(
+                PacedRequest(e.identity, e.tick_key, e.weight), e.at
+            )
         )
-    )
+
+    violations = broken(events)
+    # The sends as the processes saw them, each lagging its decision by scheduling delays.
+    decided = {e.identity: e for e in events}
+    sent = [dataclasses.replace(decided[i], at=t) for t, i in sends if i in decided]
+    lags = [t - decided[i].at for t, i in sends if i in decided]
     out = steady_state(times, lim.global_max, lim.global_window)
     out.update(
         {
@@ -702,6 +712,8 @@ def bench_c_rep(rep: int, workdir: Path) -> dict[str, Any]:
             "exit_codes": [p.exitcode for p in procs],
             "ledger_events": len(events),
             "ledger_violations": violations,
+            "send_rule_breaks": broken(sorted(sent, key=lambda e: e.at)),
+            "max_send_lag_s": round(max(lags), 5) if lags else None,
             "ramp_up_share_of_window": round(
                 (times[lim.global_max - 1] - times[0]) / lim.global_window, 4
             ),
@@ -719,7 +731,8 @@ def bench_c(reps: int, workdir: Path, say: Callable[[str], None]) -> dict[str, A
         say(
             f"(c) rep {rep + 1}: first 60 within {r['ramp_up_share_of_window']:.3f} of a "
             f"window; steady {r.get('ratio_of_max', float('nan')):.3f} of max; ledger "
-            f"violations {r['ledger_violations']}"
+            f"violations {r['ledger_violations']}; sends breaking a rule "
+            f"{r['send_rule_breaks']} (max lag {r['max_send_lag_s']} s)"
         )
     ramp = statistics.median(r["ramp_up_share_of_window"] for r in runs)
     ratios = [r["ratio_of_max"] for r in runs if "ratio_of_max" in r]
@@ -873,16 +886,20 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             f"{c['description']}. Times are the moments each process's governor granted a "
             "slot (wall clock). The rule lets the first 60 go at once; the steady-state rate "
-            "is measured as in (b).",
+            "is measured as in (b). Sends lag their ledger decisions by scheduling delays; at "
+            "this scale the 5 % margin is only 0.3 ms on the 6 ms same-contract window, so "
+            "on a loaded machine a send can break a rule its decision kept (reported, not a "
+            "target: at the real scale the margin is 0.1 s).",
             "",
             "| run | first 60 within (share of a window) | steady ratio of max | ledger "
-            "violations |",
-            "|---:|---:|---:|---:|",
+            "violations | sends breaking a rule | max send lag |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         for r in c["runs"]:
             lines.append(
                 f"| {r['rep']} | {r['ramp_up_share_of_window']:.3f} | "
-                f"{r.get('ratio_of_max', float('nan')):.3f} | {r['ledger_violations']} |"
+                f"{r.get('ratio_of_max', float('nan')):.3f} | {r['ledger_violations']} | "
+                f"{r['send_rule_breaks']} | {r['max_send_lag_s']} s |"
             )
         lines += [
             "",

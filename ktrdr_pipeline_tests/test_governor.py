@@ -728,9 +728,13 @@ def _share_worker(path: str, tag: str, n: int, barrier, results) -> None:
 def test_two_processes_share_one_ledger(tmp_path: Path) -> None:
     """Two real processes, one SQLite ledger: no rule broken, every request counted.
 
-    This runs on real time (the processes share only the wall clock), so it asserts no
-    speed: how fast the first 60 go (once asserted here: within half a window) and the
-    steady-state rate are figures of ``benchmarks/bench_ib.py`` (c).
+    This runs on real time (the processes share only the wall clock), so it asserts nothing
+    that depends on the machine's load: the ledger's decisions keep every rule, and each
+    process sends a request only once the ledger has admitted it. How fast the first 60 go
+    (once asserted here: within half a window), the steady-state rate, and how far the sends
+    lag the decisions (on a loaded machine more than the 5 % margin of these tiny windows:
+    the sends were once replayed here with ``JITTER`` of slack) are figures of
+    ``benchmarks/bench_ib.py`` (c).
     """
     path = str(tmp_path / "ledger.sqlite")
     SqlitePacingLedger(path).close()
@@ -752,13 +756,24 @@ def test_two_processes_share_one_ledger(tmp_path: Path) -> None:
     events = SqlitePacingLedger(path).events()
     assert len(events) == 80
     assert replay(events, SHARED) == []
-    # Nor do the sends the two processes made (as each saw them, allowing for jitter).
+    # Every request sent was admitted first: its send is no earlier than its decision (the
+    # n-th send of an identity after the n-th decision; identities i < 5 are in both).
     sends = [PacingEvent(*s) for s in got["A"] + got["B"]]
-    assert replay(sends, shortened(SHARED)) == []
     assert sorted(e.identity for e in events) == sorted(e.identity for e in sends)
+    decisions = _by_identity(events)
+    for identity, sent_at in _by_identity(sends).items():
+        assert all(s >= d for s, d in zip(sent_at, decisions[identity], strict=True)), identity
     # 80 requests > 60 per window: the processes really had to share the budget.
-    first = min(s.at for s in sends)
-    assert max(s.at for s in sends) - first >= SHARED.global_window
+    first = min(e.at for e in events)
+    assert max(e.at for e in events) - first >= SHARED.global_window
+
+
+def _by_identity(events: list[PacingEvent]) -> dict[str, list[float]]:
+    """Each identity's event times, in order."""
+    out: dict[str, list[float]] = {}
+    for e in sorted(events, key=lambda e: e.at):
+        out.setdefault(e.identity, []).append(e.at)
+    return out
 
 
 def _hold_worker(path: str, n: int, ready) -> None:
