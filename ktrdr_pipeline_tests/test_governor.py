@@ -1,14 +1,21 @@
 """The pacing governor and its ledgers: every rule, the open caps, rate, and many processes.
 
-Windows are scaled down (``PacingLimits(time_scale=...)``) so that the whole file runs in
-seconds. Two checks replay history through :meth:`PacingWindow.violation`:
+Within one process the governor runs on **virtual time**: a ``looptime`` event loop whose
+``loop.time()`` jumps to the next timer whenever the loop is idle, with the ledgers and the
+fake IB reading that clock (``clock=loop.time``). Every wait then lasts exactly what the
+governor computed, whatever the machine's load, and the tests can check exact times: the
+request sent at the instant the ledger admitted it, the next one exactly one (stretched)
+window later. Two checks replay history through :meth:`PacingWindow.violation`, both
+strictly against the *nominal* limits: the ledger's own decisions (event times, read under
+its lock) and the moments requests reached the fake IB. Windows keep their scaled-down
+sizes (``PacingLimits(time_scale=...)``) only so that the figures stay readable.
 
-* the ledger's own decisions (event times, read under its lock) against the *nominal* limits,
-  strictly: this is what the governor guarantees;
-* the moments requests reached the fake IB, with every window shortened by ``JITTER``: at
-  these tiny scales (a 2 ms window) an OS scheduling hiccup between the ledger's decision and
-  the send can exceed the governor's 5 % safety margin. At real scale the margin (0.1 s on the
-  2 s rule) dwarfs such delays. A bypassed governor breaks both checks by far.
+The tests with several real processes sharing one SQLite ledger run on real time. There an
+OS scheduling hiccup between the ledger's decision and the send can exceed the governor's
+5 % safety margin at these tiny scales (a 6 ms window), so the sends are replayed with every
+window shortened by ``JITTER`` (at real scale the margin, 0.1 s on the 2 s rule, dwarfs such
+delays). How fast the processes go is a benchmark figure (``benchmarks/bench_ib.py``), not
+an assertion. A bypassed governor breaks both checks by far.
 """
 
 from __future__ import annotations
@@ -16,14 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import multiprocessing
 import os
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import looptime
 import pytest
 
 from ktrdr_pipeline.domain.ib_rules import PacingLimits
@@ -52,6 +62,10 @@ from ktrdr_pipeline.ib.ledger import (
 )
 
 FAST = PacingLimits(time_scale=0.01)  # identical 0.15 s, contract 20 ms, global 6 s
+#: Where virtual time starts (any moment well past the epoch will do).
+VIRTUAL_START = 1_000_000.0
+#: Virtual time's resolution (looptime counts whole microseconds), with room for rounding.
+TICK = 2e-6
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -87,11 +101,22 @@ def replay(events: list[PacingEvent], limits: PacingLimits) -> list[str]:
 class FakeHMDS:
     """Stands in for IB's historical data farm: notes every rule a request breaks.
 
-    The rules are checked with windows shortened by ``JITTER`` (see the module docstring).
+    ``clock`` stamps the sends (the virtual loop's ``loop.time`` in this process's tests).
+    The rules are checked with windows shortened by ``slack`` seconds: none on virtual time,
+    where a request reaches IB at the instant the ledger admitted it; ``JITTER`` on real
+    time (see the module docstring).
     """
 
-    def __init__(self, limits: PacingLimits, max_open: int = 50) -> None:
-        self.limits = shortened(limits)
+    def __init__(
+        self,
+        limits: PacingLimits,
+        max_open: int = 50,
+        *,
+        clock: Callable[[], float] = time.time,
+        slack: float = JITTER,
+    ) -> None:
+        self.limits = shortened(limits, slack)
+        self.clock = clock
         self.max_open = max_open
         self.sent: list[PacingEvent] = []
         self.violations: list[str] = []
@@ -103,7 +128,7 @@ class FakeHMDS:
     async def request(
         self, key: PacedRequest | None, *, large: bool = False, hold: float = 0.001
     ) -> None:
-        now = time.time()  # no await before this line: it is the moment of sending
+        now = self.clock()  # no await before this line: it is the moment of sending
         if key is not None:
             why = PacingWindow(self.limits, self.sent).violation(key, now)
             if why:
@@ -140,13 +165,77 @@ def key(i: int, tick: str | None = None, what: str = "TRADES") -> PacedRequest:
     return bars_pacing_key(contract, "SMART", f"20260101 {i:06d}", "1800 S", "1 secs", what, True)
 
 
+class VirtualLoop(looptime.make_event_loop_class(asyncio.SelectorEventLoop)):  # type: ignore[misc]
+    """An event loop on virtual time whose timers are at least one tick (1 µs) ahead.
+
+    asyncio runs a timer due within its clock's resolution (1 ns) at once, without letting
+    time move. The ledger's float arithmetic can leave a wait that small (one ulp of 1e6 s,
+    1.2e-10 s): on a real clock the next look finds time moved on, on virtual time it would
+    find the same instant for ever. Here such a timer fires one tick later, like the next
+    reading of a clock that ticks in microseconds.
+    """
+
+    def call_at(self, when, callback, *args, context=None):  # type: ignore[no-untyped-def]
+        now = self.time()
+        if now < when < now + 1e-6:
+            when = now + 1e-6
+        return super().call_at(when, callback, *args, context=context)
+
+
+def virtual_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop on virtual time, starting at ``VIRTUAL_START``."""
+    return VirtualLoop(start=VIRTUAL_START)
+
+
+def test_virtual_loop_sleeps_exactly_and_at_least_one_tick() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert t0 == VIRTUAL_START
+        await asyncio.sleep(3600)
+        assert loop.time() - t0 == exactly(3600)
+        t1 = loop.time()
+        await asyncio.sleep(math.ulp(t1))  # below asyncio's 1 ns: due at once elsewhere
+        assert loop.time() - t1 == exactly(1e-6)
+        await asyncio.wait_for(asyncio.sleep(0.25), 1)
+        assert loop.time() - t1 == exactly(0.250001)
+
+    with asyncio.Runner(loop_factory=virtual_loop) as r:
+        r.run(main())
+
+
+@pytest.fixture
+def runner() -> Iterator[asyncio.Runner]:
+    """Runs coroutines like ``asyncio.run``, on one event loop with virtual time."""
+    with asyncio.Runner(loop_factory=virtual_loop) as r:
+        yield r
+
+
+def exactly(seconds: float) -> Any:
+    """``seconds`` on virtual time: equal up to its resolution (and float rounding)."""
+    return pytest.approx(seconds, abs=TICK)
+
+
+def vclock(runner: asyncio.Runner) -> Callable[[], float]:
+    """The virtual clock of ``runner``'s loop (for the ledgers and the fake IB)."""
+    return runner.get_loop().time
+
+
+def vhmds(runner: asyncio.Runner, limits: PacingLimits, max_open: int = 50) -> FakeHMDS:
+    """A fake IB on ``runner``'s virtual time, checking the nominal ``limits`` strictly."""
+    return FakeHMDS(limits, max_open, clock=vclock(runner), slack=0.0)
+
+
 @pytest.fixture(params=["memory", "sqlite"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PacingLedger]:
+def ledger(
+    request: pytest.FixtureRequest, tmp_path: Path, runner: asyncio.Runner
+) -> Iterator[PacingLedger]:
+    """Each ledger, on the virtual time of ``runner``."""
     led: PacingLedger
     if request.param == "memory":
-        led = MemoryPacingLedger(retention=3600)
+        led = MemoryPacingLedger(clock=vclock(runner), retention=3600)
     else:
-        led = SqlitePacingLedger(tmp_path / "ledger.sqlite", retention=3600)
+        led = SqlitePacingLedger(tmp_path / "ledger.sqlite", clock=vclock(runner), retention=3600)
     yield led
     led.close()
 
@@ -316,45 +405,52 @@ def test_sqlite_ledger_purges_leases_of_dead_pids_only_on_this_host(tmp_path: Pa
 # --- the governor, rule by rule -------------------------------------------------------------
 
 
-def test_identical_requests_wait_15_s_scaled(ledger: PacingLedger) -> None:
+def test_identical_requests_wait_15_s_scaled(ledger: PacingLedger, runner: asyncio.Runner) -> None:
     gov = PacingGovernor(ledger, FAST)
-    hmds = FakeHMDS(FAST)
+    hmds = vhmds(runner, FAST)
     k = key(1)
-    asyncio.run(run_all(gov, hmds, [k, k, k]))
+    runner.run(run_all(gov, hmds, [k, k, k]))
     assert hmds.violations == []
-    t = decided(ledger, FAST)
+    assert [e.at for e in hmds.sent] == decided(ledger, FAST)  # sent when admitted
+    t = [e.at for e in hmds.sent]
     gaps = [b - a for a, b in zip(t, t[1:], strict=False)]
     w = FAST.identical_window
-    for gap in gaps:  # at the window (plus the 5 % margin), not later
-        assert w <= gap <= w * 1.05 + 0.03, gaps
+    assert len(gaps) == 2
+    for gap in gaps:  # at the window plus the 5 % margin, not later
+        assert gap == exactly(w * 1.05), gaps
 
 
-def test_six_per_contract_within_2_s_scaled(ledger: PacingLedger) -> None:
+def test_six_per_contract_within_2_s_scaled(ledger: PacingLedger, runner: asyncio.Runner) -> None:
     limits = PacingLimits(time_scale=0.05)  # contract window 0.1 s
     gov = PacingGovernor(ledger, limits)
-    hmds = FakeHMDS(limits)
-    asyncio.run(run_all(gov, hmds, [key(i, tick="ONE") for i in range(12)]))
+    hmds = vhmds(runner, limits)
+    runner.run(run_all(gov, hmds, [key(i, tick="ONE") for i in range(12)]))
     assert hmds.violations == []
-    t = decided(ledger, limits)
+    assert [e.at for e in hmds.sent] == decided(ledger, limits)
+    t = [e.at for e in hmds.sent]
     w = limits.same_contract_window
     # Five go at once, five more one window later (not two), then the last two.
-    assert t[4] - t[0] < w / 4
-    assert w <= t[5] - t[0] <= w * 1.05 + 0.03
-    assert w <= t[10] - t[5] <= w * 1.05 + 0.03
+    assert t[4] - t[0] == 0
+    assert t[5] - t[0] == exactly(w * 1.05)
+    assert t[9] - t[5] == 0
+    assert t[10] - t[5] == exactly(w * 1.05)
+    assert t[11] - t[10] == 0
 
 
-def test_bid_ask_counts_twice_per_contract(ledger: PacingLedger) -> None:
+def test_bid_ask_counts_twice_per_contract(ledger: PacingLedger, runner: asyncio.Runner) -> None:
     limits = PacingLimits(time_scale=0.05)
     gov = PacingGovernor(ledger, limits)
-    hmds = FakeHMDS(limits)
+    hmds = vhmds(runner, limits)
     keys = [key(i, tick="ONE", what="BID_ASK") for i in range(5)]
-    asyncio.run(run_all(gov, hmds, keys))
+    runner.run(run_all(gov, hmds, keys))
     assert hmds.violations == []
-    t = decided(ledger, limits)
+    assert [e.at for e in hmds.sent] == decided(ledger, limits)
+    t = [e.at for e in hmds.sent]
     w = limits.same_contract_window
-    assert t[1] - t[0] < w / 4  # weight 4 in the window
-    assert w <= t[2] - t[0] <= w * 1.05 + 0.03  # a third would make 6
-    assert w <= t[4] - t[2] <= w * 1.05 + 0.03
+    assert t[1] - t[0] == 0  # weight 4 in the window
+    assert t[2] - t[0] == exactly(w * 1.05)  # a third would make 6
+    assert t[3] - t[2] == 0
+    assert t[4] - t[2] == exactly(w * 1.05)
 
 
 def _greedy_makespan(sent: list[PacingEvent], limits: PacingLimits) -> float:
@@ -369,43 +465,49 @@ def _greedy_makespan(sent: list[PacingEvent], limits: PacingLimits) -> float:
 
 
 @pytest.mark.parametrize("what, n", [("TRADES", 130), ("BID_ASK", 70)])
-def test_global_rule_at_full_rate(tmp_path: Path, what: str, n: int) -> None:
-    """60 per 600 s (scaled), BID_ASK counting twice, at >= 90 % of the rules' maximum rate."""
+def test_global_rule_at_full_rate(runner: asyncio.Runner, what: str, n: int) -> None:
+    """60 per 600 s (scaled), BID_ASK counting twice, at the rules' maximum rate less the
+    governor's 5 % safety margin (the test once asked for >= 90 % on real time)."""
     limits = PacingLimits(time_scale=0.001)  # global window 0.6 s
-    ledger = CountingLedger(retention=3600)
+    ledger = CountingLedger(clock=vclock(runner), retention=3600)
     gov = PacingGovernor(ledger, limits)
-    hmds = FakeHMDS(limits)
-    asyncio.run(run_all(gov, hmds, [key(i, what=what) for i in range(n)]))
+    hmds = vhmds(runner, limits)
+    runner.run(run_all(gov, hmds, [key(i, what=what) for i in range(n)]))
     assert hmds.violations == []
     assert len(hmds.sent) == n
-    decided(ledger, limits)
     t = [e.at for e in hmds.sent]
+    assert t == decided(ledger, limits)
     per_window = limits.global_max // (2 if what == "BID_ASK" else 1)
     w = limits.global_window
-    assert t[per_window - 1] - t[0] < w / 4  # the first window's worth goes at once
-    assert t[per_window] - t[0] >= w  # the next waits for the first to leave the window
+    # The first window's worth goes at once: beyond the 50 open requests, as the first
+    # answers come back (after the 1 ms the fake IB holds each request).
+    assert t[per_window - 1] - t[0] <= 0.001 + TICK
+    # the next waits for the first to leave the (stretched) window, not longer
+    assert t[per_window] - t[0] == exactly(w * 1.05)
     ideal = _greedy_makespan(hmds.sent, limits)
     actual = t[-1] - t[0]
     assert ideal == pytest.approx(w * ((n - 1) // per_window), rel=0.01)
-    assert ideal / actual >= 0.9, (ideal, actual)
+    assert ideal / actual == pytest.approx(1 / 1.05, rel=1e-4), (ideal, actual)
     assert ledger.attempts <= 5 * n  # waiting sleeps; it does not poll
 
 
-def test_rate_on_sqlite_with_mixed_rules(tmp_path: Path) -> None:
-    """Contract and global rules together, through SQLite: full rate, no violation."""
+def test_rate_on_sqlite_with_mixed_rules(tmp_path: Path, runner: asyncio.Runner) -> None:
+    """Contract and global rules together, through SQLite: full rate (less the 5 % safety
+    margin), no violation."""
     limits = PacingLimits(time_scale=0.001)
-    ledger = SqlitePacingLedger(tmp_path / "ledger.sqlite", retention=3600)
+    ledger = SqlitePacingLedger(tmp_path / "ledger.sqlite", clock=vclock(runner), retention=3600)
     gov = PacingGovernor(ledger, limits)
-    hmds = FakeHMDS(limits)
+    hmds = vhmds(runner, limits)
     keys = [
         key(i, tick=f"T{i % 4}", what="BID_ASK" if i % 5 == 0 else "TRADES") for i in range(110)
     ]
-    asyncio.run(run_all(gov, hmds, keys))
+    runner.run(run_all(gov, hmds, keys))
     assert hmds.violations == []
-    decided(ledger, limits)
+    assert len(hmds.sent) == len(keys)
+    assert [e.at for e in hmds.sent] == decided(ledger, limits)
     ideal = _greedy_makespan(hmds.sent, limits)
     actual = hmds.sent[-1].at - hmds.sent[0].at
-    assert ideal / actual >= 0.9, (ideal, actual)
+    assert ideal / actual == pytest.approx(1 / 1.05, rel=1e-4), (ideal, actual)
     ledger.close()
 
 
@@ -420,13 +522,15 @@ def test_governor_bypass_is_caught() -> None:
     async def bypassed(hmds: FakeHMDS) -> None:
         await asyncio.gather(*(hmds.request(k) for k in workload))
 
-    raw = FakeHMDS(limits)
-    asyncio.run(bypassed(raw))
+    with asyncio.Runner(loop_factory=virtual_loop) as r:
+        raw = FakeHMDS(limits, clock=vclock(r))  # shortened windows: JITTER of slack
+        r.run(bypassed(raw))
     assert raw.violations and replay(raw.sent, shortened(limits))
 
-    governed = FakeHMDS(limits)
-    ledger = MemoryPacingLedger(retention=3600)
-    asyncio.run(run_all(PacingGovernor(ledger, limits), governed, workload))
+    with asyncio.Runner(loop_factory=virtual_loop) as r:
+        governed = vhmds(r, limits)
+        ledger = MemoryPacingLedger(clock=vclock(r), retention=3600)
+        r.run(run_all(PacingGovernor(ledger, limits), governed, workload))
     assert governed.violations == []
     decided(ledger, limits)
     assert len(governed.sent) == len(workload)
@@ -435,25 +539,28 @@ def test_governor_bypass_is_caught() -> None:
 # --- open requests ---------------------------------------------------------------------------
 
 
-def test_max_open_requests(ledger: PacingLedger) -> None:
+def test_max_open_requests(ledger: PacingLedger, runner: asyncio.Runner) -> None:
     # open_poll is an hour: waiters must be woken by this process's releases, not by
-    # polling (a polling wait would run into the deadline).
+    # polling (a polling wait would run into the deadline, 120 s of virtual time).
     gov = PacingGovernor(ledger, FAST, max_open=4, max_open_large=2, open_poll=3600.0)
-    hmds = FakeHMDS(FAST, max_open=4)
+    hmds = vhmds(runner, FAST, max_open=4)
     # Small bars outside the hard rules would be unusual, but isolate the open cap here.
     work = run_all(gov, hmds, [None] * 20, hold=0.02, small=True)
+    start = vclock(runner)()
     try:
-        asyncio.run(asyncio.wait_for(work, 120))
+        runner.run(asyncio.wait_for(work, 120))
     except TimeoutError:
         pytest.fail("waiters for an open slot were not woken by the releases")
     assert hmds.violations == []
     assert hmds.peak_open == 4
     assert gov.open_count() == 0
+    # five rounds of four, each woken the instant the previous round's answers came back
+    assert vclock(runner)() - start == exactly(5 * 0.02)
 
 
-def test_large_bar_cap(ledger: PacingLedger) -> None:
+def test_large_bar_cap(ledger: PacingLedger, runner: asyncio.Runner) -> None:
     gov = PacingGovernor(ledger, FAST, max_open=5, max_open_large=2)
-    hmds = FakeHMDS(FAST, max_open=5)
+    hmds = vhmds(runner, FAST, max_open=5)
     peak_small = 0
 
     async def large() -> None:
@@ -469,7 +576,7 @@ def test_large_bar_cap(ledger: PacingLedger) -> None:
     async def main() -> None:
         await asyncio.gather(*[large() for _ in range(10)], *[small(i) for i in range(10)])
 
-    asyncio.run(main())
+    runner.run(main())
     assert hmds.violations == []
     assert hmds.peak_large == 2
     assert hmds.peak_open <= 5
@@ -477,7 +584,9 @@ def test_large_bar_cap(ledger: PacingLedger) -> None:
     assert gov.open_count() == 0
 
 
-def test_slot_released_on_exception_and_cancel(ledger: PacingLedger) -> None:
+def test_slot_released_on_exception_and_cancel(
+    ledger: PacingLedger, runner: asyncio.Runner
+) -> None:
     gov = PacingGovernor(ledger, FAST, max_open=2, max_open_large=1)
 
     async def main() -> None:
@@ -498,9 +607,10 @@ def test_slot_released_on_exception_and_cancel(ledger: PacingLedger) -> None:
         await entered.wait()
         # A second large request queues behind the cap; cancel it while it waits.
         waiter = asyncio.create_task(_enter(gov.slot(None, small=False)))
-        give_up = time.monotonic() + 60
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 60
         while not gov._gate_users:  # wait for it to queue (it holds the cap's gate)
-            assert time.monotonic() < give_up, "the second request never queued"
+            assert loop.time() < give_up, "the second request never queued"
             await asyncio.sleep(0.01)
         assert not waiter.done()
         waiter.cancel()
@@ -513,7 +623,7 @@ def test_slot_released_on_exception_and_cancel(ledger: PacingLedger) -> None:
         async with gov.slot(None, small=False):  # and the cap is free again
             pass
 
-    asyncio.run(main())
+    runner.run(main())
 
 
 async def _enter(cm) -> None:
@@ -521,7 +631,7 @@ async def _enter(cm) -> None:
         pass
 
 
-def test_leases_are_renewed_while_held(ledger: PacingLedger) -> None:
+def test_leases_are_renewed_while_held(ledger: PacingLedger, runner: asyncio.Runner) -> None:
     gov = PacingGovernor(ledger, FAST, lease_ttl=0.15)
 
     async def main() -> None:
@@ -530,26 +640,29 @@ def test_leases_are_renewed_while_held(ledger: PacingLedger) -> None:
             assert gov.open_count() == 1
         assert gov.open_count() == 0
 
-    asyncio.run(main())
+    runner.run(main())
 
 
-def test_pacing_violation_backs_off_doubling_and_resets(ledger: PacingLedger) -> None:
+def test_pacing_violation_backs_off_doubling_and_resets(
+    ledger: PacingLedger, runner: asyncio.Runner
+) -> None:
     gov = PacingGovernor(ledger, FAST, backoff_initial_s=10.0, backoff_max_s=25.0)
 
     async def timed(k: PacedRequest | None, small: bool = True) -> float:
-        start = time.monotonic()
+        """How long (virtual time) the slot took to grant."""
+        start = asyncio.get_running_loop().time()
         async with gov.slot(k, small=small):
             pass
-        return time.monotonic() - start
+        return asyncio.get_running_loop().time() - start
 
     async def main() -> None:
         assert gov.report_violation() == pytest.approx(0.1)
-        assert await timed(key(1)) >= 0.09
+        assert await timed(key(1)) == exactly(0.1)  # the whole penalty, no more
         assert gov.backoff == 0  # the success reset it
         assert gov.report_violation() == pytest.approx(0.1)
         assert gov.report_violation() == pytest.approx(0.2)
         assert gov.report_violation() == pytest.approx(0.25)  # capped
-        assert await timed(key(2)) >= 0.24
+        assert await timed(key(2)) == exactly(0.25)
         assert gov.backoff == 0
 
         # A violation reported while a request is in flight: that request's success does
@@ -559,14 +672,14 @@ def test_pacing_violation_backs_off_doubling_and_resets(ledger: PacingLedger) ->
         assert gov.backoff == pytest.approx(0.1)
 
         # Large bars are not held back: under an hour's penalty a large request still
-        # goes (within a deadline far shorter than the penalty), a paced one waits.
+        # goes (at once, within a deadline far shorter than the penalty), a paced one waits.
         held = PacingGovernor(ledger, FAST, backoff_initial_s=360_000.0)
         assert held.report_violation() == pytest.approx(3600)
-        await asyncio.wait_for(timed(None, small=False), 60)
+        assert await asyncio.wait_for(timed(None, small=False), 60) == 0
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(timed(key(4)), 0.2)
 
-    asyncio.run(main())
+    runner.run(main())
 
 
 def test_invalid_configuration() -> None:
@@ -613,6 +726,16 @@ def _share_worker(path: str, tag: str, n: int, barrier, results) -> None:
 
 @pytest.mark.slow
 def test_two_processes_share_one_ledger(tmp_path: Path) -> None:
+    """Two real processes, one SQLite ledger: no rule broken, every request counted.
+
+    This runs on real time (the processes share only the wall clock), so it asserts nothing
+    that depends on the machine's load: the ledger's decisions keep every rule, and each
+    process sends a request only once the ledger has admitted it. How fast the first 60 go
+    (once asserted here: within half a window), the steady-state rate, and how far the sends
+    lag the decisions (on a loaded machine more than the 5 % margin of these tiny windows:
+    the sends were once replayed here with ``JITTER`` of slack) are figures of
+    ``benchmarks/bench_ib.py`` (c).
+    """
     path = str(tmp_path / "ledger.sqlite")
     SqlitePacingLedger(path).close()
     ctx = multiprocessing.get_context("spawn")
@@ -633,14 +756,24 @@ def test_two_processes_share_one_ledger(tmp_path: Path) -> None:
     events = SqlitePacingLedger(path).events()
     assert len(events) == 80
     assert replay(events, SHARED) == []
-    # Nor do the sends the two processes made (as each saw them, allowing for jitter).
+    # Every request sent was admitted first: its send is no earlier than its decision (the
+    # n-th send of an identity after the n-th decision; identities i < 5 are in both).
     sends = [PacingEvent(*s) for s in got["A"] + got["B"]]
-    assert replay(sends, shortened(SHARED)) == []
     assert sorted(e.identity for e in events) == sorted(e.identity for e in sends)
+    decisions = _by_identity(events)
+    for identity, sent_at in _by_identity(sends).items():
+        assert all(s >= d for s, d in zip(sent_at, decisions[identity], strict=True)), identity
     # 80 requests > 60 per window: the processes really had to share the budget.
-    first = min(s.at for s in sends)
-    assert max(s.at for s in sends) - first >= SHARED.global_window
-    assert sorted(s.at for s in sends)[59] - first < SHARED.global_window / 2
+    first = min(e.at for e in events)
+    assert max(e.at for e in events) - first >= SHARED.global_window
+
+
+def _by_identity(events: list[PacingEvent]) -> dict[str, list[float]]:
+    """Each identity's event times, in order."""
+    out: dict[str, list[float]] = {}
+    for e in sorted(events, key=lambda e: e.at):
+        out.setdefault(e.identity, []).append(e.at)
+    return out
 
 
 def _hold_worker(path: str, n: int, ready) -> None:

@@ -8,7 +8,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +21,7 @@ from ktrdr_pipeline.greeks.bridges import (
     PortalBridge,
     PortalClient,
     SocketBridge,
+    make_bridge,
     portal_number,
 )
 from ktrdr_pipeline.greeks.cli import add_greeks_parser
@@ -30,7 +31,7 @@ from ktrdr_pipeline.greeks.runner import (
     RunStats,
     SnapshotRunner,
     TickClaims,
-    next_tick,
+    default_greeks_timeout,
     open_store,
     run_snapshots,
 )
@@ -116,13 +117,16 @@ def expected_positions(gw: GatewayThread, at: datetime) -> dict[int, dict[str, f
 @pytest.mark.parametrize("mode", MODES)
 def test_snapshot_equals_the_greeks_the_simulator_served(gw, tmp_path, mode):
     cfg = config(gw, tmp_path, mode)
+    sim_before = gw.server.clock.now()
     _, snap = asyncio.run(run_snapshots(cfg, once=True, claims=False))
     sim_now = gw.server.clock.now()
     assert snap is not None and snap.mode == mode and snap.account == "DU0000001"
     if mode == "PORTAL":
-        # _updated is the simulator time at which every value was computed: exact
+        # _updated is the simulator time at which every value was computed: exact, and
+        # taken during this run (it is stamped in whole milliseconds)
         at, rel = snap.data_time, 1e-9
-        assert at is not None and abs((sim_now - at).total_seconds()) < 5
+        assert at is not None
+        assert sim_before - timedelta(milliseconds=1) <= at <= sim_now
     else:
         at, rel = sim_now, 1e-6  # the last model-Greeks tick is at most a moment older
     want = expected_positions(gw, at)
@@ -191,20 +195,52 @@ def test_socket_sentinels_count_as_missing(gw, tmp_path):
 
 
 # -- the poll grid --------------------------------------------------------------------------------
+async def run_until_stored(cfg: GreeksConfig, store: CountingStore, n: int,
+                           **kwargs: Any) -> RunStats:
+    """A live run, stopped once ``store`` holds ``n`` snapshots (deadline: a minute)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_snapshots(cfg, stop=stop, store=store, **kwargs))
+    try:
+        await wait_for(lambda: len(store.ticks) >= n or task.done(), f"{n} snapshots", 60)
+    finally:
+        stop.set()
+    stats, _ = await task
+    return stats
+
+
+def assert_on_the_grid(ticks: list[float], stats: RunStats, interval: float = 1.0) -> None:
+    """Every tick on the grid, stored once, in order; each grid slot between the first and
+    the last either taken or counted as missed (a loaded machine may make the runner skip
+    a tick it woke up too late for; the skips are the only gaps)."""
+    assert all(t == int(t) for t in ticks)  # multiples of the interval since the epoch
+    steps = [round((b - a) / interval) for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert [s * interval for s in steps] == [b - a for a, b in zip(ticks, ticks[1:],
+                                                                    strict=False)]
+    assert all(s >= 1 for s in steps), ticks  # in order, none twice
+    assert sum(s - 1 for s in steps) <= stats.missed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_consecutive_snapshots_one_interval_apart_on_the_grid(gw, tmp_path, mode):
+    """Snapshots on the grid, one interval apart unless a tick was skipped (and counted).
+
+    How close to its tick a snapshot is taken depends on the machine's load: that drift is
+    a figure of ``benchmarks/bench_greeks.py`` (target under 1 s), not asserted here; the
+    runner's timing logic is checked exactly, on a fake clock, by
+    ``test_the_runner_never_drifts_and_skips_what_it_overran``.
+    """
     cfg = config(gw, tmp_path, mode)
-    until = datetime.fromtimestamp(next_tick(time.time(), 1.0) + 3.5, UTC)
-    stats, _ = asyncio.run(run_snapshots(cfg, until=until))
-    assert stats.snapshots == stats.ticks >= 3 and stats.failed == stats.missed == 0
+    store = counting_store(cfg)
+    stats = asyncio.run(run_until_stored(cfg, store, 3))
+    assert stats.snapshots == stats.ticks >= 3 and stats.failed == 0
     rows = read_rows(cfg.db_path, "SELECT tick_time, snapshot_time FROM portfolio_greeks "
                                   "WHERE con_id = 0 ORDER BY rowid")
     ticks = [r["tick_time"].timestamp() for r in rows]
-    assert all(t == int(t) for t in ticks)  # multiples of the interval since the epoch
-    assert [b - a for a, b in zip(ticks, ticks[1:], strict=False)] == [1.0] * (len(ticks) - 1)
+    assert ticks == store.ticks and len(ticks) == stats.ticks
+    assert_on_the_grid(ticks, stats)
     drifts = [(r["snapshot_time"] - r["tick_time"]).total_seconds() for r in rows]
-    assert all(0 <= d < 0.5 for d in drifts), drifts
+    assert all(0 <= d for d in drifts), drifts  # never before its tick
     assert stats.max_drift_s == pytest.approx(max(drifts), abs=1e-3)
 
 
@@ -245,19 +281,49 @@ def test_the_runner_never_drifts_and_skips_what_it_overran(tmp_path):
 
 @pytest.mark.slow
 def test_overlapping_runs_take_each_tick_once(gw, tmp_path):
+    """Two runs on one data directory: every tick either of them reached is stored once.
+
+    Both runs normally reach every tick (one takes it, the other finds it taken); on a
+    loaded machine one may wake up too late for a tick and skip it (counted as missed),
+    which must not make a tick stored twice or lost for the other run.
+    """
     cfg = config(gw, tmp_path, "PORTAL")
-    until = datetime.fromtimestamp(next_tick(time.time(), 1.0) + 3.5, UTC)
+    stores = [counting_store(cfg), counting_store(cfg)]
+    bridges = [make_bridge(cfg, st, greeks_timeout=default_greeks_timeout(cfg))
+               for st in stores]
+
+    def stored() -> int:
+        return sum(len(st.ticks) for st in stores)
 
     async def both() -> list[RunStats]:
-        runs = [run_snapshots(cfg, until=until) for _ in range(2)]
-        return [s for s, _ in await asyncio.gather(*runs)]
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(run_snapshots(cfg, stop=stop, store=st, bridge=br))
+                 for st, br in zip(stores, bridges, strict=True)]
+        try:
+            # both connected, then three ticks (each of which both runs want)
+            await wait_for(lambda: all(br.available for br in bridges)
+                           or any(t.done() for t in tasks), "both bridges connected", 60)
+            connected = stored()
+            await wait_for(lambda: stored() >= connected + 3 or any(t.done() for t in tasks),
+                           "3 snapshots", 60)
+        finally:
+            stop.set()
+        return [s for s, _ in await asyncio.gather(*tasks)]
 
     a, b = asyncio.run(both())
-    assert a.ticks == b.ticks >= 3
-    assert a.snapshots + b.snapshots == a.ticks  # each tick taken by one run
-    assert a.taken_elsewhere + b.taken_elsewhere == a.ticks
+    assert a.failed == b.failed == 0
+    assert a.snapshots + b.snapshots >= 3
+    for run, st in ((a, stores[0]), (b, stores[1])):
+        assert run.ticks == run.snapshots + run.taken_elsewhere  # taken here or there
+        assert len(st.ticks) == run.snapshots
+    # each tick taken by one run: those a run found taken are the other run's
+    assert not set(stores[0].ticks) & set(stores[1].ticks)
+    assert a.taken_elsewhere <= b.snapshots and b.taken_elsewhere <= a.snapshots
+    assert a.taken_elsewhere + b.taken_elsewhere >= 1  # the runs really overlapped
     ticks = stored_ticks(cfg)
-    assert len(ticks) == len(set(ticks)) == a.ticks
+    assert len(ticks) == len(set(ticks)) == a.snapshots + b.snapshots
+    assert sorted(ticks) == sorted(stores[0].ticks + stores[1].ticks)
+    assert_on_the_grid(sorted(ticks), SimpleNamespace(missed=a.missed + b.missed))
     claims = TickClaims(tmp_path / "c")
     assert claims.claim(10.0) and not claims.claim(10.0) and not claims.claim(5.0)
     assert claims.claim(15.0)
@@ -356,12 +422,18 @@ def test_portal_keeps_the_session_and_reprimes_after_a_reset(gw, tmp_path):
     store = counting_store(cfg)
     bridge = PortalBridge(cfg, store, tickle_interval=0.5, greeks_timeout=0.6)
     tickles = portal.tickles
-    until = datetime.fromtimestamp(next_tick(time.time(), 1.0) + 4.5, UTC)
 
     async def scenario() -> RunStats:
-        task = asyncio.create_task(run_snapshots(cfg, until=until, store=store, bridge=bridge))
-        await asyncio.sleep(2.2)
-        gw.call(portal.reset_session)  # as after IB's nightly reset
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_snapshots(cfg, stop=stop, store=store, bridge=bridge))
+        try:
+            await wait_for(lambda: len(store.ticks) >= 2 or task.done(),
+                           "2 snapshots before the reset", 60)
+            await asyncio.to_thread(gw.call, portal.reset_session)  # as after IB's nightly reset
+            await wait_for(lambda: len(store.ticks) >= 4 and portal.tickles - tickles >= 3
+                           or task.done(), "2 snapshots after the reset, 3 tickles", 60)
+        finally:
+            stop.set()
         stats, _ = await task
         return stats
 
