@@ -513,3 +513,39 @@ def test_a_packed_run_records_each_partitions_own_metadata_and_checks(env, monke
     _assert_partition_records_its_own(instance, data_dir, "1d", "2026|AAPL", again.run_id)
     _assert_partition_records_its_own(instance, data_dir, "1d", "2025|AAPL", result.run_id)
     assert _check_partition_statuses(instance, "1d") == statuses
+
+
+def test_partition_metadata_describes_one_partition():
+    from ktrdr_pipeline.defs.bars.assets import partition_metadata
+    from ktrdr_pipeline.loader import PartitionResult
+
+    loaded = PartitionResult("EURUSD", "1d", "2025", rows=2, first_bar="2025-01-01T00:00:00",
+                             last_bar="2025-01-02T00:00:00", ib_requests_made=1,
+                             fetched_bars=2, use_rth=False, what_to_show="MIDPOINT",
+                             preview=[{"ts": "2025-01-02", "close": 1.04}])
+    meta = partition_metadata(loaded)
+    assert (meta["rows"], meta["first_bar"], meta["last_bar"]) == (
+        2, "2025-01-01T00:00:00", "2025-01-02T00:00:00")
+    assert (meta["use_rth"], meta["what_to_show"], meta["ib_requests"]) == (
+        False, "MIDPOINT", 1)
+    assert meta["preview"].value == "| ts | close |\n|---|---|\n| 2025-01-02 | 1.04 |\n"
+    empty = partition_metadata(PartitionResult("AAPL", "1d", "2026", status="no_data"))
+    assert empty["rows"] == 0 and empty["first_bar"] == "" and "preview" not in empty
+
+
+def test_latest_materialization_is_the_partitions_own_newest():
+    from ktrdr_pipeline.defs.bars.checks import latest_materialization
+
+    key = dg.AssetKey("bars_1d")
+    with dg.instance_for_test() as instance:
+        assert latest_materialization(instance, key, "2025|AAPL") is None
+        for partition in ("2025|AAPL", "2025|AAPL", "2025|EURUSD"):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(key, partition=partition))
+        newest = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=["2025|AAPL"]),
+            limit=1).records[0]
+        target = latest_materialization(instance, key, "2025|AAPL")
+        assert (target.storage_id, target.run_id) == (newest.storage_id, newest.run_id)
+        assert latest_materialization(instance, key, "2025|EURUSD").storage_id \
+            > target.storage_id

@@ -12,8 +12,9 @@ from .partitions import bar_partitions, symbol_period
 
 #: Runs of IB-bound assets share this concurrency pool (see dagster.yaml in the README).
 IB_POOL = "ib_api"
-#: A backfill packs up to this many partitions (of one symbol) into one run, so a
-#: multi-year backfill costs one process and one IB connection per run, not per period.
+#: A backfill packs up to this many partitions (a range of the period × symbol grid: one
+#: symbol's periods, or one period's symbols) into one run, so a multi-year backfill costs
+#: one process and one IB connection per run, not per partition.
 #: Each partition of such a packed run still records its own materialization metadata
 #: (below) and its own check results (checks.py), as a single-partition run does.
 MAX_PARTITIONS_PER_RUN = 12

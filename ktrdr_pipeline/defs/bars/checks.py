@@ -158,14 +158,14 @@ def _fresh(view: PartitionView) -> dg.AssetCheckResult:
 
 
 CHECKS = (
-    ("ohlc_valid", _ohlc_valid, True, dg.AssetCheckSeverity.ERROR,
+    ("ohlc_valid", _ohlc_valid, True,
      "Positive prices, low <= min(open, close) <= max(open, close) <= high, non-negative "
      "volume."),
-    ("unique_sorted_in_session", _unique_sorted, False, dg.AssetCheckSeverity.ERROR,
+    ("unique_sorted_in_session", _unique_sorted, False,
      "No duplicate bars, sorted, every bar inside a session."),
-    ("calendar_gaps", _calendar_gaps, False, dg.AssetCheckSeverity.WARN,
+    ("calendar_gaps", _calendar_gaps, False,
      "Sessions of the exchange calendar with missing bars."),
-    ("fresh", _fresh, False, dg.AssetCheckSeverity.WARN,
+    ("fresh", _fresh, False,
      "The newest period holds the last completed bar IB has."),
 )
 
@@ -178,7 +178,7 @@ def build_checks(tf: Timeframe,
     partitions_def = bar_partitions(tf, start)
     specs = [dg.AssetCheckSpec(name, asset=asset_key, blocking=blocking,
                                description=description, partitions_def=partitions_def)
-             for name, _, blocking, _, description in CHECKS]
+             for name, _, blocking, description in CHECKS]
 
     @dg.multi_asset_check(name=f"bars_{tf.name}_checks", specs=specs, can_subset=True,
                           description=f"The checks of bars_{tf.name}, from one read of "
@@ -192,7 +192,7 @@ def build_checks(tf: Timeframe,
             symbol, period = symbol_period(partition)
             partitions.append((partition, PartitionView(data_dir, tf, symbol, period),
                                latest_materialization(context.instance, asset_key, partition)))
-        for spec, (name, evaluate, blocking, _, _) in zip(specs, CHECKS, strict=True):
+        for spec, (name, evaluate, blocking, _) in zip(specs, CHECKS, strict=True):
             if name not in selected:
                 continue
             for partition, view, target in partitions:
