@@ -14,6 +14,9 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._core.storage.asset_check_state import AssetCheckState
 
 from ktrdr_pipeline.defs.bars.assets import build_bar_asset
 from ktrdr_pipeline.defs.bars.checks import build_checks
@@ -428,3 +431,128 @@ def test_thin_stock_second_bars_and_what_ib_no_longer_keeps(env):
     # ... and the empty result says why, with no empty file written (issue 14 case 7)
     assert old.status == "empty" and "older than IB keeps 5 secs bars" in old.reason
     assert not BarStore(data_dir).path("5s", "ILLQ", "2026-03-02").exists()
+
+
+CHECK_NAMES = ("ohlc_valid", "unique_sorted_in_session", "calendar_gaps", "fresh")
+
+
+def _assert_partition_records_its_own(instance: dg.DagsterInstance, data_dir: Path, tf_name: str,
+                                      partition: str, run_id: str) -> None:
+    """Through the instance, as the UI reads it: the partition's latest materialization
+    describes its own Parquet file, and each check has a passed evaluation of it that
+    judges that materialization."""
+    from ktrdr_pipeline.defs.bars.partitions import symbol_period
+    from ktrdr_pipeline.store.parquet import BarStore
+
+    key = dg.AssetKey(f"bars_{tf_name}")
+    symbol, period = symbol_period(partition)
+    [record] = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records
+    assert record.run_id == run_id
+    meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+    store = BarStore(data_dir)
+    frame = store.read(tf_name, symbol, period)
+    stored = store.read_meta(tf_name, symbol, period)
+    assert len(frame) > 0
+    assert meta["rows"] == len(frame), (partition, meta)
+    assert meta["first_bar"] == frame.index[0].isoformat(), (partition, meta)
+    assert meta["last_bar"] == frame.index[-1].isoformat(), (partition, meta)
+    assert (meta["use_rth"], meta["what_to_show"]) == (stored.use_rth, stored.what_to_show)
+    assert "partitions" not in meta  # nothing summed over the run's other partitions
+    assert str(frame.index[-1]) in meta["preview"]  # a preview of its own newest bars
+    assert str(frame["close"].iloc[-1]) in meta["preview"]
+    for name in CHECK_NAMES:
+        [execution] = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(key, name), limit=1, partition_filter=PartitionKeyFilter(key=partition))
+        assert execution.run_id == run_id, (partition, name)
+        assert execution.status == AssetCheckExecutionRecordStatus.SUCCEEDED, (partition, name)
+        evaluation = execution.event.dagster_event.event_specific_data
+        assert evaluation.partition == partition and evaluation.passed, (partition, name)
+        # judged this partition's newest materialization: the UI shows it as current
+        assert evaluation.target_materialization_data.storage_id == record.storage_id
+
+
+def _check_partition_statuses(instance: dg.DagsterInstance, tf_name: str) -> dict[str, set[str]]:
+    """Per check: its partitions by status, from the cache the UI's partition view reads."""
+    from dagster._core.storage.asset_check_state import bulk_update_asset_check_state
+
+    from ktrdr_pipeline.defs.bars.partitions import bar_partitions
+
+    pdef = bar_partitions(get_timeframe(tf_name))
+    keys = [(dg.AssetCheckKey(dg.AssetKey(f"bars_{tf_name}"), n), pdef) for n in CHECK_NAMES]
+    with dg.partition_loading_context(dynamic_partitions_store=instance):
+        states = bulk_update_asset_check_state(
+            instance, keys, {k: AssetCheckState.empty() for k, _ in keys})
+        return {key.name: {f"{status.value}:{pk}" for status, subset in state.subsets.items()
+                           for pk in (subset.subset_value.get_partition_keys()
+                                      if not subset.is_empty else [])}
+                for key, state in states.items()}
+
+
+def test_a_packed_run_records_each_partitions_own_metadata_and_checks(env, monkeypatch):
+    """A backfill packs partitions into one run (a partition range); each partition still
+    records its own materialization metadata and its own result of each check."""
+    _, instance, resources, data_dir, _ = env
+    monkeypatch.setenv("KTRDR_CLOCK", MARKET_OPEN.isoformat())  # the simulator's: fresh
+    tf = get_timeframe("1d")
+    # the rectangle 2025..2026 x AAPL..EURUSD: four partitions of two symbols
+    first, last = "2025|AAPL", "2026|EURUSD"
+    result = dg.materialize(
+        [build_bar_asset(tf), *build_checks(tf)], instance=instance, resources=resources,
+        tags={"dagster/asset_partition_range_start": first,
+              "dagster/asset_partition_range_end": last})
+    assert result.success
+    partitions = ["2025|AAPL", "2025|EURUSD", "2026|AAPL", "2026|EURUSD"]
+    assert sorted(m.partition for m in result.asset_materializations_for_node("bars_1d")) \
+        == partitions
+    for partition in partitions:
+        _assert_partition_records_its_own(instance, data_dir, "1d", partition, result.run_id)
+    # the UI's per-partition check status: passed, none skipped
+    statuses = _check_partition_statuses(instance, "1d")
+    assert statuses == {n: {f"SUCCEEDED:{p}" for p in partitions} for n in CHECK_NAMES}
+
+    # a single-partition run (a sensor's, the UI's) afterwards: its partition's records
+    # are the new run's, the others stay as the packed run left them
+    again = dg.materialize(
+        [build_bar_asset(tf), *build_checks(tf)], instance=instance, resources=resources,
+        partition_key="2026|AAPL")
+    assert again.success
+    _assert_partition_records_its_own(instance, data_dir, "1d", "2026|AAPL", again.run_id)
+    _assert_partition_records_its_own(instance, data_dir, "1d", "2025|AAPL", result.run_id)
+    assert _check_partition_statuses(instance, "1d") == statuses
+
+
+def test_partition_metadata_describes_one_partition():
+    from ktrdr_pipeline.defs.bars.assets import partition_metadata
+    from ktrdr_pipeline.loader import PartitionResult
+
+    loaded = PartitionResult("EURUSD", "1d", "2025", rows=2, first_bar="2025-01-01T00:00:00",
+                             last_bar="2025-01-02T00:00:00", ib_requests_made=1,
+                             fetched_bars=2, use_rth=False, what_to_show="MIDPOINT",
+                             preview=[{"ts": "2025-01-02", "close": 1.04}])
+    meta = partition_metadata(loaded)
+    assert (meta["rows"], meta["first_bar"], meta["last_bar"]) == (
+        2, "2025-01-01T00:00:00", "2025-01-02T00:00:00")
+    assert (meta["use_rth"], meta["what_to_show"], meta["ib_requests"]) == (
+        False, "MIDPOINT", 1)
+    assert meta["preview"].value == "| ts | close |\n|---|---|\n| 2025-01-02 | 1.04 |\n"
+    empty = partition_metadata(PartitionResult("AAPL", "1d", "2026", status="no_data"))
+    assert empty["rows"] == 0 and empty["first_bar"] == "" and "preview" not in empty
+
+
+def test_latest_materialization_is_the_partitions_own_newest():
+    from ktrdr_pipeline.defs.bars.checks import latest_materialization
+
+    key = dg.AssetKey("bars_1d")
+    with dg.instance_for_test() as instance:
+        assert latest_materialization(instance, key, "2025|AAPL") is None
+        for partition in ("2025|AAPL", "2025|AAPL", "2025|EURUSD"):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(key, partition=partition))
+        newest = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=["2025|AAPL"]),
+            limit=1).records[0]
+        target = latest_materialization(instance, key, "2025|AAPL")
+        assert (target.storage_id, target.run_id) == (newest.storage_id, newest.run_id)
+        assert latest_materialization(instance, key, "2025|EURUSD").storage_id \
+            > target.storage_id

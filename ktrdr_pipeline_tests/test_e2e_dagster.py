@@ -1,7 +1,8 @@
 """End to end: simulator, ``symbols add``, dagster-webserver and dagster-daemon as separate
-processes; a partition backfill of ``bars_1h`` launched over GraphQL (2 symbols x 3 years)
-runs through the daemon, its checks are recorded per partition, and the bars are queryable
-with the ``sql`` command. Everything is stopped afterwards and nothing may be left running.
+processes; a partition backfill of ``bars_1h`` and ``bars_1d`` launched over GraphQL
+(2 symbols x 3 years) runs through the daemon in packed runs, yet every partition shows its
+own materialization metadata and its own result of each check in the webserver's API (what
+the UI shows), and the bars are queryable with the ``sql`` command. Everything is stopped afterwards and nothing may be left running.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ CHECKS = ("ohlc_valid", "unique_sorted_in_session", "calendar_gaps", "fresh")
 #: Checks that must pass: all of them (``KTRDR_CLOCK`` gives the sensors and the ``fresh``
 #: check the simulator's clock).
 MUST_PASS = CHECKS
-#: 6 runs, 2 at a time, each a run worker plus one process per step (the asset and
-#: its 4 checks): about 60 s on 2 cores, plus up to 30 s for the daemon to notice.
-BACKFILL_TIMEOUT_S = 180
+#: One run per symbol (its 3 periods of both assets), 2 at a time, each a run worker plus one
+#: process per step (the assets and their checks): about 60-90 s on 2 cores, plus up to
+#: 30 s for the daemon to notice (and to mark the backfill complete).
+BACKFILL_TIMEOUT_S = 300
+ASSETS = ("bars_1h", "bars_1d")
 
 #: A minimal instance config. Runs go through the QueuedRunCoordinator (Dagster's default);
 #: ``dequeue_interval_seconds: 1`` (default 5) only makes the daemon pick queued runs up
@@ -134,11 +137,25 @@ query Mats($key: AssetKeyInput!) {
 """
 
 CHECK_EXECUTIONS = """
-query Checks($key: AssetKeyInput!, $name: String!) {
-  assetCheckExecutions(assetKey: $key, checkName: $name, limit: 100) {
+query Checks($key: AssetKeyInput!, $name: String!, $partition: String) {
+  assetCheckExecutions(assetKey: $key, checkName: $name, partition: $partition, limit: 100) {
     runId status partition
     evaluation { success partition }
   }
+}
+"""
+
+#: What the UI's partition view shows: each partition's latest materialization.
+LATEST_BY_PARTITION = """
+query Latest($key: AssetKeyInput!, $partitions: [String!]) {
+  assetNodeOrError(assetKey: $key) { ... on AssetNode {
+    latestMaterializationByPartition(partitions: $partitions) {
+      partition runId
+      metadataEntries { label
+        ... on IntMetadataEntry { intValue }
+        ... on TextMetadataEntry { text }
+        ... on BoolMetadataEntry { boolValue }
+        ... on MarkdownMetadataEntry { mdStr } } } } }
 }
 """
 
@@ -217,6 +234,43 @@ def _expected_aapl_1h_bars(year: int, until: date | None = None) -> int:
     return n
 
 
+def _assert_each_partition_shows_its_own(gql: GraphQL, asset: str, partitions: list[str],
+                                         run_ids: set[str], data_dir: Path) -> None:
+    """Through the webserver, for every partition: its latest materialization describes
+    its own stored bars, and each check has a result for that partition that passed."""
+    from ktrdr_pipeline.defs.bars.partitions import symbol_period
+    from ktrdr_pipeline.store.parquet import BarStore
+
+    key = {"path": [asset]}
+    store = BarStore(data_dir)
+    latest = gql(LATEST_BY_PARTITION, {"key": key, "partitions": partitions})[
+        "assetNodeOrError"]["latestMaterializationByPartition"]
+    assert [m["partition"] for m in latest] == partitions, latest
+    for mat in latest:
+        partition = mat["partition"]
+        symbol, period = symbol_period(partition)
+        frame = store.read(asset.removeprefix("bars_"), symbol, period)
+        meta = {e["label"]: next((v for k, v in e.items() if k != "label"), None)
+                for e in mat["metadataEntries"]}
+        assert mat["runId"] in run_ids, (asset, mat)
+        assert len(frame) and meta["rows"] == len(frame), (asset, partition, meta)
+        assert meta["first_bar"] == frame.index[0].isoformat(), (asset, partition, meta)
+        assert meta["last_bar"] == frame.index[-1].isoformat(), (asset, partition, meta)
+        assert str(frame.index[-1]) in meta["preview"], (asset, partition, meta)
+        for name in CHECKS:
+            executions = [e for e in gql(CHECK_EXECUTIONS, {
+                "key": key, "name": name, "partition": partition})["assetCheckExecutions"]
+                if e["runId"] in run_ids]
+            # exactly one result for the partition from the backfill, not one per run
+            assert len(executions) == 1, (asset, partition, name, executions)
+            [execution] = executions
+            assert execution["partition"] == partition, (asset, name, execution)
+            assert execution["evaluation"]["partition"] == partition, (asset, name, execution)
+            if name in MUST_PASS:
+                assert execution["status"] == "SUCCEEDED", (asset, partition, name, execution)
+                assert execution["evaluation"]["success"], (asset, partition, name, execution)
+
+
 @pytest.mark.slow
 def test_backfill_over_graphql_with_webserver_and_daemon(tmp_path):
     logs = tmp_path / "logs"
@@ -241,7 +295,6 @@ def test_backfill_over_graphql_with_webserver_and_daemon(tmp_path):
         "KTRDR_CLOCK": CLOCK,
     }
     gql = GraphQL(web_port)
-    key = {"path": ["bars_1h"]}
     ib_port = None
     try:
         gateway = procs.start("gateway", [
@@ -265,7 +318,8 @@ def test_backfill_over_graphql_with_webserver_and_daemon(tmp_path):
         _stop_automation(gql)
         partitions = sorted(_multi_key(s, p) for s in SYMBOLS for p in PERIODS)
         launched = gql(LAUNCH_BACKFILL, {"params": {
-            "assetSelection": [key], "partitionNames": partitions, "title": "e2e bars_1h",
+            "assetSelection": [{"path": [a]} for a in ASSETS], "partitionNames": partitions,
+            "title": "e2e bars_1h and bars_1d",
         }})["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         backfill_id = launched["backfillId"]
@@ -290,30 +344,23 @@ def test_backfill_over_graphql_with_webserver_and_daemon(tmp_path):
             f"backfill {backfill['status']}: {backfill['error']}\n{failures}\n{procs.tails()}")
         assert runs and all(r["status"] == "SUCCESS" for r in runs), failures
         assert backfill["numPartitions"] == len(partitions)
-        # the backfill policy packs each symbol's periods into one run
+        # the backfill policy packs each symbol's periods into one run (both assets have
+        # the same partitions, so Dagster may run them together)
         ranges = sorted(
             ({t["key"]: t["value"] for t in r["tags"]}.get("dagster/asset_partition_range_start"),
              {t["key"]: t["value"] for t in r["tags"]}.get("dagster/asset_partition_range_end"))
             for r in runs)
-        assert ranges == [(_multi_key(s, PERIODS[0]), _multi_key(s, PERIODS[-1]))
-                          for s in SYMBOLS], runs
-
-        mats = gql(MATERIALIZATIONS, {"key": key})["assetOrError"]["assetMaterializations"]
-        assert sorted({m["partition"] for m in mats}) == partitions, mats
-        assert {m["runId"] for m in mats} <= {r["runId"] for r in runs}
+        assert sorted(set(ranges)) == [(_multi_key(s, PERIODS[0]), _multi_key(s, PERIODS[-1]))
+                                       for s in SYMBOLS], runs
 
         run_ids = {r["runId"] for r in runs}
-        for name in CHECKS:
-            executions = [e for e in gql(CHECK_EXECUTIONS, {"key": key, "name": name})[
-                "assetCheckExecutions"] if e["runId"] in run_ids]
-            # a packed run evaluates every partition it holds, recorded once for the run
-            # (Dagster lists the run's partitions as planned-but-skipped executions too)
-            evaluated = [e for e in executions if e["evaluation"] is not None]
-            assert sorted(e["runId"] for e in evaluated) == sorted(run_ids), (name, executions)
-            for execution in evaluated:
-                if name in MUST_PASS:
-                    assert execution["status"] == "SUCCEEDED", (name, execution)
-                    assert execution["evaluation"]["success"], (name, execution)
+        for asset in ASSETS:
+            asset_key = {"path": [asset]}
+            mats = gql(MATERIALIZATIONS, {"key": asset_key})["assetOrError"][
+                "assetMaterializations"]
+            assert sorted({m["partition"] for m in mats}) == partitions, (asset, mats)
+            assert {m["runId"] for m in mats} <= run_ids
+            _assert_each_partition_shows_its_own(gql, asset, partitions, run_ids, data_dir)
 
         def sql(query: str) -> list[dict]:
             out = subprocess.run(

@@ -12,11 +12,11 @@ from .partitions import bar_partitions, symbol_period
 
 #: Runs of IB-bound assets share this concurrency pool (see dagster.yaml in the README).
 IB_POOL = "ib_api"
-#: A backfill packs up to this many partitions (of one symbol) into one run, so a
-#: multi-year backfill costs one process and one IB connection per run, not per period.
-#: Dagster records the checks of such a packed run once for the run (they evaluate every
-#: partition in it, see checks.py); single-partition runs (sensors, the UI) get results
-#: per partition.
+#: A backfill packs up to this many partitions (a range of the period × symbol grid: one
+#: symbol's periods, or one period's symbols) into one run, so a multi-year backfill costs
+#: one process and one IB connection per run, not per partition.
+#: Each partition of such a packed run still records its own materialization metadata
+#: (below) and its own check results (checks.py), as a single-partition run does.
 MAX_PARTITIONS_PER_RUN = 12
 BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN)
 
@@ -27,26 +27,23 @@ class BarLoadConfig(dg.Config):
     mode: str = "fill"
 
 
-def _metadata(results: list[PartitionResult]) -> dict[str, object]:
-    rows = sum(r.rows for r in results)
-    firsts = [r.first_bar for r in results if r.first_bar]
-    lasts = [r.last_bar for r in results if r.last_bar]
+def partition_metadata(result: PartitionResult) -> dict[str, object]:
+    """What one partition's materialization shows: its stored bars and what loading cost."""
     meta: dict[str, object] = {
-        "partitions": len(results),
-        "rows": rows,
-        "first_bar": min(firsts) if firsts else "",
-        "last_bar": max(lasts) if lasts else "",
-        "ib_requests": sum(r.ib_requests_made for r in results),
-        "bars_fetched": sum(r.fetched_bars for r in results),
-        "gaps_found": sum(r.gaps_found for r in results),
-        "gaps_filled": sum(r.gaps_filled for r in results),
+        "rows": result.rows,
+        "first_bar": result.first_bar or "",
+        "last_bar": result.last_bar or "",
+        "ib_requests": result.ib_requests_made,
+        "bars_fetched": result.fetched_bars,
+        "gaps_found": result.gaps_found,
+        "gaps_filled": result.gaps_filled,
         # expected bars IB answered without (nothing traded): not asked for again
-        "known_empty_bars": sum(r.known_empty_bars for r in results),
-        "use_rth": results[0].use_rth if results else True,
-        "what_to_show": results[0].what_to_show if results else "",
+        "known_empty_bars": result.known_empty_bars,
+        "use_rth": result.use_rth,
+        "what_to_show": result.what_to_show,
     }
-    preview = [row for r in results[-1:] for row in r.preview]
-    if preview:
+    if result.preview:
+        preview = result.preview
         header = "| " + " | ".join(preview[0]) + " |\n|" + "---|" * len(preview[0]) + "\n"
         body = "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n"
                        for row in preview)
@@ -76,8 +73,14 @@ def build_bar_asset(tf: Timeframe, start: str = DEFAULT_PARTITIONS_START) -> dg.
               ktrdr: KtrdrSettings) -> dg.MaterializeResult:
         if config.mode not in MODES:
             raise dg.Failure(f"unknown mode {config.mode!r}; allowed: {', '.join(MODES)}")
-        keys = [symbol_period(k) for k in context.partition_keys]
-        results = asyncio.run(_load_all(context, ktrdr, tf, keys, config.mode))
+        keys = list(context.partition_keys)
+        results = asyncio.run(_load_all(context, ktrdr, tf, [symbol_period(k) for k in keys],
+                                        config.mode))
+        # Metadata per partition: Dagster writes one materialization per partition of the
+        # run, each with its own metadata merged over the run's (which stays empty, so a
+        # packed run does not show one partition's figures on all the others).
+        for key, result in zip(keys, results, strict=True):
+            context.add_asset_metadata(partition_metadata(result), partition_key=key)
         from ...store.catalog import CatalogLockedError, refresh_catalog
 
         try:
@@ -85,7 +88,7 @@ def build_bar_asset(tf: Timeframe, start: str = DEFAULT_PARTITIONS_START) -> dg.
             refresh_catalog(settings.data_dir, timeframes=settings.timeframes)
         except CatalogLockedError as exc:  # the bars are written; only the catalog waits
             context.log.warning(f"catalog not refreshed: {exc}")
-        return dg.MaterializeResult(metadata=_metadata(results))
+        return dg.MaterializeResult()
 
     return _bars
 

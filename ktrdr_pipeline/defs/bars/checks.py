@@ -5,6 +5,11 @@ Checks read only what is stored (and the contract and head-timestamp caches writ
 the loader); they never talk to IB. Failures list the offending rows in their metadata.
 The four checks of a timeframe are one ``multi_asset_check`` (``bars_<tf>_checks``, each
 check selectable on its own): it reads each partition once for all of them.
+
+Every partition gets its own evaluation of each check, also in a packed backfill run (a
+partition range): Dagster 1.13 gives an ``AssetCheckResult`` a partition only when the run
+has a single partition key, so the checks emit ``AssetCheckEvaluation``s themselves, each
+naming its partition and the materialization of that partition it judged.
 """
 
 from collections.abc import Iterator
@@ -14,6 +19,9 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pandas as pd
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 
 from ...domain import calendars, gaps
 from ...domain.bars import fetch_state
@@ -32,29 +40,26 @@ from .partitions import bar_partitions, symbol_period
 MAX_ROWS_SHOWN = 20
 
 
-def _partitions(context: dg.AssetCheckExecutionContext) -> list[tuple[str, str]]:
-    """The (symbol, period) partitions this check run covers: one, or every partition of a
-    packed backfill run."""
+def _partition_keys(context: dg.AssetCheckExecutionContext) -> list[str]:
+    """The partition keys (``"PERIOD|SYMBOL"``) this check run covers: one, or every
+    partition of a packed backfill run."""
     op_ctx = context.op_execution_context
     if op_ctx.has_partition_key:
-        return [symbol_period(op_ctx.partition_key)]
-    return [symbol_period(k) for k in op_ctx.partition_keys]
+        return [str(op_ctx.partition_key)]
+    return [str(k) for k in op_ctx.partition_keys]
 
 
-def _combine(results: list[tuple[str, dg.AssetCheckResult]],
-             severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
-    """One partition's result as is; for a packed run, all partitions in one result."""
-    if len(results) == 1:
-        return results[0][1]
-    failed = [(k, r) for k, r in results if not r.passed]
-    meta: dict[str, object] = {
-        "partitions": len(results),
-        "failed_partitions": [k for k, _ in failed],
-    }
-    for k, r in failed[:3]:
-        for name, value in r.metadata.items():
-            meta[f"{k}: {name}"] = value
-    return dg.AssetCheckResult(passed=not failed, severity=severity, metadata=meta)
+def latest_materialization(instance: dg.DagsterInstance, asset_key: dg.AssetKey,
+                           partition: str) -> AssetCheckEvaluationTargetMaterializationData | None:
+    """The partition's newest materialization, which its check evaluations judge: Dagster
+    shows a check result as current for the partition only while it names that one."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1).records
+    if not records:
+        return None
+    record = records[0]
+    return AssetCheckEvaluationTargetMaterializationData(
+        run_id=record.run_id, storage_id=record.storage_id, timestamp=record.timestamp)
 
 
 def _rows_md(rows: pd.DataFrame) -> dg.MetadataValue:
@@ -153,14 +158,14 @@ def _fresh(view: PartitionView) -> dg.AssetCheckResult:
 
 
 CHECKS = (
-    ("ohlc_valid", _ohlc_valid, True, dg.AssetCheckSeverity.ERROR,
+    ("ohlc_valid", _ohlc_valid, True,
      "Positive prices, low <= min(open, close) <= max(open, close) <= high, non-negative "
      "volume."),
-    ("unique_sorted_in_session", _unique_sorted, False, dg.AssetCheckSeverity.ERROR,
+    ("unique_sorted_in_session", _unique_sorted, False,
      "No duplicate bars, sorted, every bar inside a session."),
-    ("calendar_gaps", _calendar_gaps, False, dg.AssetCheckSeverity.WARN,
+    ("calendar_gaps", _calendar_gaps, False,
      "Sessions of the exchange calendar with missing bars."),
-    ("fresh", _fresh, False, dg.AssetCheckSeverity.WARN,
+    ("fresh", _fresh, False,
      "The newest period holds the last completed bar IB has."),
 )
 
@@ -173,24 +178,33 @@ def build_checks(tf: Timeframe,
     partitions_def = bar_partitions(tf, start)
     specs = [dg.AssetCheckSpec(name, asset=asset_key, blocking=blocking,
                                description=description, partitions_def=partitions_def)
-             for name, _, blocking, _, description in CHECKS]
+             for name, _, blocking, description in CHECKS]
 
     @dg.multi_asset_check(name=f"bars_{tf.name}_checks", specs=specs, can_subset=True,
                           description=f"The checks of bars_{tf.name}, from one read of "
                                       "each partition.")
     def _checks(context: dg.AssetCheckExecutionContext,
-                ktrdr: KtrdrSettings) -> Iterator[dg.AssetCheckResult]:
+                ktrdr: KtrdrSettings) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
         selected = {key.name for key in context.selected_asset_check_keys}
         data_dir = ktrdr.settings().data_dir
-        views = [(f"{period}|{symbol}", PartitionView(data_dir, tf, symbol, period))
-                 for symbol, period in _partitions(context)]
-        for name, evaluate, _, severity, _ in CHECKS:
+        partitions = []
+        for partition in _partition_keys(context):
+            symbol, period = symbol_period(partition)
+            partitions.append((partition, PartitionView(data_dir, tf, symbol, period),
+                               latest_materialization(context.instance, asset_key, partition)))
+        for spec, (name, evaluate, blocking, _) in zip(specs, CHECKS, strict=True):
             if name not in selected:
                 continue
-            result = _combine([(label, evaluate(view)) for label, view in views], severity)
-            yield dg.AssetCheckResult(
-                check_name=name, asset_key=asset_key, passed=result.passed,
-                severity=result.severity, metadata=result.metadata,
-                description=result.description)
+            for partition, view, target in partitions:
+                result = evaluate(view)
+                # a failed blocking ERROR evaluation still fails the step (Dagster raises
+                # once the step's events are out), as an AssetCheckResult would
+                yield dg.AssetCheckEvaluation(
+                    asset_key=asset_key, check_name=name, passed=result.passed,
+                    metadata=result.metadata, severity=result.severity,
+                    description=result.description, blocking=blocking, partition=partition,
+                    target_materialization_data=target)
+            # the check's output, as an AssetCheckResult yields it: the check ran
+            yield dg.Output(None, output_name=spec.get_python_identifier())
 
     return [_checks]

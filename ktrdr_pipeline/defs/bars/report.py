@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import dagster as dg
 
 from ...loader import PartitionResult
-from .assets import _metadata, bar_asset_key
+from .assets import bar_asset_key, partition_metadata
 from .partitions import bar_partition_key
 
 
@@ -17,6 +17,6 @@ def load_materializations(results: Sequence[PartitionResult]) -> list[dg.AssetMa
     the asset records for it."""
     return [dg.AssetMaterialization(asset_key=bar_asset_key(r.timeframe),
                                     partition=bar_partition_key(r.symbol, r.period),
-                                    metadata=_metadata([r]),
+                                    metadata=partition_metadata(r),
                                     description="loaded by ktrdr-pipeline load")
             for r in results if r.rows or r.bars_written]
