@@ -324,7 +324,18 @@ def cmd_symbols(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from exc
         print(json.dumps({"removed": removed}))
         return 0
-    outcomes = _run_data_command(lambda ctx: commands.add_symbols(ctx, args.symbols))
+    from .domain.symbols import SymbolError, parse_symbol
+
+    refused: dict[str, dict] = {}
+    for text in args.symbols:  # malformed symbols are refused before anything is created
+        try:
+            parse_symbol(text)
+        except SymbolError as exc:
+            refused[text] = {"ok": False, "error": str(exc)}
+    wanted = [s for s in args.symbols if s not in refused]
+    outcomes = _run_data_command(
+        lambda ctx: commands.add_symbols(ctx, wanted)) if wanted else {}
+    outcomes = {s: refused.get(s) or outcomes[s] for s in args.symbols}
     print(json.dumps({s: ({"added": o["contract"]["key"]} if o["ok"] else {"error": o["error"]})
                       for s, o in outcomes.items()}, indent=2))
     return 0 if all(o["ok"] for o in outcomes.values()) else 1

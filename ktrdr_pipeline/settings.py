@@ -122,6 +122,32 @@ def universe_file(env: Mapping[str, str] | None = None) -> Path | None:
     return Path(raw).expanduser() if raw else None
 
 
+def _data_dir(env: Mapping[str, str]) -> Path:
+    """``KTRDR_DATA_DIR``: a directory, or a path one can be created at, that this user can
+    write. Checked here so that every command (and a Dagster run) says what is wrong
+    before it writes or connects anything."""
+    raw = env.get("KTRDR_DATA_DIR") or DEFAULT_DATA_DIR
+    path = Path(raw).expanduser()
+    problem = data_dir_problem(path)
+    if problem:
+        raise SettingsError(f"KTRDR_DATA_DIR={raw!r} cannot hold the data: {problem}; set "
+                            "it to a directory this user can write (it is created when "
+                            "missing)")
+    return path
+
+
+def data_dir_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a writable data directory, or None."""
+    for candidate in (path, *path.absolute().parents):  # the nearest existing one decides
+        if candidate.exists():
+            if not candidate.is_dir():
+                return f"{candidate} is a file, not a directory"
+            if not os.access(candidate, os.W_OK | os.X_OK):
+                return f"{candidate} is not writable by this user"
+            return None
+    return None
+
+
 def _reset_window(env: Mapping[str, str]) -> str:
     raw = _text(env, "KTRDR_RESET_WINDOW") or DEFAULT_RESET_WINDOW
     try:
@@ -175,7 +201,7 @@ class Settings:
             ib_host=host,
             ib_port=_int_setting(env, "IB_PORT", 4002, 1, 65535),
             ib_client_id=_int_setting(env, "IB_CLIENT_ID", 1, 0, 2**31 - 1),
-            data_dir=Path(env.get("KTRDR_DATA_DIR") or DEFAULT_DATA_DIR),
+            data_dir=_data_dir(env),
             pacing_time_scale=_float_setting(env, "KTRDR_PACING_TIME_SCALE", 1.0, 0.0),
             client_id_span=_int_setting(env, "IB_CLIENT_ID_SPAN", 10, 1, 1000),
             reset_window=_reset_window(env),

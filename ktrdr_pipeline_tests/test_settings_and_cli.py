@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -243,3 +244,36 @@ def test_a_fresh_dagster_home_is_set_up_without_noise(tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "alembic" not in out.stderr and "Warning" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["load", "AAPL", "--timeframe", "1d"], ["greeks", "run", "--once"], ["sql", "SELECT 1"],
+])
+@pytest.mark.parametrize("layout", ["a file", "under a file"])
+def test_a_bad_data_directory_is_named_by_every_command(tmp_path, command, layout):
+    """KTRDR_DATA_DIR that is a file, or lies under one, stops every command with a message
+    naming the variable and what is wrong, before anything is written or connected."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("keep me")
+    data_dir = blocker if layout == "a file" else blocker / "data"
+    env = {**os.environ, "KTRDR_DATA_DIR": str(data_dir), "IB_PORT": "1"}
+    out = subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", *command], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"KTRDR_DATA_DIR={str(data_dir)!r} cannot hold the data" in out.stderr
+    assert f"{blocker} is a file, not a directory" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert blocker.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_malformed_symbols_are_refused_before_anything_is_created(tmp_path):
+    data_dir = tmp_path / "data"
+    env = {**os.environ, "KTRDR_DATA_DIR": str(data_dir), "IB_PORT": "1",
+           "DAGSTER_HOME": str(tmp_path / "dagster")}
+    out = subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "symbols", "add",
+                          "../x", "A" * 30], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1, out.stderr
+    errors = json.loads(out.stdout)
+    assert "'..'" in errors["../x"]["error"] and "at most 24" in errors["A" * 30]["error"]
+    assert not data_dir.exists() and not (tmp_path / "dagster").exists()
