@@ -240,11 +240,13 @@ def cmd_load(args: argparse.Namespace) -> int:
         raise CliError(f"--start {args.start} is after --end {args.end}")
     progress = _Progress(not args.json, settings.progress_bar)
     loaded: list = []
-    summary = _run_data_command(lambda ctx: commands.load(
-        ctx, args.symbol, args.timeframe, args.mode, args.start, args.end, progress,
-        on_partition=loaded.append))
-    progress.close()
-    _report(settings, "the loaded partitions", lambda: _bar_materializations(loaded))
+    try:
+        summary = _run_data_command(lambda ctx: commands.load(
+            ctx, args.symbol, args.timeframe, args.mode, args.start, args.end, progress,
+            on_partition=loaded.append))
+    finally:  # what was written before a failure is reported too
+        progress.close()
+        _report(settings, "the loaded partitions", lambda: _bar_materializations(loaded))
     data = commands.summary_dict(summary)
     if args.json:
         print(json.dumps(data))
@@ -266,9 +268,9 @@ def _bar_materializations(results: list) -> list:
 
 
 def _report(settings: Settings, what: str, events: Callable[[], list]) -> None:
-    """Tell the Dagster instance at ``DAGSTER_HOME`` (when set) about work done here; the
+    """Tell the Dagster instance (when there is one) about work done here; the
     data is stored either way, so a failure to report is a warning, not an error."""
-    if settings.dagster_home is None:
+    if not settings.has_dagster_instance():
         return
     from .defs.instance import report_materializations
 
@@ -276,7 +278,7 @@ def _report(settings: Settings, what: str, events: Callable[[], list]) -> None:
         report_materializations(settings, events())
     except Exception as exc:  # noqa: BLE001 - the data is written; only the UI lags
         log.warning("%s are stored but could not be reported to the Dagster instance at "
-                    "%s: %s", what, settings.dagster_home, exc)
+                    "%s: %s", what, settings.dagster_instance_home, exc)
 
 
 def _report_greeks(config, stats, snap) -> None:

@@ -6,7 +6,6 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -31,9 +30,8 @@ LOAD_MODES = ("tail", "backfill", "full")
 
 def session_window(tf: Timeframe, profile: calendars.HoursProfile, first: date, last: date,
                    use_rth: bool) -> tuple[datetime, datetime] | None:
-    """[start, end) covering the sessions dated ``first``..``last`` (inclusive)."""
-    if first > last:
-        raise LoadError(f"start {first} is after end {last}")
+    """[start, end) covering the sessions dated ``first``..``last`` (inclusive); None when
+    there is none."""
     sessions = calendars.sessions_on_dates(profile, first, last, use_rth)
     if not sessions:
         return None
@@ -58,8 +56,6 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
     ``on_partition`` receives each partition's result as it is done."""
     if mode not in LOAD_MODES:
         raise LoadError(f"unknown mode {mode!r}; allowed: {', '.join(LOAD_MODES)}")
-    if start is not None and end is not None and start > end:
-        raise LoadError(f"--start {start} is after --end {end}")
     tf = get_timeframe(timeframe)
     key = parse_symbol(symbol).key
     contract = await ctx.resolver.resolve(ctx.aliases.get(key, symbol), key=key)
@@ -157,7 +153,7 @@ def dagster_instance(settings: Settings):
     context-wide state storage out of order when it is finally disposed."""
     import dagster as dg
 
-    home = (settings.dagster_home or Path(settings.data_dir) / "dagster").expanduser().resolve()
+    home = settings.dagster_instance_home
     home.mkdir(parents=True, exist_ok=True)
     return dg.DagsterInstance.from_config(str(home))
 

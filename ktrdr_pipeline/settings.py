@@ -214,6 +214,17 @@ class Settings:
         )
 
     @property
+    def dagster_instance_home(self) -> Path:
+        """The Dagster instance the CLI works with: ``DAGSTER_HOME``, else
+        ``KTRDR_DATA_DIR/dagster`` (where the demo keeps its instance)."""
+        return (self.dagster_home or Path(self.data_dir) / "dagster").expanduser().resolve()
+
+    def has_dagster_instance(self) -> bool:
+        """Whether work done outside Dagster is reported to an instance: ``DAGSTER_HOME`` is
+        set, or the default instance exists (none is created just to report)."""
+        return self.dagster_home is not None or self.dagster_instance_home.exists()
+
+    @property
     def universe_path(self) -> Path:
         """The universe file the symbols sensor watches."""
         return self.universe_file or Path(self.data_dir) / UNIVERSE_FILE

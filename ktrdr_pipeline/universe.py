@@ -29,7 +29,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,18 @@ class Universe:
     #: The file exists but could not be read as a universe at all (YAML error, no
     #: 'symbols' list): its symbols are unknown, which is not the same as none.
     unreadable: bool = False
+    #: Keys of entries skipped for a bad option (``timeframes: [1M]``): still listed, so
+    #: the symbol is neither removed nor adopted again while the user fixes the entry.
+    invalid_keys: list[str] = field(default_factory=list)
 
     @property
     def keys(self) -> list[str]:
         return [e.key for e in self.entries]
+
+    @property
+    def listed(self) -> set[str]:
+        """Every symbol the file names, its valid entries and the skipped ones alike."""
+        return set(self.keys) | set(self.invalid_keys)
 
     def rth_overrides(self) -> dict[str, bool]:
         return {e.key: e.rth for e in self.entries if e.rth is not None}
@@ -109,19 +117,22 @@ def load_universe(path: Path) -> Universe:
     if not isinstance(items, list):
         return Universe([], [f"{path}: expected a mapping with a 'symbols' list"],
                         unreadable=True)
-    entries, errors, seen = [], [], set()
+    entries, errors, seen, invalid = [], [], set(), []
     for item in items:
         try:
             entry = _entry(item)
         except (SymbolError, ValueError) as exc:
             errors.append(f"{path}: skipped {item!r}: {exc}")
+            named = _named_key(item)
+            if named is not None:
+                invalid.append(named)
             continue
         if entry.key in seen:
             errors.append(f"{path}: skipped duplicate symbol {entry.key}")
             continue
         seen.add(entry.key)
         entries.append(entry)
-    return Universe(entries, errors)
+    return Universe(entries, errors, invalid_keys=invalid)
 
 
 class UniverseFileError(ValueError):
@@ -155,8 +166,18 @@ def _scalar(text: str) -> str:
 
 
 def _entry_key(raw: Any) -> str | None:
+    """The key an entry lists: that of a valid entry, or the symbol a skipped one names."""
     try:
         return _entry(raw).key
+    except (SymbolError, ValueError):
+        return _named_key(raw)
+
+
+def _named_key(raw: Any) -> str | None:
+    """The storage key of the symbol an entry names, even when another option is bad."""
+    text = raw.get("symbol") if isinstance(raw, dict) else raw
+    try:
+        return parse_symbol(str(text)).key if text is not None else None
     except (SymbolError, ValueError):
         return None
 

@@ -412,3 +412,27 @@ def test_sensor_and_schedules_leave_a_backfill_in_progress_alone(setup):
                                                       cursor=result.cursor))
     assert sorted(str(r.partition_key) for r in result.run_requests) == [
         "2026|AAPL", "2026|EURUSD"]
+
+
+def test_an_entry_with_a_bad_option_keeps_its_symbols_partition(setup):
+    """A typo in one option of an entry (``timeframes: [1M]``) skips the entry, logged, but
+    its symbol stays: the sensor neither deletes its partition nor adopts it a second time
+    into the file."""
+    _, instance, resources, data_dir, _ = setup
+    data_dir.mkdir(parents=True)
+    path = data_dir / "universe.yaml"
+    path.write_text("symbols: [AAPL, MSFT]\n")
+    first = symbols_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    instance.add_dynamic_partitions("symbols", ["AAPL", "MSFT"])
+    synced = symbols_sensor(dg.build_sensor_context(instance=instance, resources=resources,
+                                                    cursor=first.cursor))
+    typo = "symbols:\n  - AAPL\n  - {symbol: MSFT, timeframes: [1M]}\n"
+    path.write_text(typo)
+    cursor = synced.cursor
+    for _ in range(3):
+        result = symbols_sensor(dg.build_sensor_context(instance=instance, resources=resources,
+                                                        cursor=cursor))
+        assert not result.dynamic_partitions_requests
+        cursor = result.cursor
+    assert sorted(instance.get_dynamic_partitions("symbols")) == ["AAPL", "MSFT"]
+    assert path.read_text() == typo  # nothing appended

@@ -556,3 +556,23 @@ def test_latest_materialization_is_the_partitions_own_newest():
         assert (target.storage_id, target.run_id) == (newest.storage_id, newest.run_id)
         assert latest_materialization(instance, key, "2025|EURUSD").storage_id \
             > target.storage_id
+
+
+def test_a_packed_run_that_fails_records_the_partitions_it_wrote(env):
+    """A packed run that fails part-way (here IB knows no ZZZZ) fails, but the partitions
+    it wrote before are recorded as materialized with their own metadata: the UI does
+    not show stored bars as missing."""
+    _, instance, resources, data_dir, _ = env
+    instance.add_dynamic_partitions("symbols", ["ZZZZ"])
+    tf = get_timeframe("1d")
+    result = dg.materialize(
+        [build_bar_asset(tf), *build_checks(tf)], instance=instance, resources=resources,
+        tags={"dagster/asset_partition_range_start": "2026|AAPL",
+              "dagster/asset_partition_range_end": "2026|ZZZZ"}, raise_on_error=False)
+    assert not result.success
+    [record] = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("bars_1d"), asset_partitions=["2026|AAPL"]),
+        limit=1).records
+    assert record.run_id == result.run_id
+    frame = BarStore(data_dir).read("1d", "AAPL", "2026")
+    assert record.asset_materialization.metadata["rows"].value == len(frame) > 0

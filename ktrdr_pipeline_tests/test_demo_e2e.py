@@ -16,6 +16,7 @@ import pytest
 
 from ktrdr_pipeline.services import GraphQL, free_port, port_open
 
+from .conftest import wait_until
 from .test_e2e_dagster import BACKFILL_STATUS, CHECK_EXECUTIONS, MATERIALIZATIONS
 
 
@@ -79,8 +80,10 @@ def test_demo_command_backfills_and_stops_cleanly(tmp_path):
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, rest
         assert "stopped" in rest
-        time.sleep(1)
-        assert not _processes_mentioning(str(data_dir)), _processes_mentioning(str(data_dir))
+        # the demo returned once its children were gone; /proc may still list one that is
+        # being reaped for a moment: wait for the state, with a deadline
+        wait_until(lambda: not _processes_mentioning(str(data_dir)),
+                   f"processes left behind: {_processes_mentioning(str(data_dir))}", 10)
         assert not port_open(ui_port) and not port_open(ib_port)
     finally:
         if proc.poll() is None:

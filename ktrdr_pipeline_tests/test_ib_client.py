@@ -486,3 +486,25 @@ def test_penalties_hold_back_their_own_kind_of_request(kind, tmp_path):
     assert ledger.penalize(5.0, now=110.0) == 115.0
     assert ledger.try_reserve(paced, policy, now=112.0).reason == PENALTY
     assert ledger.try_reserve(None, policy, large=True, now=131.0).granted
+
+
+def test_a_large_request_does_not_queue_behind_a_paced_penalty():
+    """Waiters queue per reason; a penalty's queue is per kind, so a large-bar request
+    waiting out its own short penalty is not stuck behind a small-bar request sleeping out
+    a long one (and each kind keeps its own doubling back-off)."""
+    ledger = MemoryPacingLedger()
+    gov = PacingGovernor(ledger, PacingLimits(time_scale=0.001))
+    paced = head_timestamp_pacing_key("265598", "SMART", "TRADES", True)
+    gov.report_violation()  # paced: 15 s scaled = 0.015 s; then a long one
+    ledger.penalize(3600.0)
+    assert gov.report_violation(large=True) == pytest.approx(0.015)  # its own first step
+
+    async def go():
+        stuck = asyncio.ensure_future(gov.slot(paced).__aenter__())
+        await asyncio.sleep(0)  # the paced waiter takes its queue first
+        async with gov.slot(None, small=False):
+            pass
+        assert not stuck.done()
+        stuck.cancel()
+
+    run(asyncio.wait_for(go(), 60))

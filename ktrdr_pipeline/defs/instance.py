@@ -1,10 +1,11 @@
 """Reporting work done outside Dagster to the Dagster instance, so the UI shows it.
 
 ``ktrdr-pipeline load`` and ``ktrdr-pipeline greeks run`` write the same files as the
-assets; when ``DAGSTER_HOME`` is set they also record what they wrote as runless asset
+assets; when there is a Dagster instance (``DAGSTER_HOME``, or ``KTRDR_DATA_DIR/dagster``
+where the demo keeps one) they also record what they wrote as runless asset
 materializations (``instance.report_runless_asset_event``), with the metadata a run of the
-asset records, so those partitions read as materialized in the UI. Without
-``DAGSTER_HOME`` nothing is reported (there is no instance to tell).
+asset records, so those partitions read as materialized in the UI. With no instance,
+nothing is reported (none is created just for that).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import dagster as dg
 
@@ -23,11 +23,11 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def reporting_instance(settings: Settings) -> Iterator[dg.DagsterInstance | None]:
-    """The instance at ``DAGSTER_HOME`` (closed on exit), or None when it is not set."""
-    if settings.dagster_home is None:
+    """The instance the CLI works with (closed on exit), or None when there is none."""
+    if not settings.has_dagster_instance():
         yield None
         return
-    home = Path(settings.dagster_home).expanduser().resolve()
+    home = settings.dagster_instance_home
     home.mkdir(parents=True, exist_ok=True)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         yield instance
@@ -40,10 +40,10 @@ def report_materializations(settings: Settings,
         return 0
     with reporting_instance(settings) as instance:
         if instance is None:
-            log.debug("DAGSTER_HOME not set: %d materialization(s) not reported", len(events))
+            log.debug("no Dagster instance: %d materialization(s) not reported", len(events))
             return 0
         for event in events:
             instance.report_runless_asset_event(event)
         log.info("reported %d materialization(s) to the Dagster instance at %s", len(events),
-                 settings.dagster_home)
+                 settings.dagster_instance_home)
         return len(events)

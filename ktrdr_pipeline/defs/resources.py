@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from ..settings import Settings, SettingsError, validate_port
+from ..settings import Settings, SettingsError, data_dir_problem, validate_port
 
 #: The resource's fields and the variables that set them (see ``.env.example``).
 ENV_VARS = {"ib_host": "IB_HOST", "ib_port": "IB_PORT", "ib_client_id": "IB_CLIENT_ID",
@@ -36,6 +36,10 @@ class KtrdrSettings(dg.ConfigurableResource):
         if self.ib_client_id >= 0:
             changes["ib_client_id"] = self.ib_client_id
         if self.data_dir:
+            problem = data_dir_problem(Path(self.data_dir))
+            if problem:  # the same check as for KTRDR_DATA_DIR, for a value set in Dagster
+                raise SettingsError(f"the ktrdr resource's data_dir={self.data_dir!r} cannot "
+                                    f"hold the data: {problem}")
             changes["data_dir"] = Path(self.data_dir)
         return dataclasses.replace(base, **changes)
 

@@ -32,10 +32,6 @@ def empty_bars() -> pd.DataFrame:
     return frame
 
 
-#: [start, end) epoch-second spans of consecutive expected bars, sorted and disjoint.
-Runs = tuple[tuple[int, int], ...]
-
-
 @dataclass(frozen=True)
 class FetchState:
     """What a load learnt from IB about a partition, kept with its bars.
@@ -49,7 +45,7 @@ class FetchState:
     fetched_at: str | None = None
     partial_from: int | None = None
     asked_until: int | None = None
-    empty_runs: Runs = ()
+    empty_runs: tuple[tuple[int, int], ...] = ()  # sorted, disjoint (gaps.Runs)
 
     def as_meta(self) -> dict[str, Any]:
         """The JSON form written to the file (the layout readers of version 1 expect)."""
@@ -87,7 +83,7 @@ class PartitionMeta:
         return self.fetch.asked_until
 
     @property
-    def empty_runs(self) -> Runs:
+    def empty_runs(self) -> tuple[tuple[int, int], ...]:
         return self.fetch.empty_runs
 
     @property

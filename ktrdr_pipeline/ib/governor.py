@@ -113,7 +113,9 @@ class PacingGovernor:
         self.backoff_initial = backoff_initial_s * lim.time_scale
         self.backoff_max = backoff_max_s * lim.time_scale
         self.open_poll = open_poll
-        self._backoff = 0.0  # the penalty applied by the last violation; 0 after a success
+        # per scope (large bars or not): the penalty the last violation of that kind
+        # imposed; 0 after a success of that kind
+        self._backoff: dict[bool, float] = {False: 0.0, True: 0.0}
         self._violations = 0  # how many report_violation() calls so far
         self._gates: dict[str, asyncio.Lock] = {}
         self._gate_users: dict[str, int] = {}
@@ -152,7 +154,7 @@ class PacingGovernor:
                 renewer.cancel()
             self._release(token)
             if ok and self._violations == seen_violations:
-                self.report_success()
+                self.report_success(large=large)
 
     def report_violation(self, *, large: bool = False) -> float:
         """IB answered 162 pacing violation: hold back the requests of its kind in every
@@ -164,26 +166,26 @@ class PacingGovernor:
         ``backoff_max`` and goes back to the start after a success. Returns the penalty.
         """
         self._violations += 1
-        if self._backoff <= 0:
-            self._backoff = self.backoff_initial
-        else:
-            self._backoff = min(self._backoff * 2, self.backoff_max)
-        until = self.ledger.penalize(self._backoff, large=large)
+        backoff = self._backoff[large]
+        backoff = self.backoff_initial if backoff <= 0 else min(backoff * 2, self.backoff_max)
+        self._backoff[large] = backoff
+        until = self.ledger.penalize(backoff, large=large)
         log.warning(
             "IB reported a pacing violation: holding %s requests for %.3g s (until %s)",
-            "large-bar" if large else "paced", self._backoff, _utc(until))
-        return self._backoff
+            "large-bar" if large else "paced", backoff, _utc(until))
+        return backoff
 
-    def report_success(self) -> None:
-        """A paced request was answered: the next violation starts the back-off afresh."""
-        if self._backoff:
+    def report_success(self, *, large: bool = False) -> None:
+        """A request of that kind was answered: its next violation starts the back-off
+        afresh."""
+        if self._backoff[large]:
             log.info("pacing back-off reset after a successful request")
-        self._backoff = 0.0
+        self._backoff[large] = 0.0
 
     @property
     def backoff(self) -> float:
-        """The penalty the last violation imposed (0 after a success)."""
-        return self._backoff
+        """The penalty the last violation of paced requests imposed (0 after a success)."""
+        return self._backoff[False]
 
     def open_count(self, *, large_only: bool = False) -> int:
         """Open requests recorded in the ledger (all processes)."""
@@ -236,6 +238,8 @@ class PacingGovernor:
             return f"{reason}:{request.tick_key}"
         if reason == IDENTICAL and request is not None:
             return f"{reason}:{request.identity}"
+        if reason == PENALTY:  # each kind waits out its own penalty, not the other's
+            return f"{reason}:{'paced' if request is not None else 'large'}"
         return reason
 
     async def _enter_gate(self, key: str) -> None:

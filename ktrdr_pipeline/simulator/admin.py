@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -82,8 +83,8 @@ class Admin:
             seconds = float(pause if pause is not None else "2")
         except ValueError:
             raise ApiError(400, f"pause must be a number, not {pause[:20]!r}") from None
-        if restore not in RESET_ENDINGS or not seconds >= 0:
-            raise ApiError(400, "restore must be 1102 or close, pause >= 0")
+        if restore not in RESET_ENDINGS or not 0 <= seconds < math.inf:
+            raise ApiError(400, "restore must be 1102 or close, pause a finite number >= 0")
         task = asyncio.get_running_loop().create_task(self.controls.nightly_reset(seconds, restore))
         self._resets.add(task)
         task.add_done_callback(self._resets.discard)

@@ -33,6 +33,7 @@ no caller-supplied string can point outside ``data_dir/bars``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -60,8 +61,7 @@ log = logging.getLogger(__name__)
 FILE_NAME = "data.parquet"
 META_KEY = b"ktrdr"
 #: Keys of the metadata the store sets itself; ``extra_meta`` may not override them.
-RESERVED_META = frozenset({"use_rth", "what_to_show", "timeframe", "symbol", "period", "rows",
-                           "written_at", "format_version"})
+RESERVED_META = frozenset(f.name for f in dataclasses.fields(PartitionMeta)) - {"fetch", "extra"}
 FLOAT_COLUMNS = ["open", "high", "low", "close", "volume", "wap"]
 
 SCHEMA = pa.schema([
@@ -172,8 +172,8 @@ class BarStore:
     """Bars of every timeframe, symbol and period under ``data_dir/bars``.
 
     Frames are pandas DataFrames indexed by a UTC ``DatetimeIndex`` named ``ts`` with the
-    columns of :data:`ktrdr_pipeline.domain.bars.BAR_COLUMNS` (see
-    :func:`~ktrdr_pipeline.ib.fetch.bars_to_frame`). The store is safe for concurrent
+    columns of :data:`ktrdr_pipeline.domain.bars.BAR_COLUMNS` (the bar frame of
+    :mod:`ktrdr_pipeline.domain.bars`). The store is safe for concurrent
     readers and writers: readers see whole files, writers of one partition take turns
     under ``lock`` (default: :class:`~.locks.FilePartitionLock` files under
     ``data_dir/locks``, one machine), and a read-merge-write that holds :meth:`locked`
@@ -448,7 +448,8 @@ class BarStore:
                     age = now - entry.stat(follow_symlinks=False).st_mtime
                 except FileNotFoundError:
                     continue
-                if pid != os.getpid() and _pid_alive(pid) and age < STALE_TMP_AGE_S:
+                # a live writer's (this process's other threads included) is left alone
+                if _pid_alive(pid) and age < STALE_TMP_AGE_S:
                     continue
             log.info("removing stale temporary file %s", entry.path)
             with contextlib.suppress(FileNotFoundError):

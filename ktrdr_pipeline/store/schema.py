@@ -1,6 +1,6 @@
 """What a valid bar frame is: a pandera schema plus the same checks as plain functions.
 
-A bar frame (see :func:`ktrdr_pipeline.ib.fetch.bars_to_frame`) is valid when
+A bar frame (:mod:`ktrdr_pipeline.domain.bars`) is valid when
 
 - it has exactly the columns open, high, low, close, volume, wap (float64) and bar_count
   (int64), indexed by unique, sorted UTC times ``ts``;

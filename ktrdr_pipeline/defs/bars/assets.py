@@ -74,8 +74,18 @@ def build_bar_asset(tf: Timeframe, start: str = DEFAULT_PARTITIONS_START) -> dg.
         if config.mode not in MODES:
             raise dg.Failure(f"unknown mode {config.mode!r}; allowed: {', '.join(MODES)}")
         keys = list(context.partition_keys)
-        results = asyncio.run(_load_all(context, ktrdr, tf, [symbol_period(k) for k in keys],
-                                        config.mode))
+        results: list[PartitionResult] = []
+        try:
+            asyncio.run(_load_all(context, ktrdr, tf, [symbol_period(k) for k in keys],
+                                  config.mode, results))
+        except Exception:
+            # the run fails, and Dagster records no materialization for it: the partitions
+            # written before the failure are recorded one by one, so the UI shows them
+            for key, result in zip(keys, results, strict=False):
+                context.log_event(dg.AssetMaterialization(
+                    asset_key=context.asset_key, partition=key,
+                    metadata=partition_metadata(result)))
+            raise
         # Metadata per partition: Dagster writes one materialization per partition of the
         # run, each with its own metadata merged over the run's (which stays empty, so a
         # packed run does not show one partition's figures on all the others).
@@ -94,9 +104,11 @@ def build_bar_asset(tf: Timeframe, start: str = DEFAULT_PARTITIONS_START) -> dg.
 
 
 async def _load_all(context: dg.AssetExecutionContext, ktrdr: KtrdrSettings, tf: Timeframe,
-                    keys: list[tuple[str, str]], mode: str) -> list[PartitionResult]:
+                    keys: list[tuple[str, str]], mode: str,
+                    results: list[PartitionResult]) -> None:
+    """Load ``keys`` in order into ``results`` (which keeps the ones done before a
+    failure)."""
     ctx = PipelineContext.from_settings(ktrdr.settings())
-    results = []
     try:
         for symbol, period in keys:
             result = await load_partition(ctx, symbol, tf, period, mode)
@@ -107,4 +119,3 @@ async def _load_all(context: dg.AssetExecutionContext, ktrdr: KtrdrSettings, tf:
             results.append(result)
     finally:
         await ctx.close()
-    return results

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 
-from ...domain.symbols import SymbolError, parse_symbol
+from ...domain.symbols import check_storage_key
 from ...freshness import stale_partitions
 from ...settings import Settings, pipeline_now
 from ...universe import add_entries, load_universe, remove_entries, universe_lock
@@ -34,8 +34,9 @@ ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
 def _is_storage_key(key: str) -> bool:
     """Whether a partition key is a symbol's storage key, so the universe file can list it."""
     try:
-        return parse_symbol(key).key == key
-    except SymbolError:
+        check_storage_key(key)
+        return True
+    except ValueError:
         return False
 
 
@@ -69,8 +70,11 @@ def symbols_sensor(context: dg.SensorEvaluationContext, ktrdr: KtrdrSettings):
         if universe.unreadable:
             return dg.SkipReason(f"{universe.errors[0]}; nothing changed")
         listed = set(universe.keys)
+        # an entry skipped for a bad option still names its symbol: its partition is
+        # neither removed nor adopted again while the user fixes the entry
+        named = universe.listed
         current = set(context.instance.get_dynamic_partitions("symbols"))
-        outside = sorted(current - listed - synced)
+        outside = sorted(current - named - synced)
         adopt = [k for k in outside if _is_storage_key(k)]
         foreign = [k for k in outside if k not in adopt]
         deleted_in_ui = sorted((listed - current) & synced)
@@ -90,8 +94,8 @@ def symbols_sensor(context: dg.SensorEvaluationContext, ktrdr: KtrdrSettings):
     if foreign:
         notes.append(f"left alone {foreign}: not symbol keys the file could list")
     add = sorted(listed - current)
-    remove = sorted((current - listed) & synced)
-    cursor = json.dumps({"synced": sorted(listed & current)})
+    remove = sorted((current - listed - named) & synced)
+    cursor = json.dumps({"synced": sorted((listed | named) & current)})
     for note in notes:
         context.log.info(note)
     if not add and not remove:
