@@ -14,6 +14,8 @@ from ktrdr_pipeline.services import GraphQL, Processes, free_port, port_free, po
 #: A child that starts a grandchild ignoring SIGTERM in the same process group.
 STUBBORN = """
 import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # polite itself, whatever it inherited
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
 subprocess.Popen([sys.executable, "-c",
                   "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                   "print('grandchild', flush=True); time.sleep(60)"])
