@@ -168,27 +168,23 @@ def session_index_range(profile: HoursProfile, start: datetime, end: datetime,
 def sessions_between(profile: HoursProfile, start: datetime, end: datetime,
                      use_rth: bool) -> list[Session]:
     """The sessions overlapping [start, end), with their full (unclipped) hours."""
-    sch = schedule(profile.name)
-    lo, hi = sch.bounds(use_rth)
     i, j = session_index_range(profile, start, end, use_rth)
-    return [
-        Session(
-            pd.Timestamp(sch.dates[k]).date(),
-            datetime.fromtimestamp(int(lo[k]), UTC),
-            datetime.fromtimestamp(int(hi[k]), UTC),
-        )
-        for k in range(i, j)
-        if hi[k] > lo[k]
-    ]
+    return _sessions(profile, use_rth, i, j)
 
 
 def sessions_on_dates(profile: HoursProfile, first: date, last: date,
                       use_rth: bool) -> list[Session]:
     """The sessions whose label date lies in [first, last] (inclusive)."""
     sch = schedule(profile.name)
-    lo, hi = sch.bounds(use_rth)
     i = int(np.searchsorted(sch.dates, np.datetime64(first, "D"), side="left"))
     j = int(np.searchsorted(sch.dates, np.datetime64(last, "D"), side="right"))
+    return _sessions(profile, use_rth, i, j)
+
+
+def _sessions(profile: HoursProfile, use_rth: bool, i: int, j: int) -> list[Session]:
+    """Sessions ``i``..``j - 1`` of the profile's schedule (skipping empty ones)."""
+    sch = schedule(profile.name)
+    lo, hi = sch.bounds(use_rth)
     return [
         Session(
             pd.Timestamp(sch.dates[k]).date(),
