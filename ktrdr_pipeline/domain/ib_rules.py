@@ -156,6 +156,22 @@ def duration_for(span: timedelta) -> Duration:
     return Duration(-(-days // 366), "Y")
 
 
+#: IB's current longest duration per request (``docs/ib-facts.md`` §2, IB's TWS API
+#: documentation "Historical Bar Data: max duration per bar size"): every bar size from
+#: 5 secs up accepts up to these counts of each unit (``parse_duration`` already refuses
+#: over 86400 S and over 365 D with 321); ``1 secs`` bars accept at most 2000 S.
+MAX_DURATION_COUNT: dict[str, int] = {"S": 86400, "D": 365, "W": 52, "M": 12, "Y": 68}
+ONE_SECOND_BARS_MAX_S = 2000
+
+
+def exceeds_max_duration(duration: Duration, bar_size: str) -> bool:
+    """Whether IB answers this duration for this bar size with 162 "Time length exceed
+    max." (§2: how IB answers a too-long request, not 321)."""
+    if BAR_SIZE_SECONDS[bar_size] == 1:
+        return duration.unit != "S" or duration.count > ONE_SECOND_BARS_MAX_S
+    return duration.count > MAX_DURATION_COUNT[duration.unit]
+
+
 # --- pacing ------------------------------------------------------------------------------
 
 
@@ -208,6 +224,7 @@ INFO_CODES = frozenset({2104, 2106, 2107, 2108, 2119, 2158})
 
 MSG_PACING_VIOLATION = HMDS_PREFIX + "Historical data request pacing violation"
 MSG_NO_DATA = HMDS_PREFIX + "HMDS query returned no data"
+MSG_TIME_LENGTH_EXCEEDED = HMDS_PREFIX + "Time length exceed max."
 MSG_QUERY_CANCELLED = HMDS_PREFIX + "API historical data query cancelled"
 MSG_NO_SECURITY = "No security definition has been found for the request"
 MSG_AMBIGUOUS = "The contract description specified is ambiguous"
