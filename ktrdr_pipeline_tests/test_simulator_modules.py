@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from ktrdr_pipeline.domain import ib_rules
+from ktrdr_pipeline.domain.calendars import STOCK
 from ktrdr_pipeline.simulator import rules
 from ktrdr_pipeline.simulator.audit import AuditLog
 from ktrdr_pipeline.simulator.faults import ConnectionFaults, Faults
@@ -134,11 +135,21 @@ def test_bars_request_rules():
                          (("1 hour", "1 D", "TRADES", "2", "2"), "'bR'")):
         with pytest.raises(rules.RequestError, match=marker):
             rules.check_bars_request(*args)
-    with pytest.raises(rules.RequestError, match="Time length exceed max"):
+    # IB's current limits (docs/ib-facts.md §2): 162 "Time length exceed max.", not 321;
+    # the old step-size table (1 min -> 1 D) is no rule
+    with pytest.raises(rules.RequestError) as exc:
         rules.check_max_duration(ib_rules.parse_duration("2 D"), "1 secs")
-    start, end = rules.bars_window(NOW + timedelta(days=1), NOW,
-                                   ib_rules.parse_duration("1 Y"), "1 secs")
+    assert (exc.value.code, exc.value.message) == (ib_rules.ERR_HMDS,
+                                                   ib_rules.MSG_TIME_LENGTH_EXCEEDED)
+    rules.check_max_duration(ib_rules.parse_duration("365 D"), "1 min")
+    start, end = rules.bars_window(STOCK, NOW + timedelta(days=1), NOW,
+                                   ib_rules.parse_duration("1 Y"), "1 secs", True)
     assert end == NOW and start == NOW - ib_rules.SMALL_BAR_HISTORY
+    # durations in sessions (§2): 5 D ending Friday 2025-01-10 16:00 ET opens on Jan 3
+    et = ZoneInfo("US/Eastern")
+    friday = datetime(2025, 1, 10, 16, tzinfo=et)
+    assert rules.bars_window(STOCK, friday, NOW, ib_rules.parse_duration("5 D"), "1 day",
+                             True) == (datetime(2025, 1, 3, 9, 30, tzinfo=et), friday)
     assert rules.parse_end_datetime("20261117-16:00:00", NOW) == datetime(
         2026, 11, 17, 16, tzinfo=UTC)
 

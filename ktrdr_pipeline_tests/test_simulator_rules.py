@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from ib_async import Contract, Forex, Stock
 
-from ktrdr_pipeline.domain import ib_rules
+from ktrdr_pipeline.domain import calendars, ib_rules
 from ktrdr_pipeline.simulator.server import GatewayThread
 
 from .conftest import MARKET_OPEN, ErrorLog, RawClient, connect, read_audit, wait_until
 
 AAPL = Stock("AAPL", "SMART", "USD")
+ET = ZoneInfo("US/Eastern")
 
 
 def _codes_for(errors: ErrorLog, code: int) -> list[str]:
@@ -148,15 +150,103 @@ def test_fifty_open_historical_requests(gateway):
 
 
 @pytest.mark.parametrize(("bar_size", "duration"), [
-    ("1 min", "2 D"), ("5 secs", "7201 S"), ("1 hour", "2 M"), ("1 day", "2 Y"),
-    ("1 secs", "3600 S"), ("5 mins", "8 D"),
+    ("1 secs", "2001 S"), ("1 secs", "1 D"), ("1 hour", "53 W"), ("1 day", "13 M"),
+    ("1 month", "69 Y"),
 ])
-def test_duration_over_the_maximum_is_321(gateway, ib, bar_size, duration):
+def test_too_long_a_request_is_162_time_length_exceed_max(gateway, ib, bar_size, duration):
+    """docs/ib-facts.md §2/§3: IB answers a request too long for its bar size with 162
+    "Historical Market Data Service error message:Time length exceed max." (not 321):
+    1 secs bars over 2000 S, any size over 52 W / 12 M / 68 Y (86400 S and 365 D are
+    parse_duration's 321 rules, test_invalid_request_is_321)."""
     errors = ErrorLog(ib)
-    bars = _bars_until_error(ib, errors, 321, AAPL, "20261117 16:00:00 US/Eastern", duration,
-                             bar_size, "MIDPOINT", True, 2)
+    bars = ib.reqHistoricalData(AAPL, "20261117 16:00:00 US/Eastern", duration, bar_size,
+                                "MIDPOINT", True, 2, timeout=10)
     assert len(bars) == 0
-    assert any("Time length exceed max" in m for m in _codes_for(errors, 321))
+    assert _codes_for(errors, 162) == [
+        "Historical Market Data Service error message:Time length exceed max."]
+    assert ib_rules.MSG_TIME_LENGTH_EXCEEDED == _codes_for(errors, 162)[0]
+    assert 321 not in errors.codes()
+
+
+@pytest.mark.parametrize(("bar_size", "duration", "bars"), [
+    # the old step-size table (1 min -> 1 D, 1 secs -> 1800 S, 1 hour -> 1 M...) is no
+    # rule (docs/ib-facts.md §2): IB's own sample asks for 10 D of 1-min bars
+    ("1 secs", "2000 S", 2000), ("1 min", "2 D", 780), ("5 mins", "8 D", 8 * 78),
+    ("1 hour", "52 W", None), ("1 day", "12 M", None), ("1 month", "68 Y", None),
+])
+def test_ib_current_maximum_durations_are_accepted(gateway, ib, bar_size, duration, bars):
+    errors = ErrorLog(ib)
+    answer = ib.reqHistoricalData(AAPL, "20261117 16:00:00 US/Eastern", duration, bar_size,
+                                  "MIDPOINT", True, 2, timeout=30)
+    assert errors.items == []
+    assert len(answer) == bars if bars is not None else len(answer) > 0
+
+
+def test_ten_days_of_one_minute_bars_are_ten_sessions(gateway, ib):
+    """docs/ib-facts.md §2: `10 D` (IB's own sample) is accepted and means 10 sessions."""
+    bars = ib.reqHistoricalData(AAPL, "20261117 16:00:00 US/Eastern", "10 D", "1 min",
+                                "TRADES", True, 2, timeout=30)
+    assert len(bars) == 3900
+    assert bars[0].date == datetime(2026, 11, 4, 9, 30, tzinfo=ET)
+    assert bars[-1].date == datetime(2026, 11, 17, 15, 59, tzinfo=ET)
+
+
+def test_365_days_of_one_minute_bars_are_accepted(gateway, ib):
+    """365 D is the longest day count IB accepts for every bar size from 5 secs up
+    (docs/ib-facts.md §2): 365 sessions of 1-min bars in one answer."""
+    end = datetime(2026, 11, 17, 16, 0, tzinfo=ET)
+    bars = ib.reqHistoricalData(AAPL, end, "365 D", "1 min", "TRADES", True, 2, timeout=120)
+    sessions = [s for s in calendars.sessions_between(calendars.STOCK, bars[0].date, end, True)
+                if s.open < end]
+    assert len(sessions) == 365 and sessions[0].open == bars[0].date
+    assert len(bars) == sum((s.close - s.open) // timedelta(minutes=1) for s in sessions)
+
+
+# -- durations as IB means them (docs/ib-facts.md §2) -------------------------------------
+def test_five_days_of_daily_bars_are_the_last_five_sessions(gateway, ib):
+    """`5 D` = the 5 sessions ending at or before the end; 2025-01-09 was a market
+    closure (a national day of mourning), so it is no session."""
+    bars = ib.reqHistoricalData(AAPL, "20250110 16:00:00 US/Eastern", "5 D", "1 day",
+                                "TRADES", True, 1)
+    assert [b.date for b in bars] == [date(2025, 1, 3), date(2025, 1, 6), date(2025, 1, 7),
+                                      date(2025, 1, 8), date(2025, 1, 10)]
+
+
+def test_two_days_ending_monday_midnight_are_the_two_sessions_before(gateway, ib):
+    bars = ib.reqHistoricalData(AAPL, "20250113 00:00:00 US/Eastern", "2 D", "1 min",
+                                "TRADES", True, 2)
+    assert sorted({b.date.astimezone(ET).date() for b in bars}) == [date(2025, 1, 8),
+                                                                    date(2025, 1, 10)]
+    assert len(bars) == 2 * 390
+    assert bars[0].date == datetime(2025, 1, 8, 9, 30, tzinfo=ET)
+    assert bars[-1].date == datetime(2025, 1, 10, 15, 59, tzinfo=ET)
+
+
+def test_86400_seconds_of_rth_hourly_bars_reach_about_3_7_sessions_back(gateway, ib):
+    """`S` counts trading seconds per useRTH: 24 h of 6.5-h sessions ending Friday's close
+    are Friday, Thursday, Wednesday (19.5 h) and Tuesday's last 4.5 h, from 11:30. Hourly
+    RTH bars start at 09:30, 10:00, 11:00 ... 15:00 (7 a session), so the first bar
+    starting in that span is Tuesday's 12:00 bar."""
+    bars = ib.reqHistoricalData(AAPL, "20250117 16:00:00 US/Eastern", "86400 S", "1 hour",
+                                "TRADES", True, 2)
+    assert bars[0].date == datetime(2025, 1, 14, 12, 0, tzinfo=ET)
+    assert bars[-1].date == datetime(2025, 1, 17, 15, 0, tzinfo=ET)
+    assert len(bars) == 4 + 3 * 7
+
+
+def test_a_request_ending_when_the_market_is_closed_reaches_back_to_its_sessions(gateway, ib):
+    """Durations count trading time (docs/ib-facts.md §2), so a request ending on a
+    Saturday or a holiday is answered with the last session's bars, not "no data"."""
+    saturday = ib.reqHistoricalData(AAPL, "20261114 16:00:00 US/Eastern", "3600 S", "1 min",
+                                    "TRADES", True, 2)
+    assert saturday[0].date == datetime(2026, 11, 13, 15, 0, tzinfo=ET)  # Friday's last hour
+    assert len(saturday) == 60
+    # Thanksgiving 2025, all day: 16 h of all-hours trading time are Wednesday's 04:00-20:00
+    thanksgiving = ib.reqHistoricalData(AAPL, "20251127 20:00:00 US/Eastern", "57600 S",
+                                        "1 min", "MIDPOINT", False, 2)
+    assert thanksgiving[0].date == datetime(2025, 11, 26, 4, 0, tzinfo=ET)
+    assert thanksgiving[-1].date == datetime(2025, 11, 26, 19, 59, tzinfo=ET)
+    assert len(thanksgiving) == 16 * 60
 
 
 @pytest.mark.parametrize(("bar_size", "duration", "fragment"), [
@@ -179,19 +269,13 @@ def test_small_bars_older_than_six_months_have_no_data(gateway, ib):
     assert any("HMDS query returned no data" in m for m in _codes_for(errors, 162))
 
 
-def test_no_data_before_head_timestamp_or_when_closed(gateway, ib):
+def test_no_data_before_head_timestamp(gateway, ib):
     errors = ErrorLog(ib)
     rblx = Stock("RBLX", "SMART", "USD")
     assert len(ib.reqHistoricalData(rblx, "20210301 16:00:00 US/Eastern", "1 W", "1 hour",
                                     "TRADES", True, 2, timeout=2)) == 0
-    # Saturday: closed market
-    assert len(ib.reqHistoricalData(AAPL, "20261114 16:00:00 US/Eastern", "3600 S", "1 min",
-                                    "TRADES", True, 2, timeout=2)) == 0
-    # Thanksgiving 2025, all day
-    assert len(ib.reqHistoricalData(AAPL, "20251127 20:00:00 US/Eastern", "57600 S", "1 min",
-                                    "TRADES", False, 2, timeout=2)) == 0
     no_data = [m for m in _codes_for(errors, 162) if "HMDS query returned no data" in m]
-    assert len(no_data) == 3
+    assert len(no_data) == 1
 
 
 def test_fx_trades_has_no_data_but_midpoint_does(gateway, ib):
@@ -201,7 +285,10 @@ def test_fx_trades_has_no_data_but_midpoint_does(gateway, ib):
     assert len(ib.reqHistoricalData(eur, end, "1 D", "1 hour", "TRADES", False, 2,
                                     timeout=2)) == 0
     assert any("no data" in m for m in _codes_for(errors, 162))
-    assert len(ib.reqHistoricalData(eur, end, "1 D", "1 hour", "MIDPOINT", False, 2)) == 24
+    # 1 D = the session in progress at the end (docs/ib-facts.md §2): FX sessions are UTC
+    # days here, so the 21 hours of the 17th up to 21:00 UTC
+    bars = ib.reqHistoricalData(eur, end, "1 D", "1 hour", "MIDPOINT", False, 2)
+    assert len(bars) == 21 and bars[0].date == datetime(2026, 11, 17, 0, 0, tzinfo=UTC)
 
 
 def test_unknown_and_ambiguous_contracts_are_200(gateway, ib):

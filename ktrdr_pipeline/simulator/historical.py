@@ -138,7 +138,8 @@ class HistoricalService:
         rules.check_max_duration(duration, bar_size)
         if not rules.has_bars(inst, what):
             raise rules.no_data(inst, what)
-        start, end = rules.bars_window(end, now, duration, bar_size)
+        start, end = rules.bars_window(inst.profile, end, now, duration, bar_size,
+                                       req.use_rth == "1")
         if start >= end:
             raise rules.no_data(inst, what)
         block = await self._compute(self.market.bars, inst, bar_size, start, end,

@@ -271,9 +271,11 @@ class MarketModel:
         """Bars whose start lies in [start, end), up to ``now`` (the last may be partial).
 
         Returns an (n, 8) array; for daily and larger bars column T holds the epoch of the
-        session date at 00:00 UTC. Data exists only from the instrument's head timestamp
-        and, for futures, up to the expiry's session. ``trades``: only bars in which
-        something traded (IB's TRADES data); otherwise every bar (quote-based data).
+        session date at 00:00 UTC, and a session's bar counts as starting at its open (per
+        ``use_rth``): the sessions whose open lies in [start, end). Data exists only from
+        the instrument's head timestamp and, for futures, up to the expiry's session.
+        ``trades``: only bars in which something traded (IB's TRADES data); otherwise every
+        bar (quote-based data).
         """
         size = BAR_SIZE_SECONDS[bar_size]
         profile = inst.profile
@@ -317,9 +319,12 @@ class MarketModel:
 
     def _daily_bars(self, inst: Instrument, bar_size: str, s: datetime, e: datetime,
                     use_rth: bool, now_s: float, trades: bool = False) -> np.ndarray:
-        profile = inst.profile
-        sch = calendars.schedule(profile.name)
-        i, j = calendars.session_index_range(profile, s, e, use_rth)
+        sch = calendars.schedule(inst.profile.name)
+        # A daily bar starts at its session's open (docs/ib-facts.md §2, domain/durations):
+        # the sessions whose open (per useRTH) lies in [s, e).
+        opens = sch.bounds(use_rth)[0]
+        i = int(np.searchsorted(opens, int(s.timestamp()), side="left"))
+        j = int(np.searchsorted(opens, int(e.timestamp()), side="left"))
         rows, days = [], []
         for idx in range(i, j):
             row = self.daily_row(inst, idx, use_rth, now_s, trades)

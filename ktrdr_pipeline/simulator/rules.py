@@ -17,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..domain import ib_rules
+from ..domain.calendars import HoursProfile
+from ..domain.durations import request_start
 from ..domain.pacing import (
     PacedRequest,
     PacingWindow,
@@ -104,12 +106,14 @@ def check_bars_request(bar_size: str, duration_text: str, what: str, rth_text: s
 
 
 def check_max_duration(duration: ib_rules.Duration, bar_size: str) -> None:
-    """IB's longest duration per bar size (321 "Time length exceed max")."""
-    if duration.span > ib_rules.MAX_DURATION[bar_size]:
-        raise RequestError(ib_rules.ERR_VALIDATION,
-                           f"Error validating request.-'bX' : cause - Time length exceed "
-                           f"max: {duration} for bar size {bar_size} (max "
-                           f"{ib_rules.MAX_DURATION[bar_size]})")
+    """IB's current longest duration per request (``docs/ib-facts.md`` §2, IB's TWS API
+    documentation "max duration per bar size"): ``1 secs`` bars up to 2000 S, every other
+    size up to 86400 S / 365 D / 52 W / 12 M / 68 Y. A longer request is answered with
+    162 "Historical Market Data Service error message:Time length exceed max." (§2, §3:
+    how IB answers it, not 321). The old step-size table (``ib_rules.MAX_DURATION``) is
+    no rule here: IB accepts e.g. ``10 D`` of 1-min bars (its own sample asks for it)."""
+    if ib_rules.exceeds_max_duration(duration, bar_size):
+        raise RequestError(ib_rules.ERR_HMDS, ib_rules.MSG_TIME_LENGTH_EXCEEDED)
 
 
 # -- contracts ----------------------------------------------------------------------------
@@ -145,12 +149,20 @@ def has_head_timestamp(inst: Instrument, what: str) -> bool:
     return not ((what == "TRADES" and inst.sec_type == "CASH") or inst.sec_type == "OPT")
 
 
-def bars_window(end: datetime, now: datetime, duration: ib_rules.Duration,
-                bar_size: str) -> tuple[datetime, datetime]:
-    """The span a bars request covers: never past the clock, small bars at most
-    :data:`~ktrdr_pipeline.domain.ib_rules.SMALL_BAR_HISTORY` back."""
+def bars_window(profile: HoursProfile, end: datetime, now: datetime,
+                duration: ib_rules.Duration, bar_size: str, use_rth: bool
+                ) -> tuple[datetime, datetime]:
+    """The span ``[start, end)`` whose bars answer a request, in IB's duration semantics.
+
+    ``start`` is :func:`~ktrdr_pipeline.domain.durations.request_start` of the requested
+    end (``docs/ib-facts.md`` §2: ``S`` = trading seconds per useRTH, ``D`` = the sessions
+    ending at or before the end, ``W``/``M``/``Y`` = calendar spans in exchange time); the
+    answer never reaches past the clock, and small bars reach at most
+    :data:`~ktrdr_pipeline.domain.ib_rules.SMALL_BAR_HISTORY` back (§2: IB has no bars of
+    30 secs or less older than six months). Daily and larger bars are the sessions whose
+    open lies in the span (a daily bar starts at its session's open)."""
+    start = request_start(profile, end, duration, use_rth)
     end = min(end, now)
-    start = end - duration.span
     if ib_rules.is_small_bar(bar_size):
         start = max(start, now - ib_rules.SMALL_BAR_HISTORY)
     return start, end
