@@ -108,7 +108,15 @@ async def _ready(coro) -> bool:
 
 def test_latency_model():
     realistic = LatencyModel.named("realistic")
-    assert realistic.bars_delay(1000) == pytest.approx(0.25 + 0.1)
+    assert realistic.bars_delay(1000) == pytest.approx(0.25 + 0.1 * (1 + 1000 / 20_000))
+    # the anchors of simulator/latency.py: a day of 1-min bars well under a second, 10 D
+    # (IB's sample) under a second, a year of 1-min RTH bars (252 x 390) just under
+    # ib_async's default 60 s timeout, more than in proportion to the bars
+    assert realistic.bars_delay(390) < 0.5
+    assert realistic.bars_delay(3900) < 1.0
+    assert 45 < realistic.bars_delay(252 * 390) < 60
+    assert realistic.bars_delay(252 * 390) > 10 * realistic.bars_delay(252 * 39)
+    assert LatencyModel.named("none").bars_delay(10**6) == 0
     assert realistic.throttle() is not None
     assert LatencyModel.named("none").throttle() is None
     with pytest.raises(ValueError):
