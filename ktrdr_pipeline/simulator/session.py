@@ -304,7 +304,11 @@ class ClientSession:
         self.spawn("hist", req_id, self._historical_data(req_id, req))
 
     async def _historical_data(self, req_id: int, req: BarsRequest) -> None:
-        self.send(*await self.gw.historical.bars(id(self), self.client_id, req_id, req))
+        def warn(code: int, text: str) -> None:
+            self.error(req_id, code, text)
+
+        self.send(*await self.gw.historical.bars(id(self), self.client_id, req_id, req,
+                                                 warn))
 
     def on_cancel_historical(self, f: list[str]) -> None:
         req_id = int(f[2])
