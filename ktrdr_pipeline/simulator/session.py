@@ -323,6 +323,18 @@ class ClientSession:
             await asyncio.sleep(self.gw.tick_interval)
 
     # -- orders: the simulator never trades (refusals.py) ----------------------------------
+    def on_place_order(self, f: list[str]) -> None:
+        """An order (or what-if order) is rejected: 200 when its contract is unknown, as IB
+        answers, else 201 "Order rejected - reason:…"."""
+        order_id = int(f[1])
+        try:
+            resolve_contract(self.gw.universe, parse_contract(f[2:14]), False,
+                             self.gw.clock.now())
+        except RequestError as exc:
+            self.error(order_id, exc.code, exc.message)
+            return
+        self.refuse(3, f)
+
     def on_cancel_order(self, f: list[str]) -> None:
         order_id = int(f[2])
         self.error(order_id, refusals.CANCEL_NOT_FOUND, refusals.cancel_not_found(order_id))
@@ -596,7 +608,7 @@ class ClientSession:
         20: on_historical_data, 25: on_cancel_historical, 87: on_head_timestamp,
         90: on_cancel_head_timestamp, 1: on_market_data, 2: on_cancel_market_data,
         92: on_pnl, 93: on_cancel_pnl,
-        4: on_cancel_order, 8: on_req_ids, 16: on_all_open_orders, 17: on_managed_accounts,
+        3: on_place_order, 4: on_cancel_order, 8: on_req_ids, 16: on_all_open_orders, 17: on_managed_accounts,
         24: on_scanner_parameters, 54: on_calculate_implied_vol,
         55: on_calculate_option_price, 62: on_account_summary, 65: on_verify, 66: on_verify,
         67: on_query_display_groups, 68: on_subscribe_group_events,
