@@ -32,7 +32,8 @@ def test_admin_status_and_faults_over_uvicorn(gateway):
     status, body = _admin(gateway, "GET", "/status")
     assert status == 200
     assert body["clients"] == [] and body["open_historical_requests"] == 0
-    assert body["faults"] == {"pacing": 0, "stall": 0, "error_322": 0}
+    assert body["faults"] == {"pacing": 0, "stall": 0, "error_322": 0, "hmds_unknown": 0}
+    assert _admin(gateway, "POST", "/faults/hmds_unknown") == (200, {"hmds_unknown": 1})
     assert _admin(gateway, "POST", "/faults/stall?count=2") == (200, {"stall": 2})
     assert _admin(gateway, "POST", "/faults/stall/") == (200, {"stall": 3})  # trailing slash
     assert _admin(gateway, "GET", "/status/")[1]["faults"]["stall"] == 3

@@ -279,12 +279,18 @@ def test_no_data_before_head_timestamp(gateway, ib):
 
 
 def test_fx_trades_has_no_data_but_midpoint_does(gateway, ib):
+    """FX has no TRADES: IB answers 162 "No historical market data for EUR/CASH@FXSUBPIP
+    Last 1d" (``docs/ib-facts.md`` §2/§3; the step is the bar size in seconds below a day)."""
     errors = ErrorLog(ib)
     eur = Forex("EURUSD")
     end = "20261117 16:00:00 US/Eastern"
     assert len(ib.reqHistoricalData(eur, end, "1 D", "1 hour", "TRADES", False, 2,
                                     timeout=2)) == 0
-    assert any("no data" in m for m in _codes_for(errors, 162))
+    assert len(ib.reqHistoricalData(eur, end, "5 D", "1 day", "TRADES", False, 2,
+                                    timeout=2)) == 0
+    assert _codes_for(errors, 162) == [
+        ib_rules.HMDS_PREFIX + "No historical market data for EUR/CASH@FXSUBPIP Last 3600",
+        ib_rules.HMDS_PREFIX + "No historical market data for EUR/CASH@FXSUBPIP Last 1d"]
     # 1 D = the session in progress at the end (docs/ib-facts.md §2): FX sessions are UTC
     # days here, so the 21 hours of the 17th up to 21:00 UTC
     bars = ib.reqHistoricalData(eur, end, "1 D", "1 hour", "MIDPOINT", False, 2)

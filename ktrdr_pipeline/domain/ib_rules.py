@@ -224,7 +224,6 @@ INFO_CODES = frozenset({2104, 2106, 2107, 2108, 2119, 2158})
 
 MSG_PACING_VIOLATION = HMDS_PREFIX + "Historical data request pacing violation"
 MSG_NO_DATA = HMDS_PREFIX + "HMDS query returned no data"
-MSG_TIME_LENGTH_EXCEEDED = HMDS_PREFIX + "Time length exceed max."
 MSG_QUERY_CANCELLED = HMDS_PREFIX + "API historical data query cancelled"
 MSG_NO_SECURITY = "No security definition has been found for the request"
 MSG_AMBIGUOUS = "The contract description specified is ambiguous"
@@ -243,3 +242,63 @@ MSG_RESTORED_DATA_MAINTAINED = (
 
 #: Error codes a loader retries with backoff (pacing is a 162 recognised by its text).
 RETRYABLE_CODES = frozenset({ERR_PROCESSING, ERR_NO_QUERY, 502, 504, 1100, 2103, 2105})
+
+# --- historical-data errors and warnings as IB words them (docs/ib-facts.md §2, §3) -------
+#: 162's texts after :data:`HMDS_PREFIX`, from real gateways' logs. A non-English TWS
+#: translates the prefix (e.g. "Mensaje de error de los servicios de datos de mercado
+#: históricos:invalid step: 1", wrighter/ib-scripts#1) and may translate more, so a client
+#: matches only their stable parts (``ktrdr_pipeline.ib.errors``).
+MSG_TIME_LENGTH_EXCEEDED = HMDS_PREFIX + "Time length exceed max."
+#: "…No historical market data for EUR/CASH@FXSUBPIP Last 1d": the data type does not exist
+#: for the instrument (FX TRADES). The tail names symbol/secType@venue, IB's name of the data
+#: type and the bar step ("1d" daily, seconds below a day, "0" for a head timestamp; e.g.
+#: "CAC40/IND@MONEP Bid 1800", "SPX/IND@CBOE MidPoint 60" in public client code).
+MSG_NO_HISTORICAL_DATA_FOR = HMDS_PREFIX + "No historical market data for"
+MSG_NO_PERMISSIONS = HMDS_PREFIX + "No market data permissions for"
+
+#: A malformed endDateTime (IB's text as logged in atreyuxtrading/atreyu-backtrader-api#6
+#: and ultra1971/backtrader_ib_insync#6).
+ERR_INVALID_END = 10314
+MSG_INVALID_END = (
+    "End Date/Time: The date, time, or time-zone entered is invalid. The correct format is "
+    "yyyymmdd hh:mm:ss xx/xxxx where yyyymmdd and xx/xxxx are optional. E.g.: 20031126 "
+    "15:59:00 US/Eastern  Note that there is a space between the date and time, and between "
+    "the time and time-zone.  If no date is specified, current date is assumed. If no "
+    "time-zone is specified, local time-zone is assumed(deprecated).  You can also provide "
+    "yyyymmddd-hh:mm:ss time is in UTC. Note that there is a dash between the date and time "
+    "in UTC notation."
+)
+#: An end date for a continuous future (TWS/Gateway 10.30+; nautilus_trader#2616).
+ERR_CONTFUT_END = 10339
+MSG_CONTFUT_END = "Setting end date/time for continuous future security type is not allowed."
+#: A warning, sent before the data, for an end time without a zone (TWS 10.17+; the text
+#: as logged in OpenTWS/opentws-dotnet#42 and maxicus/ib-tws-api#29; a Chinese TWS sends
+#: it translated, vnpy/vnpy_ib#12).
+WARN_END_WITHOUT_ZONE = 2174
+MSG_END_WITHOUT_ZONE = (
+    "Warning: You submitted request with date-time attributes without explicit time zone. "
+    "Please switch to use yyyymmdd-hh:mm:ss in UTC or use instrument time zone, like "
+    "US/Eastern. Implied time zone functionality will be removed in the next API release"
+)
+
+#: Which whatToShow values have bars, per security type (§2 "whatToShow by product").
+WHAT_TO_SHOW_BY_SEC_TYPE: dict[str, tuple[str, ...]] = {
+    "STK": WHAT_TO_SHOW,
+    "ETF": WHAT_TO_SHOW,
+    "IND": ("TRADES", "MIDPOINT", "BID", "ASK", "BID_ASK", "HISTORICAL_VOLATILITY",
+            "OPTION_IMPLIED_VOLATILITY"),
+    "FUT": ("TRADES", "MIDPOINT", "BID", "ASK", "BID_ASK"),
+    "CONTFUT": ("TRADES", "MIDPOINT", "BID", "ASK", "BID_ASK"),
+    "OPT": ("TRADES", "MIDPOINT", "BID", "ASK", "BID_ASK"),
+    "BOND": ("TRADES", "MIDPOINT", "BID", "ASK", "BID_ASK"),
+    "WAR": ("TRADES", "MIDPOINT", "BID", "ASK", "BID_ASK"),
+    "CASH": ("MIDPOINT", "BID", "ASK", "BID_ASK"),
+    "CFD": ("MIDPOINT", "BID", "ASK", "BID_ASK"),
+    "CRYPTO": ("MIDPOINT", "BID", "ASK", "BID_ASK"),
+    "CMDTY": ("MIDPOINT", "BID", "ASK", "BID_ASK"),
+}
+
+
+def what_to_show_for(sec_type: str) -> tuple[str, ...]:
+    """The whatToShow values IB keeps bars of for ``sec_type`` (all, if unknown)."""
+    return WHAT_TO_SHOW_BY_SEC_TYPE.get(sec_type.upper(), WHAT_TO_SHOW)

@@ -104,6 +104,7 @@ class IBConnection:
         self.clock_offset = timedelta(0)
         self._lock = asyncio.Lock()
         self._ever_connected = False
+        self._warned_end_without_zone = False
         self.ib.errorEvent += self._on_error
         self.ib.disconnectedEvent += self._on_disconnected
 
@@ -118,6 +119,15 @@ class IBConnection:
     def _on_error(self, req_id: int, code: int, message: str, contract) -> None:
         if code in ib_rules.INFO_CODES:
             return  # farm status notices
+        if code == ib_rules.WARN_END_WITHOUT_ZONE:
+            # informational, never fatal: IB still answers the request (§2); said once per
+            # connection, not once per request
+            if not self._warned_end_without_zone:
+                self._warned_end_without_zone = True
+                log.warning("IB warns (2174) that a request's end time had no time zone and "
+                            "was read in the gateway's zone; send zoned end times (request "
+                            "%s: %s)", req_id, message)
+            return
         self.status_info.last_error = f"{code}: {message}"
         if code == ib_rules.ERR_CONNECTIVITY_LOST:
             log.warning("IB reports connectivity lost (1100); requests pause until restored")
@@ -224,6 +234,7 @@ class IBConnection:
 
     def _on_connected(self, client_id: int) -> None:
         self._preferred = client_id
+        self._warned_end_without_zone = False
         st = self.status_info
         if self._ever_connected:
             st.reconnects += 1

@@ -179,10 +179,11 @@ class HeadTimestamps:
 
     def __init__(self, connection: IBConnection, governor: PacingGovernor, data_dir: Path, *,
                  timeout_s: float = 30.0, ttl_s: float = 7 * 86400,
-                 max_pacing_retries: int = 5):
+                 max_pacing_retries: int = 5, attempts: int = 3):
         self.conn = connection
         self.governor = governor
         self.timeout_s = timeout_s
+        self.attempts = attempts
         self.max_pacing_retries = max_pacing_retries
         self.cache = JsonCache(data_dir / "cache" / "head_timestamps.json", ttl_s)
 
@@ -194,19 +195,31 @@ class HeadTimestamps:
         if cached is not None:
             return datetime.fromisoformat(cached)
         pacing = 0
+        unrecognised = 0
         while True:
             try:
                 value = await self._request(contract, what, use_rth)
                 break
             except IBError as exc:
                 # another tool on the account (TWS itself, a second data directory) can
-                # cause it: hold back and retry through the governor, as for bars
-                if exc.kind is not ErrorKind.PACING or pacing >= self.max_pacing_retries:
+                # cause it: hold back and retry through the governor, as for bars. A 162
+                # this loader cannot read (a translated TWS, see errors.py) is held back
+                # the same way — head timestamps are always paced — but only for
+                # ``attempts`` tries, then it fails with IB's own text.
+                if exc.kind is ErrorKind.UNRECOGNISED:
+                    unrecognised += 1
+                    if unrecognised >= self.attempts:
+                        raise IBError(f"{exc} — IB's 162 text is none this loader knows; gave "
+                                      f"up after {unrecognised} attempts", exc.code, exc.kind,
+                                      exc.ib_text) from exc
+                elif exc.kind is not ErrorKind.PACING or pacing >= self.max_pacing_retries:
                     raise
-                pacing += 1
+                else:
+                    pacing += 1
                 wait = self.governor.report_violation()
-                log.warning("pacing violation for the head timestamp of %s; backing off "
-                            "%.3g s and retrying", contract.key, wait)
+                log.warning("%s for the head timestamp of %s; backing off %.3g s and "
+                            "retrying", "pacing violation" if exc.kind is ErrorKind.PACING
+                            else f"unrecognised 162 ({exc.ib_text!r})", contract.key, wait)
         if not isinstance(value, datetime):
             raise IBError(f"no head timestamp for {contract.key}: IB answered {value!r}",
                           kind=ErrorKind.NO_DATA)
@@ -230,6 +243,8 @@ class HeadTimestamps:
                 code = getattr(exc, "code", None)
                 if code is not None:
                     raise IBError.from_answer(code, getattr(exc, "message", str(exc)),
-                                              f"head timestamp of {contract.key}") from None
+                                              f"head timestamp of {contract.key}",
+                                              sec_type=contract.sec_type,
+                                              what_to_show=what) from None
                 raise
         return value

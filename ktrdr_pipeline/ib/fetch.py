@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 import pandas as pd
@@ -72,6 +72,8 @@ class FetchResult:
     retries: int = 0
     empty_answers: int = 0
     pacing_violations: int = 0
+    #: IB's own words for each empty answer ("HMDS query returned no data: …").
+    no_data_reasons: list[str] = field(default_factory=list)
 
 
 class HistoricalFetcher:
@@ -143,6 +145,9 @@ class HistoricalFetcher:
             except IBError as exc:
                 if exc.kind is ErrorKind.NO_DATA:
                     result.empty_answers += 1
+                    reason = exc.ib_text or str(exc)
+                    result.no_data_reasons.append(reason)
+                    log.info("no bars for %s: IB says %r", _describe(contract, req), reason)
                     return empty_bars()
                 if exc.kind is ErrorKind.PACING:
                     pacing += 1
@@ -160,9 +165,14 @@ class HistoricalFetcher:
                 failures += 1
                 result.retries += 1
                 if failures >= self.attempts:
-                    raise IBError(f"{exc} — gave up after {failures} attempts", exc.code,
-                                  exc.kind) from exc
+                    raise IBError(_giving_up(exc, failures), exc.code, exc.kind,
+                                  exc.ib_text) from exc
                 delay = self.backoff_s * 2 ** (failures - 1)
+                if exc.kind is ErrorKind.UNRECOGNISED and ib_rules.is_small_bar(req.bar_size):
+                    # perhaps a translated pacing violation (see errors.py): the governor
+                    # holds paced requests back as for one (its slot waits the penalty
+                    # out), but only for the configured attempts
+                    self.governor.report_violation(large=False)
                 log.warning("%s failed (%s); retry %d/%d in %.1fs", _describe(contract, req),
                             exc, failures, self.attempts - 1, delay)
                 await asyncio.sleep(delay)
@@ -216,7 +226,9 @@ class HistoricalFetcher:
             raise RequestTimeout(f"no answer within {self.timeout_s:.0f}s for "
                                  f"{_describe(contract, req)}; cancelled") from None
         except RequestError as exc:
-            raise IBError.from_answer(exc.code, exc.message, _describe(contract, req)) from None
+            raise IBError.from_answer(exc.code, exc.message, _describe(contract, req),
+                                      sec_type=contract.secType,
+                                      what_to_show=req.what_to_show) from None
         except ConnectionError as exc:
             raise Disconnected(f"connection lost during {_describe(contract, req)}: {exc}",
                                kind=ErrorKind.RETRYABLE) from None
@@ -248,6 +260,14 @@ async def _until_sent_at_once(ib, poll_s: float = 0.005) -> None:
         if not busy:
             return
         await asyncio.sleep(poll_s)
+
+
+def _giving_up(exc: IBError, attempts: int) -> str:
+    """The final message of a request that kept failing: IB's own text first."""
+    if exc.kind is ErrorKind.UNRECOGNISED:
+        return (f"{exc} — IB's 162 text is none this loader knows (not pacing, not 'no data'); "
+                f"gave up after {attempts} attempts")
+    return f"{exc} — gave up after {attempts} attempts"
 
 
 def _describe(contract: Contract, req: HistoricalRequest) -> str:

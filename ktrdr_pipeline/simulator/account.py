@@ -47,6 +47,10 @@ def price_text(x: float) -> str:
     return format(round(float(x), 8), ".10g")
 
 
+#: The paper account's cash (USD).
+CASH = 250_000.0
+
+
 class AccountBook:
     """The paper account: positions valued from the market model at the clock's time."""
 
@@ -91,6 +95,35 @@ class AccountBook:
             rows.append(PortfolioRow(inst, pos.quantity, pos.avg_cost, px, value,
                                      value - pos.avg_cost * pos.quantity))
         return rows
+
+    def values(self, now: datetime | None = None) -> list[tuple[str, str, str]]:
+        """The account's values as (tag, value, currency), for reqAccountUpdates and
+        reqAccountSummary alike: cash, the positions at market, and margin figures derived
+        from them (a Reg T account: 25 % maintenance, 4× intraday buying power)."""
+        rows = self.portfolio(now)
+        cash = CASH
+        gross = sum(abs(r.market_value) for r in rows)
+        net = round(cash + sum(r.market_value for r in rows), 2)
+        unreal = round(sum(r.unrealized_pnl for r in rows), 2)
+        init, maint = round(0.5 * gross, 2), round(0.25 * gross, 2)
+        available = round(net - init, 2)
+        usd = [
+            ("NetLiquidation", net), ("TotalCashValue", cash), ("SettledCash", cash),
+            ("AccruedCash", 0.0), ("BuyingPower", round(4 * max(available, 0.0), 2)),
+            ("EquityWithLoanValue", net), ("PreviousDayEquityWithLoanValue", net),
+            ("GrossPositionValue", round(gross, 2)), ("RegTEquity", net),
+            ("RegTMargin", init), ("SMA", available), ("InitMarginReq", init),
+            ("MaintMarginReq", maint), ("AvailableFunds", available),
+            ("ExcessLiquidity", round(net - maint, 2)),
+            ("Cushion", round((net - maint) / net, 4) if net else 0.0),
+            ("FullInitMarginReq", init), ("FullMaintMarginReq", maint),
+            ("FullAvailableFunds", available), ("FullExcessLiquidity", round(net - maint, 2)),
+            ("UnrealizedPnL", unreal), ("RealizedPnL", 0.0),
+        ]
+        return [("AccountCode", self.universe.account, ""), ("AccountType", "INDIVIDUAL", ""),
+                ("Currency", "USD", "USD")] + [(k, str(v), "USD") for k, v in usd] + [
+                ("DayTradesRemaining", "-1", ""), ("Leverage", str(round(gross / net, 2))
+                                                   if net else "0", "")]
 
     def pnl(self, now: datetime | None = None) -> tuple[float, float, float]:
         """Daily, unrealized and realized PnL of the account."""

@@ -8,6 +8,7 @@ Endpoints (all answer JSON)::
     POST /faults/pacing?count=N               answer the next N historical requests with 162
     POST /faults/stall?count=N                never answer the next N historical requests
     POST /faults/error322?count=N             fail the next N historical requests with 322
+    POST /faults/hmds_unknown?count=N         answer the next N with a 162 no loader knows
 
 Example: ``curl -X POST 'http://127.0.0.1:PORT/faults/pacing?count=3'``.
 
@@ -32,7 +33,8 @@ from .http_server import HttpServer
 log = logging.getLogger(__name__)
 
 #: Admin fault names and the request faults they queue.
-FAULT_COUNTERS = {"pacing": "pacing", "stall": "stall", "error322": "error_322"}
+FAULT_COUNTERS = {"pacing": "pacing", "stall": "stall", "error322": "error_322",
+                  "hmds_unknown": "hmds_unknown"}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,13 @@ from ..domain import ib_rules
 from .audit import AuditLog
 
 #: The request faults, by the names tests and the admin interface use.
-REQUEST_FAULTS = ("pacing", "stall", "error_322")
+REQUEST_FAULTS = ("pacing", "stall", "error_322", "hmds_unknown")
+
+#: A 162 as a non-English TWS may send it: the prefix translated as a Spanish TWS does
+#: (wrighter/ib-scripts#1), the rest in words no loader can know (an illustration, not
+#: IB's text). Loaders must neither take it for "no data" nor retry it forever.
+MSG_HMDS_UNKNOWN = ("Mensaje de error de los servicios de datos de mercado históricos:"
+                    "Infracción del ritmo de solicitudes de datos históricos")
 #: How a nightly reset ends: 1102 "data maintained", or every socket closed.
 RESET_ENDINGS = ("1102", "close")
 
@@ -20,11 +26,13 @@ RESET_ENDINGS = ("1102", "close")
 @dataclass
 class Faults:
     """Pending request faults; each counter is consumed by the next historical requests:
-    ``pacing`` answers 162, ``stall`` never answers, ``error_322`` answers 322."""
+    ``pacing`` answers 162, ``stall`` never answers, ``error_322`` answers 322,
+    ``hmds_unknown`` answers a 162 in words no loader knows (:data:`MSG_HMDS_UNKNOWN`)."""
 
     pacing: int = 0
     stall: int = 0
     error_322: int = 0
+    hmds_unknown: int = 0
 
     def add(self, name: str, count: int = 1) -> int:
         """Queue ``count`` more faults of one kind; returns how many are now pending."""

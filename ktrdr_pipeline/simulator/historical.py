@@ -21,7 +21,7 @@ from . import rules
 from .account import price_text
 from .audit import AuditLog
 from .clock import SimClock
-from .faults import ConnectionFaults, Faults
+from .faults import MSG_HMDS_UNKNOWN, ConnectionFaults, Faults
 from .latency import LatencyModel, delay
 from .market import C, H, L, MarketModel, N, O, T, V, W
 from .protocol import describe, format_bar_time
@@ -29,6 +29,8 @@ from .rules import RequestError
 from .universe import Instrument, Universe
 
 Compute = Callable[..., Awaitable[Any]]
+#: Sends a warning (code, text) for the request being answered.
+Warn = Callable[[int, str], None]
 
 
 @dataclass(frozen=True)
@@ -104,19 +106,21 @@ class HistoricalService:
 
     # -- bars ------------------------------------------------------------------------------
     async def bars(self, owner: int, client_id: int | None, req_id: int,
-                   req: BarsRequest) -> list[object]:
-        """The historicalData message (17) answering ``req``; raises :class:`RequestError`."""
+                   req: BarsRequest, warn: Warn | None = None) -> list[object]:
+        """The historicalData message (17) answering ``req``; raises :class:`RequestError`.
+        ``warn(code, text)`` sends a warning for the request before its answer (2174)."""
         self.audit.write(client_id=client_id, req_id=req_id, message="reqHistoricalData",
                          contract=describe(req.contract), bar_size=req.bar_size,
                          duration=req.duration, end=req.end, what_to_show=req.what_to_show,
                          use_rth=req.use_rth, outcome="request")
         self.open_requests.claim(owner, "hist", req_id)
         try:
-            return await self._bars(client_id, req_id, req)
+            return await self._bars(client_id, req_id, req, warn)
         finally:
             self.open_requests.release(owner, "hist", req_id)
 
-    async def _bars(self, client_id: int | None, req_id: int, req: BarsRequest) -> list[object]:
+    async def _bars(self, client_id: int | None, req_id: int, req: BarsRequest,
+                    warn: Warn | None = None) -> list[object]:
         await self.connectivity.farm_available()
         if self.faults.take("stall"):
             self.audit.write(client_id=client_id, req_id=req_id, message="fault",
@@ -126,18 +130,23 @@ class HistoricalService:
             raise RequestError(ib_rules.ERR_HMDS, ib_rules.MSG_PACING_VIOLATION)
         if self.faults.take("error_322"):
             raise RequestError(ib_rules.ERR_PROCESSING, ib_rules.MSG_PROCESSING)
+        if self.faults.take("hmds_unknown"):
+            raise RequestError(ib_rules.ERR_HMDS, MSG_HMDS_UNKNOWN)
         what, bar_size = req.what_to_show, req.bar_size
         duration = rules.check_bars_request(bar_size, req.duration, what, req.use_rth,
                                             req.format_date)
         now = self.clock.now()
+        rules.check_end_allowed(req.contract, req.end)
         end = rules.parse_end_datetime(req.end, now)
+        if warn is not None and rules.end_without_zone(req.end):
+            warn(ib_rules.WARN_END_WITHOUT_ZONE, ib_rules.MSG_END_WITHOUT_ZONE)
         inst = rules.resolve_contract(self.universe, req.contract, req.include_expired, now)
         if ib_rules.is_small_bar(bar_size):
             self.pacing.check(rules.bars_paced(inst, req.contract, what, req.end, req.duration,
                                                bar_size, req.use_rth))
         rules.check_max_duration(duration, bar_size)
         if not rules.has_bars(inst, what):
-            raise rules.no_data(inst, what)
+            raise rules.no_data(inst, what, bar_size)
         start, end = rules.bars_window(inst.profile, end, now, duration, bar_size,
                                        req.use_rth == "1")
         if start >= end:

@@ -36,7 +36,7 @@ MAX_BODY_BYTES = 1 << 20
 PORTAL_HEADERS = {"Cache-Control": "no-cache, no-store",
                   "Server": "ktrdr-client-portal-simulator"}
 ADMIN_ENDPOINTS = ["/status", "/faults/disconnect", "/faults/reset", "/faults/pacing",
-                   "/faults/stall", "/faults/error322"]
+                   "/faults/stall", "/faults/error322", "/faults/hmds_unknown"]
 
 
 class ApiError(Exception):

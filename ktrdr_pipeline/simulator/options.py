@@ -65,6 +65,27 @@ def option_years(inst: Instrument, now: datetime) -> float:
     return max((expiry_close - now).total_seconds(), 0.0) / (365.0 * 86400)
 
 
+def option_computation(inst: Instrument, now: datetime, und_price: float, *,
+                       price: float | None = None, vol: float | None = None) -> OptionGreeks:
+    """calculateOptionPrice (given ``vol``) or calculateImpliedVolatility (given ``price``:
+    the volatility whose model price matches it, by bisection between 0.1 % and 500 %)."""
+    if und_price <= 0:
+        raise ValueError("the underlying price must be positive")
+    years = option_years(inst, now)
+    if vol is not None:
+        return black_scholes(und_price, inst.strike, years, vol, inst.right)
+    if price is None:
+        raise ValueError("need an option price or a volatility")
+    lo, hi = 0.001, 5.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if black_scholes(und_price, inst.strike, years, mid, inst.right).price < price:
+            lo = mid
+        else:
+            hi = mid
+    return black_scholes(und_price, inst.strike, years, (lo + hi) / 2, inst.right)
+
+
 def smile_vol(inst: Instrument, spot: float) -> float:
     return inst.annual_vol + 0.15 * abs(math.log(inst.strike / spot))
 

@@ -51,30 +51,41 @@ _END_FORMS = (
 
 
 def parse_end_datetime(text: str, now: datetime) -> datetime:
-    """An endDateTime in any form IB accepts; empty means now."""
+    """An endDateTime in any form IB accepts; empty means now. Anything else, a time that
+    does not exist or an unknown zone is answered 10314 with IB's text (§2)."""
     text = text.strip()
     if not text:
         return now
-    m = _END_FORMS[0].match(text)
-    if m:
-        day, hh, mm, ss = m.groups()
-        return datetime.strptime(day + hh + mm + ss, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
-    m = _END_FORMS[1].match(text)
-    if m:
-        day, hh, mm, ss, zone = m.groups()
-        try:
+    try:
+        m = _END_FORMS[0].match(text)
+        if m:
+            day, hh, mm, ss = m.groups()
+            return datetime.strptime(day + hh + mm + ss, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        m = _END_FORMS[1].match(text)
+        if m:
+            day, hh, mm, ss, zone = m.groups()
             tz = ZoneInfo(zone or LOGIN_TZ) if zone not in ("GMT", "UTC") else UTC
-        except (ZoneInfoNotFoundError, ValueError):
-            raise RequestError(ib_rules.ERR_VALIDATION,
-                               f"Error validating request.-'bW' : cause - Invalid time zone "
-                               f"{zone!r} in end date/time {text!r}") from None
-        return datetime.strptime(day + hh + mm + ss, "%Y%m%d%H%M%S").replace(tzinfo=tz)
-    if re.fullmatch(r"\d{8}", text):
-        d = datetime.strptime(text, "%Y%m%d").replace(tzinfo=ZoneInfo(LOGIN_TZ))
-        return d + timedelta(days=1)
-    raise RequestError(ib_rules.ERR_VALIDATION,
-                       f"Error validating request.-'bW' : cause - Invalid end date/time "
-                       f"{text!r}: use 'YYYYMMDD HH:MM:SS [zone]', 'YYYYMMDD-HH:MM:SS' or ''")
+            return datetime.strptime(day + hh + mm + ss, "%Y%m%d%H%M%S").replace(tzinfo=tz)
+        if re.fullmatch(r"\d{8}", text):
+            d = datetime.strptime(text, "%Y%m%d").replace(tzinfo=ZoneInfo(LOGIN_TZ))
+            return d + timedelta(days=1)
+    except (ZoneInfoNotFoundError, ValueError):
+        pass
+    raise RequestError(ib_rules.ERR_INVALID_END, ib_rules.MSG_INVALID_END)
+
+
+def end_without_zone(text: str) -> bool:
+    """Whether an endDateTime relies on an implied zone: IB answers it, with warning 2174
+    first (``docs/ib-facts.md`` §2). The UTC form ``YYYYMMDD-HH:MM:SS`` carries its zone."""
+    text = text.strip()
+    m = _END_FORMS[1].match(text)
+    return bool(m and not m.group(5)) or bool(re.fullmatch(r"\d{8}", text))
+
+
+def check_end_allowed(contract: dict[str, str], end_text: str) -> None:
+    """Continuous futures take only an empty end (10339 on TWS/Gateway 10.30+, §2)."""
+    if contract.get("secType", "").upper() == "CONTFUT" and end_text.strip():
+        raise RequestError(ib_rules.ERR_CONTFUT_END, ib_rules.MSG_CONTFUT_END)
 
 
 def check_what_to_show(what: str) -> None:
@@ -131,8 +142,33 @@ def resolve_contract(universe: Universe, contract: dict[str, str], include_expir
 
 
 # -- what data exists ---------------------------------------------------------------------
-def no_data(inst: Instrument, what: str) -> RequestError:
-    """162 "HMDS query returned no data" for one instrument and data type."""
+#: IB's HMDS names of the data types, as its 162 texts quote them ("Last", "MidPoint",
+#: "Bid" are seen in real answers; the others are UNVERIFIED spellings).
+HMDS_DATA_TYPE = {"TRADES": "Last", "MIDPOINT": "MidPoint", "BID": "Bid", "ASK": "Ask",
+                  "BID_ASK": "BidAsk", "ADJUSTED_LAST": "AdjustedLast",
+                  "HISTORICAL_VOLATILITY": "HV", "OPTION_IMPLIED_VOLATILITY": "IV"}
+
+
+def hmds_step(bar_size: str | None) -> str:
+    """The bar step as HMDS quotes it: seconds below a day, "1d" for daily bars ("Last 1d"
+    in IB's FX TRADES answer), "0" for a head timestamp (no bar size). Weekly and monthly
+    spellings are UNVERIFIED."""
+    if bar_size is None:
+        return "0"
+    seconds = ib_rules.BAR_SIZE_SECONDS[bar_size]
+    return {86400: "1d", 7 * 86400: "1w", 31 * 86400: "1m"}.get(seconds, str(seconds))
+
+
+def no_data(inst: Instrument, what: str, bar_size: str | None = None) -> RequestError:
+    """IB's 162 when there are no bars: "No historical market data for EUR/CASH@FXSUBPIP
+    Last 1d" when the data type does not exist for the instrument (FX TRADES, §2/§3: a bad
+    request), else "HMDS query returned no data" (an empty answer)."""
+    if not has_bars(inst, what) and inst.sec_type != "OPT":
+        venue = "FXSUBPIP" if inst.sec_type == "CASH" else inst.exchange
+        return RequestError(ib_rules.ERR_HMDS,
+                            f"{ib_rules.MSG_NO_HISTORICAL_DATA_FOR} {inst.symbol}/"
+                            f"{inst.sec_type}@{venue} {HMDS_DATA_TYPE.get(what, what)} "
+                            f"{hmds_step(bar_size)}")
     return RequestError(ib_rules.ERR_HMDS, f"{ib_rules.MSG_NO_DATA}: {inst.local_symbol}@"
                         f"{inst.exchange} {what.title()}")
 

@@ -15,13 +15,14 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from ..domain import calendars, ib_rules
+from . import reference_data, refusals, rules
 from .account import AccountBook, price_text
 from .audit import AuditLog
 from .clock import SimClock
 from .historical import BarsRequest, HeadTimestampRequest, HistoricalService
 from .latency import LatencyModel, delay
+from .options import option_computation
 from .protocol import (
-    MIN_CLIENT_VERSION,
     SERVER_VERSION,
     ProtocolError,
     describe,
@@ -34,6 +35,12 @@ from .rules import LOGIN_TZ, OpenRequests, RequestError, resolve_contract
 from .universe import Instrument, Universe
 
 log = logging.getLogger(__name__)
+
+#: IB's error for incompatible API versions ("The TWS is out of date and must be upgraded").
+UPDATE_TWS = 503
+#: The server version from which the error message carries advancedOrderRejectJson
+#: (ibapi's MIN_SERVER_VER_ADVANCED_ORDER_REJECT).
+MIN_VERSION_ADVANCED_REJECT = 166
 
 
 class SessionRegistry:
@@ -94,6 +101,7 @@ class ClientSession:
         self.peer = writer.get_extra_info("peername")
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
         self.market_data_type = 1
+        self.next_order_id = 1
         self.closed = False
 
     # -- output -----------------------------------------------------------------------
@@ -122,13 +130,16 @@ class ClientSession:
         self.gw.registry.add(self)
         try:
             lo, hi, _opts = await asyncio.wait_for(read_handshake(self.reader), 30)
-            if hi < MIN_CLIENT_VERSION or lo > SERVER_VERSION:
-                log.warning("client %s offers versions %d..%d; need %d..%d",
-                            self.peer, lo, hi, MIN_CLIENT_VERSION, SERVER_VERSION)
+            if lo > SERVER_VERSION:
+                log.warning("client %s requires versions %d..%d; this gateway speaks %d",
+                            self.peer, lo, hi, SERVER_VERSION)
                 return
             version = min(hi, SERVER_VERSION)
             now = self.gw.clock.now()
             self.send(version, now.strftime("%Y%m%d %H:%M:%S UTC"))
+            if version < SERVER_VERSION:
+                await self._refuse_version(hi)
+                return
             while True:
                 fields = await read_frame(self.reader)
                 if not fields:
@@ -143,6 +154,28 @@ class ClientSession:
             self.gw.registry.remove(self)
             self.close()
 
+    async def _refuse_version(self, offered: int) -> None:
+        """Refuse a client whose highest version is below the only one this simulator
+        speaks (178, ``docs/ib-facts.md`` §7), clearly instead of with layouts it cannot
+        read: the handshake answered with the negotiated version (so the client decodes
+        what follows, as a real gateway answers with the version both speak), then, once
+        the client has started the API, error 503 (IB's code for incompatible versions)
+        with reqId -1 in that version's error layout, and the socket closed."""
+        with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ProtocolError):
+            await asyncio.wait_for(read_frame(self.reader), 5)  # startApi
+        text = (f"The TWS is out of date and must be upgraded: this IB Gateway simulator speaks "
+                f"API server version {SERVER_VERSION} only and the client offers at most "
+                f"version {offered}; use a client that offers {SERVER_VERSION} (ib_async 2.1 "
+                f"offers 157..178)")
+        log.warning("client %s offers at most version %d; refused (503)", self.peer, offered)
+        # the error message has carried advancedOrderRejectJson since server version 166
+        fields: list[object] = [4, 2, -1, UPDATE_TWS, text]
+        if offered >= MIN_VERSION_ADVANCED_REJECT:
+            fields.append("")
+        self.send(*fields)
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
     def dispatch(self, f: list[str]) -> None:
         try:
             msg_id = int(f[0])
@@ -154,8 +187,11 @@ class ClientSession:
             log.warning("client %s sent message %d before startApi; ignored", self.peer, msg_id)
             return
         handler = self.HANDLERS.get(msg_id)
+        if handler is None and msg_id in refusals.REFUSALS:
+            handler = ClientSession.refuse_by_id
         if handler is None:
-            log.info("client %s: unsupported message %d ignored", self.client_id, msg_id)
+            if msg_id not in refusals.UNANSWERED:
+                log.info("client %s: unsupported message %d ignored", self.client_id, msg_id)
             return
         try:
             handler(self, f)
@@ -232,14 +268,8 @@ class ClientSession:
 
     async def _account_updates(self, acct: str) -> None:
         rows = await self.gw.compute(self.gw.book.portfolio)
-        total = sum(r.market_value for r in rows)
-        unreal = sum(r.unrealized_pnl for r in rows)
-        cash = 250_000.0
-        for key, value in (("AccountCode", acct), ("Currency", "USD"),
-                           ("NetLiquidation", round(cash + total, 2)),
-                           ("TotalCashValue", cash), ("UnrealizedPnL", round(unreal, 2)),
-                           ("RealizedPnL", 0.0), ("BuyingPower", round(4 * cash, 2))):
-            self.send(6, 2, key, value, "USD" if key not in ("AccountCode",) else "", acct)
+        for key, value, currency in await self.gw.compute(self.gw.book.values):
+            self.send(6, 2, key, value, currency, acct)
         for r in rows:
             i = r.inst
             self.send(7, 8, i.con_id, i.symbol, i.sec_type, i.expiry, i.strike, i.right,
@@ -251,8 +281,159 @@ class ClientSession:
 
     def on_account_updates_multi(self, f: list[str]) -> None:
         req_id, acct, model = int(f[2]), f[3] or self.gw.universe.account, f[4]
-        self.send(73, 1, req_id, acct, model, "NetLiquidation", "250000", "USD")
+        self.spawn("acctmulti", req_id, self._account_updates_multi(req_id, acct, model))
+
+    async def _account_updates_multi(self, req_id: int, acct: str, model: str) -> None:
+        for key, value, currency in await self.gw.compute(self.gw.book.values):
+            self.send(73, 1, req_id, acct, model, key, value, currency)
         self.send(74, 1, req_id)
+
+    def on_account_summary(self, f: list[str]) -> None:
+        req_id, tags = int(f[2]), f[4]
+        self.spawn("summary", req_id, self._account_summary(req_id, tags))
+
+    async def _account_summary(self, req_id: int, tags: str) -> None:
+        for message in await self.gw.compute(reference_data.account_summary, self.gw.book,
+                                              req_id, tags):
+            self.send(*message)
+
+    def on_positions_multi(self, f: list[str]) -> None:
+        req_id, model = int(f[2]), f[4]
+        acct = self.gw.universe.account
+        for pos in self.gw.universe.positions:
+            i = self.gw.universe.instruments[pos.con_id]
+            self.send(71, 1, req_id, acct, i.con_id, i.symbol, i.sec_type, i.expiry, i.strike,
+                      i.right, i.multiplier, i.exchange, i.currency, i.local_symbol,
+                      i.trading_class, pos.quantity, pos.avg_cost, model)
+        self.send(72, 1, req_id)
+
+    def on_pnl_single(self, f: list[str]) -> None:
+        req_id, con_id = int(f[1]), int(f[4] or 0)
+        self.spawn("pnl", req_id, self._pnl_single(req_id, con_id))
+
+    async def _pnl_single(self, req_id: int, con_id: int) -> None:
+        while True:
+            rows = await self.gw.compute(self.gw.book.portfolio)
+            row = next((r for r in rows if r.inst.con_id == con_id), None)
+            if row is None:  # no position: IB reports zeros
+                self.send(95, req_id, 0, 0.0, 0.0, 0.0, 0.0)
+            else:
+                self.send(95, req_id, row.position, 0.0, round(row.unrealized_pnl, 2), 0.0,
+                          round(row.market_value, 2))
+            await asyncio.sleep(self.gw.tick_interval)
+
+    # -- orders: the simulator never trades (refusals.py) ----------------------------------
+    def on_place_order(self, f: list[str]) -> None:
+        """An order (or what-if order) is rejected: 200 when its contract is unknown, as IB
+        answers, else 201 "Order rejected - reason:…"."""
+        order_id = int(f[1])
+        try:
+            resolve_contract(self.gw.universe, parse_contract(f[2:14]), False,
+                             self.gw.clock.now())
+        except RequestError as exc:
+            self.error(order_id, exc.code, exc.message)
+            return
+        self.refuse(3, f)
+
+    def on_cancel_order(self, f: list[str]) -> None:
+        order_id = int(f[2])
+        self.error(order_id, refusals.CANCEL_NOT_FOUND, refusals.cancel_not_found(order_id))
+
+    def on_req_ids(self, f: list[str]) -> None:
+        self.next_order_id += 1
+        self.send(9, 1, self.next_order_id)
+
+    def on_all_open_orders(self, f: list[str]) -> None:
+        self.send(53, 1)
+
+    def on_managed_accounts(self, f: list[str]) -> None:
+        self.send(15, 1, self.gw.universe.account)
+
+    # -- what TWS itself answers: display groups, API verification, user info -------------
+    def on_query_display_groups(self, f: list[str]) -> None:
+        self.send(67, 1, int(f[2]), "1|2|3|4|5|6|7")  # TWS has seven colour groups
+
+    def on_subscribe_group_events(self, f: list[str]) -> None:
+        self.send(68, 1, int(f[2]), "")
+
+    def on_update_display_group(self, f: list[str]) -> None:
+        self.send(68, 1, int(f[2]), f[3])
+
+    def on_verify(self, f: list[str]) -> None:
+        text = "API verification is not needed: this gateway accepts every client"
+        if f[0] in ("72", "73"):
+            self.send(70, 1, 0, text)
+        else:
+            self.send(66, 1, 0, text)
+
+    def on_user_info(self, f: list[str]) -> None:
+        self.send(107, int(f[1]), "")
+
+    def on_soft_dollar_tiers(self, f: list[str]) -> None:
+        self.send(77, int(f[1]), 0)
+
+    def on_family_codes(self, f: list[str]) -> None:
+        self.send(78, 0)
+
+    def on_depth_exchanges(self, f: list[str]) -> None:
+        self.send(80, 0)  # no market depth anywhere (see refusals.py)
+
+    def on_smart_components(self, f: list[str]) -> None:
+        self.send(82, int(f[1]), 0)
+
+    def on_news_providers(self, f: list[str]) -> None:
+        self.send(85, 0)  # no news providers (news requests get 10276)
+
+    def on_scanner_parameters(self, f: list[str]) -> None:
+        self.send(19, 1, '<?xml version="1.0" encoding="UTF-8"?><ScanParameterResponse>'
+                         '<InstrumentList/><LocationTree/><ScanTypeList/>'
+                         '</ScanParameterResponse>')
+
+    # -- reference data ------------------------------------------------------------------
+    def on_matching_symbols(self, f: list[str]) -> None:
+        self.send(*reference_data.matching_symbols(self.gw.universe, int(f[1]), f[2]))
+
+    def on_sec_def_opt_params(self, f: list[str]) -> None:
+        req_id = int(f[1])
+        for message in reference_data.option_chain_params(
+                self.gw.universe, req_id, f[2], f[3], f[4], int(f[5] or 0)):
+            self.send(*message)
+
+    def on_market_rule(self, f: list[str]) -> None:
+        self.send(*reference_data.market_rule(int(f[1])))
+
+    # -- option calculations (the simulator's option model) ------------------------------
+    def on_calculate_implied_vol(self, f: list[str]) -> None:
+        req_id = int(f[2])
+        self.spawn("calc", req_id, self._option_calc(req_id, parse_contract(f[3:15]),
+                                                     price=float(f[15]), und=float(f[16])))
+
+    def on_calculate_option_price(self, f: list[str]) -> None:
+        req_id = int(f[2])
+        self.spawn("calc", req_id, self._option_calc(req_id, parse_contract(f[3:15]),
+                                                     vol=float(f[15]), und=float(f[16])))
+
+    async def _option_calc(self, req_id: int, contract: dict[str, str], *, und: float,
+                           price: float | None = None, vol: float | None = None) -> None:
+        inst = resolve_contract(self.gw.universe, contract, False, self.gw.clock.now())
+        if inst.sec_type != "OPT":
+            raise RequestError(ib_rules.ERR_VALIDATION,
+                               "Error validating request.-'bL' : cause - option calculations "
+                               "need an option contract")
+        try:
+            g = option_computation(inst, self.gw.clock.now(), und, price=price, vol=vol)
+        except ValueError as exc:
+            raise RequestError(ib_rules.ERR_VALIDATION,
+                               f"Error validating request.-'bL' : cause - {exc}") from None
+        # tick type 53: a custom option computation (ib_async maps it, docs/ib-facts.md §7)
+        self.send(21, req_id, 53, 0, g.implied_vol, g.delta, price_text(g.price), 0.0,
+                  g.gamma, g.vega, g.theta, price_text(und))
+
+    def refuse(self, msg_id: int, f: list[str]) -> None:
+        """Answer a request the simulator does not serve with IB's error (refusals.py)."""
+        refusal = refusals.REFUSALS[msg_id]
+        req_id = int(f[refusal.req_id_field]) if refusal.req_id_field is not None else -1
+        self.error(req_id, refusal.code, refusal.message())
 
     def on_market_data_type(self, f: list[str]) -> None:
         self.market_data_type = int(f[2])
@@ -296,15 +477,43 @@ class ClientSession:
                             message="contractDetails", outcome="ok", count=len(found))
 
     # -- historical data ---------------------------------------------------------------
+    def refuse_by_id(self, f: list[str]) -> None:
+        self.refuse(int(f[0]), f)
+
     def on_historical_data(self, f: list[str]) -> None:
         req_id = int(f[1])
+        if f[19] == "SCHEDULE":
+            self.spawn("hist", req_id, self._schedule(req_id, parse_contract(f[2:14]),
+                                                      f[14] == "1", f[15], f[17], f[18]))
+            return
         req = BarsRequest(contract=parse_contract(f[2:14]), include_expired=f[14] == "1",
                           end=f[15], bar_size=f[16], duration=f[17], use_rth=f[18],
                           what_to_show=f[19], format_date=f[20])
         self.spawn("hist", req_id, self._historical_data(req_id, req))
 
     async def _historical_data(self, req_id: int, req: BarsRequest) -> None:
-        self.send(*await self.gw.historical.bars(id(self), self.client_id, req_id, req))
+        def warn(code: int, text: str) -> None:
+            self.error(req_id, code, text)
+
+        self.send(*await self.gw.historical.bars(id(self), self.client_id, req_id, req,
+                                                 warn))
+
+    async def _schedule(self, req_id: int, contract: dict[str, str], include_expired: bool,
+                        end_text: str, duration: str, rth_text: str) -> None:
+        """whatToShow=SCHEDULE: the trading sessions of ``N D`` ending at the end time, from
+        the session calendar (ib_async's reqHistoricalSchedule asks for ``N D`` of daily
+        bars)."""
+        now = self.gw.clock.now()
+        rules.check_end_allowed(contract, end_text)
+        end = min(rules.parse_end_datetime(end_text, now), now)
+        try:
+            count = ib_rules.parse_duration(duration)
+        except ib_rules.DurationError as exc:
+            raise RequestError(ib_rules.ERR_HMDS, f"{ib_rules.HMDS_PREFIX}{exc}") from None
+        inst = resolve_contract(self.gw.universe, contract, include_expired, now)
+        sessions = count.count if count.unit == "D" else max(1, count.span.days * 5 // 7)
+        self.send(*await self.gw.compute(reference_data.historical_schedule, inst, req_id,
+                                         end, sessions, rth_text == "1"))
 
     def on_cancel_historical(self, f: list[str]) -> None:
         req_id = int(f[2])
@@ -399,4 +608,12 @@ class ClientSession:
         20: on_historical_data, 25: on_cancel_historical, 87: on_head_timestamp,
         90: on_cancel_head_timestamp, 1: on_market_data, 2: on_cancel_market_data,
         92: on_pnl, 93: on_cancel_pnl,
+        3: on_place_order, 4: on_cancel_order, 8: on_req_ids, 16: on_all_open_orders, 17: on_managed_accounts,
+        24: on_scanner_parameters, 54: on_calculate_implied_vol,
+        55: on_calculate_option_price, 62: on_account_summary, 65: on_verify, 66: on_verify,
+        67: on_query_display_groups, 68: on_subscribe_group_events,
+        69: on_update_display_group, 72: on_verify, 73: on_verify, 74: on_positions_multi,
+        78: on_sec_def_opt_params, 79: on_soft_dollar_tiers, 80: on_family_codes,
+        81: on_matching_symbols, 82: on_depth_exchanges, 83: on_smart_components,
+        85: on_news_providers, 91: on_market_rule, 94: on_pnl_single, 104: on_user_info,
     }
