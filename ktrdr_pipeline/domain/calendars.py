@@ -308,23 +308,36 @@ def parse_hours(text: str, tz: str) -> tuple[list[tuple[datetime, datetime]], li
     sessions: list[tuple[datetime, datetime]] = []
     closed: list[date] = []
     for entry in filter(None, (e.strip() for e in text.split(";"))):
-        m = _ENTRY.match(entry)
-        if not m:
-            raise ValueError(f"cannot read hours entry {entry!r}: expected "
-                             "YYYYMMDD:HHMM-YYYYMMDD:HHMM or YYYYMMDD:CLOSED")
-        day = datetime.strptime(m.group(1), "%Y%m%d").date()
-        if m.group(2) == "CLOSED":
+        try:
+            found, day = _parse_entry(entry, zone)
+        except ValueError as exc:
+            raise ValueError(f"cannot read hours entry {entry!r} ({exc}): expected "
+                             "YYYYMMDD:HHMM-YYYYMMDD:HHMM or YYYYMMDD:CLOSED") from None
+        sessions += found
+        if day is not None:
             closed.append(day)
-            continue
-        for part in m.group(2).split(","):
-            r = _RANGE.match(part)
-            if not r:
-                raise ValueError(f"cannot read hours range {part!r} of entry {entry!r}")
-            end_day = datetime.strptime(r.group(2), "%Y%m%d").date() if r.group(2) else day
-            o = datetime.combine(day, datetime.strptime(r.group(1), "%H%M").time(), zone)
-            c = datetime.combine(end_day, datetime.strptime(r.group(3), "%H%M").time(), zone)
-            sessions.append((o.astimezone(UTC), c.astimezone(UTC)))
     return sessions, closed
+
+
+def _parse_entry(entry: str, zone: ZoneInfo) -> tuple[list[tuple[datetime, datetime]],
+                                                      date | None]:
+    """One entry of an hours string: its sessions, or its date when CLOSED."""
+    m = _ENTRY.match(entry)
+    if not m:
+        raise ValueError("no YYYYMMDD: prefix")
+    day = datetime.strptime(m.group(1), "%Y%m%d").date()
+    if m.group(2) == "CLOSED":
+        return [], day
+    found = []
+    for part in m.group(2).split(","):
+        r = _RANGE.match(part)
+        if not r:
+            raise ValueError(f"range {part!r}")
+        end_day = datetime.strptime(r.group(2), "%Y%m%d").date() if r.group(2) else day
+        o = datetime.combine(day, datetime.strptime(r.group(1), "%H%M").time(), zone)
+        c = datetime.combine(end_day, datetime.strptime(r.group(3), "%H%M").time(), zone)
+        found.append((o.astimezone(UTC), c.astimezone(UTC)))
+    return found, None
 
 
 def hours_disagreement(profile: HoursProfile, trading_hours: str, tz: str | None = None,
