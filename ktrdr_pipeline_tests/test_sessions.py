@@ -433,3 +433,18 @@ def test_a_bar_outside_the_calendar_is_stored_and_listed_by_the_warn_check(janua
     assert again["ib_requests"].value == 0 and again["bars_outside_sessions"].value == 2
     assert [str(r.partition_key) for r in _tail_fill(instance, resources).run_requests] == [
         "2025|EURUSD"]
+
+
+def test_daily_fx_bars_loaded_through_dagster_carry_the_close_date(january):
+    _, instance, resources, data_dir = january
+    tf = get_timeframe("1d")
+    result = dg.materialize(
+        [build_bar_asset(tf), *build_checks(tf)], instance=instance, resources=resources,
+        partition_key=dg.MultiPartitionKey({"symbol": "EURUSD", "period": "2025"}))
+    assert result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items()}
+    days = [t.date() for t in BarStore(data_dir).read("1d", "EURUSD", "2025").index]
+    assert date(2025, 1, 6) in days  # Monday: the session Sunday 17:15 -> Monday 17:00
+    assert not [d for d in days if d.weekday() >= 5]  # no Saturday or Sunday bar
+    assert len(days) == 23  # the weekdays of January 2025
