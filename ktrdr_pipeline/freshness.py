@@ -57,7 +57,9 @@ def behind(completed: np.ndarray, state: FetchState, exp_start: np.ndarray,
     """Whether a partition lacks a closed bar (``exp_start``/``exp_end``: the bars its
     period should have by now; ``completed``: :func:`completed_starts`) that IB has not
     been asked for since it closed."""
-    if not len(exp_start) or (len(completed) and completed[-1] >= exp_start[-1]):
+    # the newest expected bar is stored: current (a later stored bar is not enough — IB may
+    # have served it outside the calendar's sessions)
+    if not len(exp_start) or bool(np.isin(exp_start[-1], completed)):
         return False
     return newest_unasked(exp_start, exp_end, completed, state) is not None
 

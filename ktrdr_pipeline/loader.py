@@ -15,6 +15,12 @@ fills do not ask for it again; mode ``full`` forgets them and asks afresh. ``ask
 records up to when IB was last asked, so freshness checks do not chase a bar that never
 traded.
 
+**Bars outside the calendar.** IB's data is the truth: a bar IB serves outside every
+session of the instrument's calendar (:mod:`ktrdr_pipeline.domain.calendars`) never fails
+a load. It is stored, counted (``bars_outside_sessions`` in the result and the
+materialization metadata, one warning per load) and listed by the WARN asset check of
+that name; it is never an expected bar, so it neither fills nor hides a gap.
+
 **Concurrent writers.** The fetch holds no lock (it may take minutes); the merge, the
 validation and the write run under the partition's write lock
 (:meth:`~ktrdr_pipeline.store.parquet.BarStore.locked`) and start by re-reading the
@@ -53,7 +59,7 @@ from .ib.governor import PacingGovernor
 from .ib.ledger import SqlitePacingLedger
 from .settings import Settings
 from .store.parquet import BarStore
-from .store.schema import validate_bars
+from .store.schema import outside_session_bars, validate_bars
 from .universe import load_universe
 
 log = logging.getLogger(__name__)
@@ -87,6 +93,9 @@ class PartitionResult:
     gaps_filled: int = 0
     missing_bars: int = 0
     known_empty_bars: int = 0
+    #: Stored bars outside every session of the calendar: IB served them, so they are
+    #: kept (the calendar may lag behind IB) and listed by the bars_outside_sessions check.
+    bars_outside_sessions: int = 0
     segments_fetched: int = 0
     ib_requests_made: int = 0
     fetched_bars: int = 0
@@ -241,6 +250,7 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
     result.known_empty_bars = int(known_empty.sum())
     if not segments:
         result.status = "complete"
+        _count_outside(result, stored, tf, profile, use_rth)
         _finish(result, stored)
         return result
     plan = plan_ranges(profile, tf.bar_size,
@@ -278,10 +288,10 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
                      & ~merged.index.isin(frame.index) & merged_in_window)
             merged = merged[~stale]
             merged_in_window = (merged.index >= p_start) & (merged.index < p_end)
-        validate_bars(merged, tf, profile, use_rth)
+        validate_bars(merged, tf, profile, use_rth)  # bars outside sessions are valid
         merged_s = merged.index.asi8 // 10**9
         new_partial = _merged_partial(merged[merged_in_window], exp_start, partial_from,
-                                      merged_s, lo_s, hi_s)
+                                      merged_s, lo_s, hi_s, tf, int(now.timestamp()))
         present = np.isin(exp_start, merged_s)
         # every request was answered: a bar one of them covered that is still missing and
         # had long closed, IB does not have (bars no request covered — older than IB
@@ -316,6 +326,7 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
                                                          current_state.asked_until or 0),
                                          empty_runs=tuple(runs)))
     result.bars_written = len(merged)
+    _count_outside(result, merged, tf, profile, use_rth)
     _finish(result, merged)
     return result
 
@@ -346,12 +357,12 @@ def _reread(store: BarStore, tf: str, key: str, period: str, first_read: pd.Data
 
 def _merged_partial(window_bars: pd.DataFrame, exp_start: np.ndarray,
                     stored_partial: int | None, merged_s: np.ndarray, lo_s: int,
-                    hi_s: int) -> int | None:
+                    hi_s: int, tf: Timeframe, now_s: int) -> int | None:
     """``partial_from`` of the merged partition: the bar in progress this load fetched
     (only bars of its window can be: later stored bars are not "later than every expected
     bar" of a window that ends before them), else a bar in progress another load stored
     outside this window, if it is still there."""
-    ours = _partial_start(window_bars, exp_start)
+    ours = _partial_start(window_bars, exp_start, tf, now_s)
     theirs = (stored_partial if stored_partial is not None
               and not lo_s <= stored_partial < hi_s and bool((merged_s == stored_partial).any())
               else None)
@@ -401,14 +412,31 @@ def _in_progress_bar_missing(tf: Timeframe, exp_end: np.ndarray,
     return gaps.Segment(start, now + timedelta(seconds=1), 1)
 
 
-def _partial_start(frame: pd.DataFrame, exp_start: np.ndarray) -> int | None:
+def _partial_start(frame: pd.DataFrame, exp_start: np.ndarray, tf: Timeframe,
+                   now_s: int) -> int | None:
     """Epoch of the stored bar that had not closed when it was fetched (the bar in
-    progress): a bar later than every bar expected to have closed by now."""
+    progress): a bar later than every bar expected to have closed by now that could still
+    be open (it started less than a bar's length ago; a bar IB served outside the
+    calendar's sessions after the last expected one has long closed)."""
     if not len(frame):
         return None
     ts = frame.index.asi8 // 10**9
     later = ts[ts > int(exp_start[-1])] if len(exp_start) else ts
+    if not tf.is_daily_or_larger:
+        later = later[later + tf.seconds > now_s]
     return int(later[0]) if len(later) else None
+
+
+def _count_outside(result: PartitionResult, frame: pd.DataFrame, tf: Timeframe,
+                   profile: calendars.HoursProfile, use_rth: bool) -> None:
+    """Count the partition's bars outside every session and say so once per load."""
+    outside = outside_session_bars(frame, tf, profile, use_rth) if len(frame) else frame
+    result.bars_outside_sessions = len(outside)
+    if len(outside):
+        log.warning("%s %s %s: %d bar(s) outside the %s calendar's sessions, first at %s; "
+                    "stored as IB served them (see the bars_outside_sessions check)",
+                    result.symbol, result.timeframe, result.period, len(outside),
+                    profile.calendar, outside.index[0].isoformat())
 
 
 def _finish(result: PartitionResult, frame: pd.DataFrame) -> None:

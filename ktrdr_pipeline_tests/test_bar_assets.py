@@ -322,7 +322,7 @@ def test_definitions_are_built_when_dagster_loads_them_not_at_import():
     assert "KTRDR_TIMEFRAMES" in out.stdout
 
 
-def test_the_checks_read_a_partition_once_for_all_four(env, monkeypatch):
+def test_the_checks_read_a_partition_once_for_all_five(env, monkeypatch):
     from ktrdr_pipeline.defs.bars import checks as checks_module
 
     _materialize("1d", "EURUSD", "2026", env)
@@ -335,12 +335,14 @@ def test_the_checks_read_a_partition_once_for_all_four(env, monkeypatch):
 
     monkeypatch.setattr(checks_module, "BarStore", CountingStore)
     _, checks = _materialize("1d", "EURUSD", "2026", env)
-    assert sorted(checks) == ["calendar_gaps", "fresh", "ohlc_valid",
+    assert sorted(checks) == ["bars_outside_sessions", "calendar_gaps", "fresh", "ohlc_valid",
                               "unique_sorted_in_session"]
     assert len(reads) == 1
     assert checks["ohlc_valid"].blocking and not checks["fresh"].blocking
     assert checks["calendar_gaps"].severity == dg.AssetCheckSeverity.WARN
     assert checks["unique_sorted_in_session"].severity == dg.AssetCheckSeverity.ERROR
+    outside = checks["bars_outside_sessions"]  # issue 13: a warning, never blocking
+    assert outside.severity == dg.AssetCheckSeverity.WARN and not outside.blocking
     # one check on its own: the others are not evaluated
     reads.clear()
     _, instance, resources, _, _ = env
@@ -433,7 +435,8 @@ def test_thin_stock_second_bars_and_what_ib_no_longer_keeps(env):
     assert not BarStore(data_dir).path("5s", "ILLQ", "2026-03-02").exists()
 
 
-CHECK_NAMES = ("ohlc_valid", "unique_sorted_in_session", "calendar_gaps", "fresh")
+CHECK_NAMES = ("ohlc_valid", "unique_sorted_in_session", "calendar_gaps", "fresh",
+               "bars_outside_sessions")
 
 
 def _assert_partition_records_its_own(instance: dg.DagsterInstance, data_dir: Path, tf_name: str,

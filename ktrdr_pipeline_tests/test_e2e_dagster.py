@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 CLOCK = "2026-11-18T15:00:00+00:00"
 SYMBOLS = ("AAPL", "EURUSD")
 PERIODS = ("2024", "2025", "2026")
-CHECKS = ("ohlc_valid", "unique_sorted_in_session", "calendar_gaps", "fresh")
+CHECKS = ("ohlc_valid", "unique_sorted_in_session", "calendar_gaps", "fresh",
+          "bars_outside_sessions")
 #: Checks that must pass: all of them (``KTRDR_CLOCK`` gives the sensors and the ``fresh``
 #: check the simulator's clock).
 MUST_PASS = CHECKS
@@ -202,8 +203,11 @@ def _run_failures(gql: GraphQL, runs: list[dict]) -> str:
 
 
 def _expected_fx_1h_bars(year: int, until: datetime | None = None) -> int:
-    """All-hours bars of a 24/5 pair (UTC weekdays) in the year's period, which is cut at
-    midnight US/Eastern; ``until``: the simulator's clock (its bar in progress counts)."""
+    """All-hours bars of an IDEALPRO pair in the year's period, which is cut at midnight
+    US/Eastern; ``until``: the simulator's clock (its bar in progress counts). IDEALPRO
+    trades Sunday 17:15 to Friday 17:00 US/Eastern with a daily pause 17:00-17:15
+    (docs/ib-facts.md §9): every local hour has a bar (the 17:00 hour's starts at 17:15)
+    except Saturday's, Sunday's before 17:00 and Friday's from 17:00."""
     tz = ZoneInfo("US/Eastern")
     t = datetime(year, 1, 1, tzinfo=tz).astimezone(UTC)
     end = datetime(year + 1, 1, 1, tzinfo=tz).astimezone(UTC)
@@ -211,7 +215,9 @@ def _expected_fx_1h_bars(year: int, until: datetime | None = None) -> int:
         end = min(end, until + timedelta(hours=1))
     n = 0
     while t < end:
-        n += t.weekday() < 5
+        local = t.astimezone(tz)
+        day, hour = local.weekday(), local.hour
+        n += not (day == 5 or (day == 6 and hour < 17) or (day == 4 and hour >= 17))
         t += timedelta(hours=1)
     return n
 

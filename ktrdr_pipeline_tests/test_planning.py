@@ -236,17 +236,22 @@ def test_request_spans_closed_hours_between_sessions():
 
 
 def test_weekends_skipped_fx():
+    # IDEALPRO sessions (docs/ib-facts.md §9): 17:15 US/Eastern the day before to 17:00,
+    # Sunday 17:15 to Friday 17:00, so a Sunday-evening session starts the week
     start, end = utc(2025, 3, 3), utc(2025, 3, 17)  # two Mon..Sun weeks
     plan = plan_requests(FX, "1 min", start, end, "MIDPOINT", True)
-    assert len(plan) == 10
+    assert len(plan) == 11  # 10 weekday sessions + the one opening Sunday 2025-03-16
     for r in plan:
-        assert r.duration == "86400 S"
-        assert r.covers[0].weekday() < 5
-        assert r.covers[1] - r.covers[0] == timedelta(days=1)
-    # 1 hour bars: one request per trading week; weekend is never the start of a span
+        assert int(r.duration.removesuffix(" S")) <= 86400
+        o, c = (t.astimezone(ET) for t in r.covers)
+        assert o.weekday() != 5 and c.weekday() != 5  # nothing on a Saturday
+        assert r.covers[0] == start or (o.hour, o.minute) == (17, 15)
+        assert r.covers[1] == end or (c.hour, c.minute) == (17, 0)
+    assert plan[-1].covers == (datetime(2025, 3, 16, 17, 15, tzinfo=ET), end)
+    # 1 hour bars: the two weeks fit one request
     plan = plan_requests(FX, "1 hour", start, end, "MIDPOINT", True)
-    assert [r.covers for r in plan] == [(utc(2025, 3, 3), utc(2025, 3, 15))]
-    assert plan[0].duration == "12 D"
+    assert [r.covers for r in plan] == [(start, end)]
+    assert plan[0].duration == "14 D"
 
 
 def test_rth_vs_all_hours_stock():

@@ -37,13 +37,13 @@ def test_contract_details_time_zone_and_hours(ib):
     assert cd.timeZoneId == "US/Eastern"
     assert cd.liquidHours.startswith("20261118:0930-20261118:1600")
     assert cd.tradingHours.startswith("20261118:0400-20261118:2000")
-    # Thanksgiving 2026 is 26 November: closed; the 27th closes early.
-    assert "20261126:CLOSED" in cd.liquidHours
-    assert "20261127:0930-20261127:1300" in cd.liquidHours
+    # about a week ahead (docs/ib-facts.md §9): the weekend is CLOSED (Thanksgiving and its
+    # half day, a week later, are in test_sessions.py)
+    assert "20261121:CLOSED;20261122:CLOSED;20261123:0930-20261123:1600" in cd.liquidHours
 
     [fx] = ib.reqContractDetails(Forex("EURUSD"))
     assert fx.contract.secType == "CASH" and fx.contract.localSymbol == "EUR.USD"
-    assert fx.timeZoneId == "UTC"
+    assert fx.timeZoneId == "US/Eastern"  # IDEALPRO's hours are US/Eastern (§9)
 
     futures = ib.reqContractDetails(Future("ES", exchange="CME"))
     assert [c.contract.localSymbol for c in futures][:2] == ["ESZ6", "ESH7"]
@@ -235,9 +235,11 @@ def test_futures_bars_follow_the_cme_calendar(ib):
         Contract(secType="FUT", symbol="ES", exchange="CME", lastTradeDateOrContractMonth="202612"))]
     session = ib.reqHistoricalData(front, "20261117 17:00:00 US/Central", "1 D", "1 hour",
                                    "TRADES", False, 2)
-    # the CME Globex session of the 17th runs 17:00 US/Central on the 16th to 17:00
-    assert len(session) == 24
+    # the CME Globex session of the 17th runs 17:00 US/Central on the 16th to 16:00, then
+    # the daily halt (docs/ib-facts.md §9): 23 hourly bars, none at 16:00
+    assert len(session) == 23
     assert session[0].date == datetime(2026, 11, 16, 23, 0, tzinfo=UTC)
+    assert session[-1].date == datetime(2026, 11, 17, 21, 0, tzinfo=UTC)  # 15:00 CT
     weekend = ib.reqHistoricalData(front, "20261116-01:00:00", "3 D", "1 hour", "TRADES", False, 2)
     assert weekend and all(b.date.weekday() != 5 for b in weekend)
     sunday = [b for b in weekend if b.date.date() == date(2026, 11, 15)]

@@ -291,10 +291,10 @@ def test_fx_trades_has_no_data_but_midpoint_does(gateway, ib):
     assert _codes_for(errors, 162) == [
         ib_rules.HMDS_PREFIX + "No historical market data for EUR/CASH@FXSUBPIP Last 3600",
         ib_rules.HMDS_PREFIX + "No historical market data for EUR/CASH@FXSUBPIP Last 1d"]
-    # 1 D = the session in progress at the end (docs/ib-facts.md §2): FX sessions are UTC
-    # days here, so the 21 hours of the 17th up to 21:00 UTC
+    # 1 D = the session in progress at the end (docs/ib-facts.md §2): IDEALPRO's session
+    # opened Monday 17:15 US/Eastern (§9), so 23 hourly bars from 22:15 UTC to 21:00 UTC
     bars = ib.reqHistoricalData(eur, end, "1 D", "1 hour", "MIDPOINT", False, 2)
-    assert len(bars) == 21 and bars[0].date == datetime(2026, 11, 17, 0, 0, tzinfo=UTC)
+    assert len(bars) == 23 and bars[0].date == datetime(2026, 11, 16, 22, 15, tzinfo=UTC)
 
 
 def test_unknown_and_ambiguous_contracts_are_200(gateway, ib):

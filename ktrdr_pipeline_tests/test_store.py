@@ -43,6 +43,7 @@ from ktrdr_pipeline.store.schema import (
     BarValidationError,
     duplicate_or_unsorted,
     ohlc_violations,
+    outside_session_bars,
     session_violations,
     validate_bars,
 )
@@ -515,11 +516,6 @@ CORRUPTIONS = {
     "unsorted": (lambda f: f.iloc[[0, 1, 3, 2, 4, 5]], "ts_sorted", duplicate_or_unsorted, [3]),
     "misaligned": (lambda f: _move(f, 2, "2026-11-02 16:30:00+00:00"), "ts_aligned",
                    "session", [2]),
-    "outside the session": (lambda f: _move(f, 6, "2026-11-02 21:00:00+00:00"), "in_session",
-                            "session", [6]),
-    "on a weekend": (lambda f: pd.concat([f, _move(f.iloc[[0]], 0,
-                                                   "2026-11-07 15:00:00+00:00")]),
-                     "in_session", "session", [len(_rth_hour_frame())]),
     "sub-second": (lambda f: _move(f, 1, "2026-11-02 15:00:00.5+00:00"), "ts_aligned",
                    "session", [1]),
 }
@@ -554,6 +550,31 @@ def test_each_rule_catches_its_violation_and_reports_the_rows(name: str) -> None
     pd.testing.assert_frame_equal(bad, before)
 
 
+#: Bars IB served where the calendar has no session (issue 13: IB's data is the truth).
+OUTSIDE_SESSIONS = {
+    "after the close": (lambda f: _move(f, 6, "2026-11-02 21:00:00+00:00"), [6]),
+    "on a weekend": (lambda f: pd.concat([f, _move(f.iloc[[0]], 0,
+                                                   "2026-11-07 15:00:00+00:00")]),
+                     [len(_rth_hour_frame())]),
+    "off the grid, after the close": (lambda f: _move(f, 6, "2026-11-02 21:20:00+00:00"), [6]),
+}
+
+
+@pytest.mark.parametrize("name", list(OUTSIDE_SESSIONS))
+def test_bars_outside_sessions_are_valid_and_listed(name: str) -> None:
+    """A bar outside every session never fails validation (so never a load); it is
+    listed by outside_session_bars with its values, and by no rule."""
+    mutate, rows = OUTSIDE_SESSIONS[name]
+    bad = mutate(_rth_hour_frame())
+    validate_bars(bad, "1h", calendars.STOCK, True)
+    assert len(session_violations(bad, "1h", calendars.STOCK, True)) == 0
+    found = outside_session_bars(bad, "1h", calendars.STOCK, True)
+    assert list(found["check"]) == ["in_session"] * len(rows)
+    assert list(found.index) == [bad.index[r] for r in rows]
+    assert found["close"].iloc[0] == bad["close"].iloc[rows[0]]
+    assert len(outside_session_bars(_rth_hour_frame(), "1h", calendars.STOCK, True)) == 0
+
+
 def test_fx_without_volume_is_valid_but_negative_volume_is_not() -> None:
     frame = sim_bars(EURUSD, "5m", datetime(2026, 11, 2, tzinfo=UTC),
                      datetime(2026, 11, 4, tzinfo=UTC), False, what="MIDPOINT")
@@ -570,10 +591,11 @@ def test_daily_bars_must_be_midnight_utc_of_a_session_date() -> None:
     found = session_violations(shifted, "1d", calendars.STOCK, True)
     assert set(found["check"]) == {"ts_aligned"} and len(found) == len(frame)
     thanksgiving = pd.concat([frame, _move(frame.iloc[[0]], 0, "2026-11-26 00:00:00+00:00")])
-    with pytest.raises(BarValidationError) as info:
-        validate_bars(thanksgiving.sort_index(), "1d", calendars.STOCK, True)
-    assert list(info.value.failures["check"]) == ["in_session"]
-    assert info.value.failures.index[0] == pd.Timestamp("2026-11-26", tz="UTC")
+    # a daily bar dated on a day without a session is listed, not refused (issue 13)
+    validate_bars(thanksgiving.sort_index(), "1d", calendars.STOCK, True)
+    found = outside_session_bars(thanksgiving.sort_index(), "1d", calendars.STOCK, True)
+    assert list(found["check"]) == ["in_session"]
+    assert found.index[0] == pd.Timestamp("2026-11-26", tz="UTC")
 
 
 def test_structural_problems_are_reported() -> None:
@@ -597,7 +619,9 @@ def test_several_failures_are_collected_at_once() -> None:
     with pytest.raises(BarValidationError) as info:
         validate_bars(bad, "1h", calendars.STOCK, True)
     checks = info.value.failures["check"].tolist()
-    assert {"ohlc_consistent", "volume_non_negative", "in_session", "ts_sorted"} <= set(checks)
+    assert {"ohlc_consistent", "volume_non_negative", "ts_sorted"} <= set(checks)
+    assert "in_session" not in checks  # the moved bar is outside the sessions: listed only
+    assert len(outside_session_bars(bad, "1h", calendars.STOCK, True)) == 1
 
 
 finite = st.floats(min_value=0.01, max_value=1000, allow_nan=False, allow_infinity=False)

@@ -1,44 +1,88 @@
-"""Trading sessions per instrument, from ``exchange_calendars``.
+"""Trading sessions per instrument, as IB trades them: the one owner of sessions.
 
-Three hour profiles cover the product's instruments:
+IB's own word on an instrument's sessions is its contract details' ``tradingHours`` and
+``liquidHours`` (``docs/ib-facts.md`` §9); they reach about a week ahead, so older history
+and the days ahead come from an exchange calendar library. Three hour profiles cover the
+product's instruments (§9's table):
 
-- ``stock``: the NYSE calendar (holidays, half days). Regular hours are the calendar's
-  session; all hours run 04:00–20:00 US/Eastern on session days (17:00 on half days).
-- ``fx``: the 24/5 calendar (UTC days Monday–Friday); regular hours are all hours.
-- ``future``: the CME Globex calendar (17:00 US/Central the evening before to 17:00);
-  regular (liquid) hours are 08:30–15:00 US/Central, cut at an early close.
+- ``stock`` (US stocks, ``US/Eastern``): the NYSE calendar (holidays, half days). Regular
+  hours 09:30–16:00 (13:00 on half days), all hours 04:00–20:00 (17:00 on half days): the
+  calendar's ``pre``/``market_open``/``market_close``/``post`` times.
+- ``future`` (CME equity index futures ES, NQ; ``US/Central``): the CME Globex equity
+  calendar, 17:00 the evening before to 16:00, so the daily 16:00–17:00 halt lies between
+  two sessions (23 hourly bars a full session) and CME holidays close early (12:00 CT on
+  2025-05-26). Liquid hours run from 08:30 to the session's close, cut at an early close —
+  IB's ES ``liquidHours`` ``20250522:0830-20250522:1600`` (§9).
+- ``fx`` (IDEALPRO, ``US/Eastern``): IB's hours, Sunday 17:15 to Friday 17:00 with a daily
+  pause 17:00–17:15 (§9, IB's exchange hours page): a session opens 17:15 the day before
+  and closes 17:00 on the weekday it is labelled with. The weekdays come from the
+  library's 24/5 calendar; no library has IDEALPRO's hours. Liquid hours are all hours.
 
-Everything is UTC inside; the exchange time zone is used only to build the schedule.
-Schedules are computed once per profile as epoch-second arrays and searched with numpy,
-so finding the sessions of a range costs microseconds.
+A session of a 24-hour market spans two calendar days and is labelled with the date it
+closes: its daily bar carries that date (the FX session Sunday 17:15 → Monday 17:00 is
+Monday's).
+
+**Why pandas_market_calendars.** Compared against §9 (both libraries, 2024–2031):
+
+- CME equity futures: ``pandas_market_calendars``' "CME Globex Equity" is 17:00–16:00
+  US/Central with the early closes of CME holidays (12:00 on 2025-05-26, Juneteenth;
+  12:15 on July 3rd, the Friday after Thanksgiving and Christmas Eve; Good Friday's short
+  session when payrolls are published). ``exchange_calendars``' CMES runs 17:00–17:00 —
+  no halt, so every session would end an hour late — closes every early day at 12:00, has
+  no Juneteenth early close and closes Good Friday altogether.
+- NYSE: the same sessions in both, but only ``pandas_market_calendars`` has the
+  extended hours (04:00 pre-market, 20:00 post-market, 17:00 on half days) that IB's
+  outside-RTH ``tradingHours`` show.
+- FX: neither has IDEALPRO's 17:15 open. ``pandas_market_calendars``' "FX" calendar runs
+  17:00–17:00 New York and also holds a session from Saturday 17:00 (its week includes
+  Sunday labels); both 24/5 calendars are UTC days. So FX takes the weekdays of the 24/5
+  calendar and IB's published times.
+
+Everything is UTC inside; the exchange time zone is used only to build the schedule and
+IB's hours strings. Schedules are computed once per profile as epoch-second arrays and
+searched with numpy, so finding the sessions of a range costs microseconds.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import exchange_calendars as xcals
 import numpy as np
 import pandas as pd
+import pandas_market_calendars as pmc
 
 #: First session the schedules cover. Head timestamps must not be earlier.
 SCHEDULE_START = "2004-01-02"
 
+#: IDEALPRO's hours (docs/ib-facts.md §9): a session opens at 17:15 US/Eastern the day
+#: before the weekday it closes on, at 17:00.
+FX_OPEN = time(17, 15)
+FX_CLOSE = time(17, 0)
+#: CME equity index futures' liquid hours start at 08:30 US/Central (§9: IB's ES
+#: ``liquidHours`` ``20250522:0830-20250522:1600``) and end with the session.
+FUTURE_LIQUID_OPEN = time(8, 30)
+#: How many days IB's ``tradingHours``/``liquidHours`` reach ("about a week ahead", §9).
+HOURS_STRING_DAYS = 7
+
 
 @dataclass(frozen=True)
 class HoursProfile:
+    """An instrument class's sessions: the calendar (a ``pandas_market_calendars`` name)
+    and the exchange time zone (IB's ``timeZoneId``)."""
+
     name: str
     calendar: str
     tz: str
 
 
-STOCK = HoursProfile("stock", "XNYS", "US/Eastern")
-FX = HoursProfile("fx", "24/5", "UTC")
-FUTURE = HoursProfile("future", "CMES", "US/Central")
+STOCK = HoursProfile("stock", "NYSE", "US/Eastern")
+FX = HoursProfile("fx", "24/5", "US/Eastern")
+FUTURE = HoursProfile("future", "CME Globex Equity", "US/Central")
 PROFILES = {p.name: p for p in (STOCK, FX, FUTURE)}
 
 PROFILE_BY_SECTYPE = {"STK": STOCK, "CASH": FX, "FUT": FUTURE, "OPT": STOCK, "IND": STOCK}
@@ -68,7 +112,8 @@ def profile_for(sec_type: str) -> HoursProfile:
 
 @dataclass(frozen=True)
 class Session:
-    """One trading session: its label date and its UTC open and close (close exclusive)."""
+    """One trading session: its label date (the date it closes) and its UTC open and
+    close (close exclusive)."""
 
     date: date
     open: datetime
@@ -101,51 +146,52 @@ def schedule_end() -> str:
     return max(date(2030, 12, 31), date.today() + timedelta(days=730)).isoformat()
 
 
-@functools.lru_cache(maxsize=8)
-def _calendar(name: str) -> xcals.ExchangeCalendar:
+def _library_schedule(name: str, market_times: str | None = None) -> pd.DataFrame:
+    """The calendar's sessions from :data:`SCHEDULE_START` (UTC times, label index)."""
     with warnings.catch_warnings():
-        # exchange_calendars reads Series.values, which pandas 3 deprecates for tz-aware data
+        # the libraries read Series.values, which pandas 3 deprecates for tz-aware data
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
         if hasattr(pd.errors, "Pandas4Warning"):
             warnings.simplefilter("ignore", pd.errors.Pandas4Warning)
-        return xcals.get_calendar(name, start=SCHEDULE_START, end=schedule_end())
+        return pmc.get_calendar(name).schedule(SCHEDULE_START, schedule_end(),
+                                               market_times=market_times)
+
+
+def _local_epoch(days: pd.DatetimeIndex, at: time, tz: str, shift_days: int = 0) -> np.ndarray:
+    """Epoch seconds of local time ``at`` on each of ``days`` (+ ``shift_days``) in ``tz``."""
+    naive = pd.DatetimeIndex(days).tz_localize(None).normalize() + pd.Timedelta(
+        days=shift_days, hours=at.hour, minutes=at.minute)
+    return _epoch(naive.tz_localize(tz))
 
 
 @functools.lru_cache(maxsize=8)
 def schedule(profile_name: str) -> Schedule:
+    """Every session of the profile from :data:`SCHEDULE_START` (see the module docstring
+    for each profile's hours)."""
     profile = PROFILES[profile_name]
-    cal = _calendar(profile.calendar)
-    sched = cal.schedule
-    labels = pd.DatetimeIndex(sched.index)
-    opens, closes = sched["open"], sched["close"]
-    cal_open, cal_close = _epoch(opens), _epoch(closes)
-    dates = labels.values.astype("datetime64[D]")
     if profile is STOCK:
-        tz = ZoneInfo(profile.tz)
-        ext_open = [datetime.combine(d.date(), time(4, 0), tz) for d in labels]
-        early = (closes.dt.tz_convert(profile.tz).dt.hour < 16).to_numpy()
-        ext_close = [
-            datetime.combine(d.date(), time(17 if e else 20, 0), tz)
-            for d, e in zip(labels, early, strict=True)
-        ]
-        all_open = np.array([int(x.timestamp()) for x in ext_open], dtype=np.int64)
-        all_close = np.array([int(x.timestamp()) for x in ext_close], dtype=np.int64)
-        return Schedule(dates, cal_open, cal_close, all_open, all_close)
+        sched = _library_schedule(profile.calendar, market_times="all")
+        return Schedule(_dates(sched), _epoch(sched["market_open"]),
+                        _epoch(sched["market_close"]), _epoch(sched["pre"]),
+                        _epoch(sched["post"]))
+    sched = _library_schedule(profile.calendar)
+    labels = pd.DatetimeIndex(sched.index)
     if profile is FUTURE:
-        tz = ZoneInfo(profile.tz)
-        liq_open = np.array(
-            [int(datetime.combine(d.date(), time(8, 30), tz).timestamp()) for d in labels],
-            dtype=np.int64,
-        )
-        liq_close = np.array(
-            [int(datetime.combine(d.date(), time(15, 0), tz).timestamp()) for d in labels],
-            dtype=np.int64,
-        )
-        liq_close = np.minimum(liq_close, cal_close)
-        liq_open = np.minimum(liq_open, liq_close)
-        return Schedule(dates, liq_open, liq_close, cal_open, cal_close)
-    return Schedule(dates, cal_open, cal_close, cal_open, cal_close)
+        all_open, all_close = _epoch(sched["market_open"]), _epoch(sched["market_close"])
+        liq_open = _local_epoch(labels, FUTURE_LIQUID_OPEN, profile.tz)
+        # cut at an early close (an 08:15 close leaves no liquid hours: an empty session)
+        liq_open = np.minimum(np.maximum(liq_open, all_open), all_close)
+        return Schedule(_dates(sched), liq_open, all_close.copy(), all_open, all_close)
+    # FX: the library's weekdays, IB's IDEALPRO times
+    all_open = _local_epoch(labels, FX_OPEN, profile.tz, shift_days=-1)
+    all_close = _local_epoch(labels, FX_CLOSE, profile.tz)
+    return Schedule(_dates(sched), all_open, all_close, all_open, all_close)
+
+
+def _dates(sched: pd.DataFrame) -> np.ndarray:
+    return pd.DatetimeIndex(sched.index).tz_localize(None).values.astype("datetime64[D]")
 
 
 def _to_epoch(t: datetime) -> int:
@@ -204,26 +250,124 @@ def session_at(profile: HoursProfile, t: datetime, use_rth: bool) -> Session | N
     return None
 
 
-def hours_string(profile: HoursProfile, around: datetime, use_rth: bool, days: int = 10) -> str:
-    """IB's ``tradingHours``/``liquidHours`` format in the profile's time zone.
+def outside_sessions(profile: HoursProfile, t: np.ndarray, use_rth: bool) -> np.ndarray:
+    """Which instants ``t`` (int64 epoch seconds) lie outside every session."""
+    t = np.asarray(t, dtype=np.int64)
+    if len(t) == 0:
+        return np.zeros(0, dtype=bool)
+    lo, hi = schedule(profile.name).bounds(use_rth)
+    k = np.searchsorted(lo, t, side="right") - 1
+    inside = k >= 0
+    inside[inside] = t[inside] < hi[k[inside]]
+    return ~inside
 
-    ``20250324:0930-20250324:1600;20250329:CLOSED;…`` for the session dates from
-    ``around``'s local date on; dates without a session say CLOSED.
+
+# -- IB's hours strings ---------------------------------------------------------------------
+def hours_string(profile: HoursProfile, around: datetime, use_rth: bool,
+                 days: int = HOURS_STRING_DAYS) -> str:
+    """IB's ``tradingHours`` (``use_rth=False``) or ``liquidHours`` in the profile's time
+    zone, as a contract-details answer at ``around`` shows them (docs/ib-facts.md §9).
+
+    One entry per session, keyed by the local date it opens —
+    ``20250521:1700-20250522:1600;20250522:1700-20250523:1600;20250524:CLOSED;
+    20250525:1700-20250526:1200;…`` for ES on 2025-05-22 — for the sessions overlapping
+    the ``days`` local days from ``around``'s (the session in progress included); a day
+    that no session touches says CLOSED, an early close is a shorter session, and no date
+    appears twice.
     """
     tz = ZoneInfo(profile.tz)
-    local_day = around.astimezone(tz).date()
-    first, last = local_day - timedelta(days=1), local_day + timedelta(days=days)
-    found = sessions_on_dates(profile, first, last + timedelta(days=1), use_rth)
-    by_day: dict[date, Session] = {}
-    for s in found:
-        by_day[s.date] = s
-    parts = []
+    first = around.astimezone(tz).date()
+    lo = datetime.combine(first, time(0), tz)
+    hi = datetime.combine(first + timedelta(days=days), time(0), tz)
+    entries: list[tuple[date, str]] = []
+    covered: set[date] = set()
+    for s in sessions_between(profile, lo, hi, use_rth):
+        o, c = s.open.astimezone(tz), s.close.astimezone(tz)
+        entries.append((o.date(), f"{o:%Y%m%d:%H%M}-{c:%Y%m%d:%H%M}"))
+        d, last = o.date(), (c - timedelta(seconds=1)).date()
+        while d <= last:
+            covered.add(d)
+            d += timedelta(days=1)
     for n in range(days):
-        d = local_day + timedelta(days=n)
-        s = by_day.get(d)
-        if s is None:
-            parts.append(f"{d:%Y%m%d}:CLOSED")
-        else:
-            o, c = s.open.astimezone(tz), s.close.astimezone(tz)
-            parts.append(f"{o:%Y%m%d:%H%M}-{c:%Y%m%d:%H%M}")
-    return ";".join(parts)
+        d = first + timedelta(days=n)
+        if d not in covered:
+            entries.append((d, f"{d:%Y%m%d}:CLOSED"))
+    return ";".join(text for _, text in sorted(entries))
+
+
+_ENTRY = re.compile(r"^(\d{8}):(.*)$")
+_RANGE = re.compile(r"^(\d{4})-(?:(\d{8}):)?(\d{4})$")
+
+
+def parse_hours(text: str, tz: str) -> tuple[list[tuple[datetime, datetime]], list[date]]:
+    """IB's ``tradingHours``/``liquidHours`` as UTC (open, close) pairs and the CLOSED
+    dates. Accepts IB's form ``20250521:1700-20250522:1600`` and the older one without
+    the closing date (``20090507:0930-1600,1700-1800``); raises ValueError naming the
+    entry it cannot read."""
+    zone = ZoneInfo(tz)
+    sessions: list[tuple[datetime, datetime]] = []
+    closed: list[date] = []
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        try:
+            found, day = _parse_entry(entry, zone)
+        except ValueError as exc:
+            raise ValueError(f"cannot read hours entry {entry!r} ({exc}): expected "
+                             "YYYYMMDD:HHMM-YYYYMMDD:HHMM or YYYYMMDD:CLOSED") from None
+        sessions += found
+        if day is not None:
+            closed.append(day)
+    return sessions, closed
+
+
+def _parse_entry(entry: str, zone: ZoneInfo) -> tuple[list[tuple[datetime, datetime]],
+                                                      date | None]:
+    """One entry of an hours string: its sessions, or its date when CLOSED."""
+    m = _ENTRY.match(entry)
+    if not m:
+        raise ValueError("no YYYYMMDD: prefix")
+    day = datetime.strptime(m.group(1), "%Y%m%d").date()
+    if m.group(2) == "CLOSED":
+        return [], day
+    found = []
+    for part in m.group(2).split(","):
+        r = _RANGE.match(part)
+        if not r:
+            raise ValueError(f"range {part!r}")
+        end_day = datetime.strptime(r.group(2), "%Y%m%d").date() if r.group(2) else day
+        o = datetime.combine(day, datetime.strptime(r.group(1), "%H%M").time(), zone)
+        c = datetime.combine(end_day, datetime.strptime(r.group(3), "%H%M").time(), zone)
+        found.append((o.astimezone(UTC), c.astimezone(UTC)))
+    return found, None
+
+
+def hours_disagreement(profile: HoursProfile, trading_hours: str, tz: str | None = None,
+                       use_rth: bool = False) -> str | None:
+    """How IB's hours string (``tradingHours``, or ``liquidHours`` with ``use_rth``)
+    disagrees with the profile's calendar over the days it covers, in words naming both
+    sides; None when they agree (or the string holds no day). ``tz`` is the contract's
+    ``timeZoneId`` (the profile's when missing or unknown)."""
+    try:
+        zone_name = tz or profile.tz
+        zone = ZoneInfo(zone_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        zone_name, zone = profile.tz, ZoneInfo(profile.tz)
+    ib_sessions, closed = parse_hours(trading_hours, zone_name)
+    days = [o.astimezone(zone).date() for o, _ in ib_sessions] + closed
+    if not days:
+        return None
+    first, last = min(days), max(days)
+    lo = datetime.combine(first, time(0), zone)
+    hi = datetime.combine(last + timedelta(days=1), time(0), zone)
+    ours = {(s.open, s.close) for s in sessions_between(profile, lo, hi, use_rth)
+            if first <= s.open.astimezone(zone).date() <= last}
+    theirs = set(ib_sessions)
+    if ours == theirs:
+        return None
+
+    def show(pairs: set[tuple[datetime, datetime]]) -> str:
+        return ";".join(f"{o.astimezone(zone):%Y%m%d:%H%M}-{c.astimezone(zone):%Y%m%d:%H%M}"
+                        for o, c in sorted(pairs)) or "none"
+
+    return (f"{first:%Y-%m-%d}..{last:%Y-%m-%d} ({zone_name}): only IB's contract details "
+            f"have {show(theirs - ours)}; only the {profile.calendar!r} calendar "
+            f"({profile.name} profile) has {show(ours - theirs)}")

@@ -20,6 +20,7 @@ from typing import Any
 
 from ib_async import Contract, ContractDetails
 
+from ..domain import calendars
 from ..domain.pacing import head_timestamp_pacing_key
 from ..domain.symbols import SymbolError, SymbolSpec, head_timestamp_cache_key, parse_symbol
 from .connection import IBConnection
@@ -104,6 +105,29 @@ class JsonCache:
             raise
 
 
+def warn_if_hours_disagree(resolved: ResolvedContract, cd: ContractDetails) -> str | None:
+    """Log one warning when IB's ``tradingHours`` for the coming week disagree with the
+    instrument's calendar (docs/ib-facts.md §9: the contract details are IB's word on its
+    sessions, about a week ahead). IB's bars are loaded either way; the ones outside the
+    calendar's sessions are listed by the ``bars_outside_sessions`` check. Returns the
+    warning (None when they agree or there is nothing to compare)."""
+    if not cd.tradingHours:
+        return None
+    try:
+        profile = calendars.profile_for(resolved.sec_type)
+        diff = calendars.hours_disagreement(profile, cd.tradingHours, cd.timeZoneId or None)
+    except ValueError as exc:
+        diff = f"IB's tradingHours {cd.tradingHours[:200]!r} cannot be compared: {exc}"
+    if diff is None:
+        return None
+    message = (f"{resolved.key}: IB's contract details (tradingHours) disagree with the "
+               f"session calendar for the coming week: {diff}. IB's bars are loaded either "
+               f"way; bars outside the calendar's sessions are listed by the "
+               f"bars_outside_sessions check")
+    log.warning("%s", message)
+    return message
+
+
 class ContractResolver:
     """Resolves symbols through IB with a cache in ``KTRDR_DATA_DIR``."""
 
@@ -139,6 +163,7 @@ class ContractResolver:
                                   + ", ".join(cd.contract.localSymbol for cd in found[:5])
                                   + "); use the explicit form SYMBOL:SECTYPE:EXCHANGE:CURRENCY")
             resolved = ResolvedContract.from_details(spec.key, found[0])
+            warn_if_hours_disagree(resolved, found[0])
             self.cache.put(spec.key, asdict(resolved))
             return resolved
         raise ContractNotFound(f"unknown symbol {text!r}: IB has no contract for it "

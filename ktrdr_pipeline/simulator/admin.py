@@ -9,6 +9,10 @@ Endpoints (all answer JSON)::
     POST /faults/stall?count=N                never answer the next N historical requests
     POST /faults/error322?count=N             fail the next N historical requests with 322
     POST /faults/hmds_unknown?count=N         answer the next N with a 162 no loader knows
+    POST /faults/outside_sessions?symbol=ES&at=2025-01-11T15:00:00Z&minutes=60
+                                              trade ES for 60 minutes from ``at`` although
+                                              its calendar has no session then (bars of
+                                              1 min to 1 day served there); DELETE clears
 
 Example: ``curl -X POST 'http://127.0.0.1:PORT/faults/pacing?count=3'``.
 
@@ -23,10 +27,11 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from .clock import SimClock
-from .faults import RESET_ENDINGS, Faults
+from .faults import RESET_ENDINGS, Faults, OffCalendarTrading
 from .http_app import ApiError, build_admin_app
 from .http_server import HttpServer
 
@@ -47,6 +52,7 @@ class AdminControls:
     clock: SimClock
     disconnect_all: Callable[[], int]
     nightly_reset: Callable[[float, str], Awaitable[None]]
+    off_calendar: OffCalendarTrading | None = None
 
 
 def _count(text: str | None) -> int:
@@ -72,6 +78,7 @@ class Admin:
             "clients": c.clients(),
             "open_historical_requests": c.open_requests(),
             "faults": vars(c.faults),
+            "outside_sessions": c.off_calendar.as_dict() if c.off_calendar else {},
             "clock": c.clock.now().isoformat(),
         }
 
@@ -91,6 +98,29 @@ class Admin:
         self._resets.add(task)
         task.add_done_callback(self._resets.discard)
         return {"reset": restore, "pause": seconds}
+
+    def outside_sessions(self, symbol: str | None, at: str | None,
+                         minutes: str | None) -> dict[str, Any]:
+        """Make ``symbol`` trade ``minutes`` (default 1) from ``at`` (ISO 8601 with a time
+        zone) outside its calendar's sessions; answers the instrument's spans."""
+        off = self.controls.off_calendar
+        if off is None:
+            raise ApiError(404, "this gateway has no off-calendar trading")
+        if not symbol or not at:
+            raise ApiError(400, "give symbol (e.g. ES, EURUSD, AAPL) and at (ISO 8601 with a "
+                                "time zone, e.g. 2025-01-11T15:00:00Z)")
+        try:
+            when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+            off.add(symbol, when, int(minutes if minutes is not None else "1"))
+        except ValueError as exc:
+            raise ApiError(400, f"{exc}") from None
+        log.info("fault: %s trades outside its sessions from %s", symbol, when.isoformat())
+        return {"outside_sessions": off.as_dict()}
+
+    def clear_outside_sessions(self) -> dict[str, Any]:
+        if self.controls.off_calendar is not None:
+            self.controls.off_calendar.clear()
+        return {"outside_sessions": {}}
 
     def inject(self, fault: str, count: str | None) -> dict[str, Any]:
         """Queue ``count`` (default 1) faults; answers how many of that kind are pending."""

@@ -1,11 +1,14 @@
-"""Fault injection: request faults consumed by the next historical requests, and the
-connection faults (every socket closed, IB's nightly reset)."""
+"""Fault injection: request faults consumed by the next historical requests, the
+connection faults (every socket closed, IB's nightly reset), and trading outside the
+calendar's sessions (:class:`OffCalendarTrading`)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 from ..domain import ib_rules
@@ -49,6 +52,54 @@ class Faults:
             setattr(self, name, n - 1)
             return True
         return False
+
+
+class OffCalendarTrading:
+    """Minutes in which an instrument trades although its calendar has no session there.
+
+    IB's data is the truth and an exchange calendar may lag behind it (an unscheduled
+    session, a halt moved by the exchange): with a span added here the market model serves
+    bars of a minute and longer (below a day) for those minutes, whatever the request's
+    ``useRTH``, as IB would. Spans inside a session change nothing. Instruments are named
+    by symbol (``ES``: every ES future), local symbol (``ESH5``, ``EUR.USD``), pair
+    (``EURUSD``) or contract id. Thread-safe: the admin adds, the market's worker reads.
+    """
+
+    def __init__(self) -> None:
+        self._spans: dict[str, list[tuple[int, int]]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, instrument: str, at: datetime, minutes: int = 1) -> list[tuple[int, int]]:
+        """Trade ``instrument`` for ``minutes`` from ``at`` (timezone-aware, rounded down
+        to its minute); returns the instrument's spans as [start, end) epoch seconds."""
+        name = instrument.strip().upper()
+        if not name:
+            raise ValueError("name the instrument: a symbol, local symbol, pair or conId")
+        if at.tzinfo is None:
+            raise ValueError(f"{at.isoformat()} has no time zone: give one (e.g. Z)")
+        if not 1 <= minutes <= 7 * 24 * 60:
+            raise ValueError(f"minutes must be 1..{7 * 24 * 60}, not {minutes}")
+        start = int(at.timestamp()) // 60 * 60
+        with self._lock:
+            spans = self._spans.setdefault(name, [])
+            spans.append((start, start + 60 * minutes))
+            spans.sort()
+            return list(spans)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._spans.clear()
+
+    def spans_for(self, names: Iterable[str]) -> list[tuple[int, int]]:
+        """The spans added under any of ``names`` (an instrument's names), sorted."""
+        with self._lock:
+            return sorted(s for n in {n.upper() for n in names} for s in self._spans.get(n, ()))
+
+    def as_dict(self) -> dict[str, list[list[str]]]:
+        with self._lock:
+            return {n: [[datetime.fromtimestamp(a, UTC).isoformat(),
+                         datetime.fromtimestamp(b, UTC).isoformat()] for a, b in v]
+                    for n, v in self._spans.items()}
 
 
 class Connection(Protocol):

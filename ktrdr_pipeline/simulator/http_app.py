@@ -36,7 +36,8 @@ MAX_BODY_BYTES = 1 << 20
 PORTAL_HEADERS = {"Cache-Control": "no-cache, no-store",
                   "Server": "ktrdr-client-portal-simulator"}
 ADMIN_ENDPOINTS = ["/status", "/faults/disconnect", "/faults/reset", "/faults/pacing",
-                   "/faults/stall", "/faults/error322", "/faults/hmds_unknown"]
+                   "/faults/stall", "/faults/error322", "/faults/hmds_unknown",
+                   "/faults/outside_sessions"]
 
 
 class ApiError(Exception):
@@ -70,6 +71,9 @@ class AdminApi(Protocol):
     def disconnect(self) -> Any: ...
     def reset(self, pause: str | None, restore: str | None) -> Any: ...
     def inject(self, fault: str, count: str | None) -> Any: ...
+    def outside_sessions(self, symbol: str | None, at: str | None,
+                         minutes: str | None) -> Any: ...
+    def clear_outside_sessions(self) -> Any: ...
 
 
 class JsonAnswer(JSONResponse):
@@ -219,10 +223,17 @@ def build_admin_app(api: AdminApi) -> Starlette:
     async def inject(r: Request) -> Any:
         return api.inject(r.path_params["fault"], r.query_params.get("count"))
 
+    async def outside_sessions(r: Request) -> Any:
+        if r.method == "DELETE":
+            return api.clear_outside_sessions()
+        q = r.query_params
+        return api.outside_sessions(q.get("symbol"), q.get("at"), q.get("minutes"))
+
     routes: list[tuple[str, list[str], Handler]] = [
         ("/status", ["GET"], status),
         ("/faults/disconnect", ["POST"], disconnect),
         ("/faults/reset", ["POST"], reset),
+        ("/faults/outside_sessions", ["POST", "DELETE"], outside_sessions),
         ("/faults/{fault}", ["POST"], inject),
     ]
     return _app(routes, admin_error_body, lambda r: f"unknown endpoint {r.url.path}",

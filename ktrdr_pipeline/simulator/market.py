@@ -25,6 +25,12 @@ its high and low fall on traded seconds, so trades-only bars of every size still
 exactly. Only the bar in progress (at the simulator's clock) is partial: it
 aggregates the seconds completed so far and converges to the final bar as time passes.
 
+**Off-calendar trading.** A fault (:class:`~ktrdr_pipeline.simulator.faults.OffCalendarTrading`)
+can make an instrument trade minutes outside its calendar's sessions, as IB does when the
+calendar lags behind it: those minutes trade flat at the previous session's close and are
+served as bars of a minute and longer (below a day) on the usual grid, counted from their
+own first minute.
+
 Each session and each minute has its own random stream, so generation is lazy and costs
 well under a millisecond per session; caches are bounded LRUs so memory stays flat.
 """
@@ -40,6 +46,7 @@ import numpy as np
 
 from ..domain import calendars, grid
 from ..domain.ib_rules import BAR_SIZE_SECONDS, DAILY_BAR_SECONDS
+from .faults import OffCalendarTrading
 from .universe import REFERENCE_DATE, Instrument
 
 # Column order of a bar block: start epoch, open, high, low, close, volume, trade count, WAP.
@@ -82,6 +89,7 @@ class MarketModel:
         self._levels: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._minutes = LRU(256)
         self._daily = LRU(200_000)
+        self.off_calendar = OffCalendarTrading()
 
     # -- levels -----------------------------------------------------------------------
     def _session_levels(self, inst: Instrument) -> tuple[np.ndarray, np.ndarray]:
@@ -292,8 +300,9 @@ class MarketModel:
         if size >= DAILY_BAR_SECONDS:
             return self._daily_bars(inst, bar_size, s, e, use_rth, now_s, trades)
         i, j = calendars.session_index_range(profile, s, e, use_rth)
-        out = []
         tz = ZoneInfo(profile.tz)
+        out = ([self._off_calendar_bars(inst, size, s, e, now_s, tz, trades)] if size >= 60
+               else [])
         for idx in range(i, j):
             small = size < 60
             window = (s.timestamp(), e.timestamp()) if small else None
@@ -305,11 +314,47 @@ class MarketModel:
             labels = self._labels(rows[:, T], size, lo, tz)
             bars = self.aggregate(rows, labels)
             out.append(bars)
-        if not out:
-            return np.empty((0, 8))
-        allbars = np.concatenate(out)
+        allbars = np.concatenate(out) if out else np.empty((0, 8))
+        allbars = allbars[np.argsort(allbars[:, T], kind="stable")]
         keep = (allbars[:, T] >= s.timestamp()) & (allbars[:, T] < e.timestamp())
         return allbars[keep]
+
+    @staticmethod
+    def instrument_names(inst: Instrument) -> list[str]:
+        """The names a fault may give ``inst`` by (see :class:`OffCalendarTrading`)."""
+        names = [inst.symbol, inst.local_symbol, str(inst.con_id)]
+        if inst.sec_type == "CASH":
+            names.append(inst.symbol + inst.currency)
+        return names
+
+    def _off_calendar_bars(self, inst: Instrument, size: int, s: datetime, e: datetime,
+                           now_s: float, tz: ZoneInfo, trades: bool) -> np.ndarray:
+        """Bars of the injected minutes outside every (all-hours) session in [s, e)."""
+        spans = self.off_calendar.spans_for(self.instrument_names(inst))
+        if not spans:
+            return np.empty((0, 8))
+        t = np.unique(np.concatenate([np.arange(a, b, 60, dtype=np.int64) for a, b in spans]))
+        t = t[(t + 60 > s.timestamp()) & (t < e.timestamp()) & (t < now_s)]
+        t = t[calendars.outside_sessions(inst.profile, t, False)]
+        if len(t) == 0:
+            return np.empty((0, 8))
+        sch = calendars.schedule(inst.profile.name)
+        _, log_close = self._session_levels(inst)
+        before = np.maximum(np.searchsorted(sch.all_close, t, side="right") - 1, 0)
+        price = _round_tick(np.exp(log_close[before]), inst.tick)
+        volume = np.full(len(t), float(max(round(inst.volume_per_minute * 0.05), 0)))
+        counts = np.where(volume > 0, np.ceil(volume / max(inst.trade_size, 1)), 0.0)
+        block = np.column_stack([t.astype(float), price, price, price, price, volume, counts,
+                                 price])
+        if trades and not volume[0]:  # nothing traded (FX has no volume): no TRADES bar
+            return np.empty((0, 8))
+        # each run of consecutive minutes is a session of its own for the bar grid
+        run = np.cumsum(np.r_[True, np.diff(t) != 60])
+        labels = np.empty(len(t))
+        for k in np.unique(run):
+            sel = run == k
+            labels[sel] = self._labels(t[sel].astype(float), size, int(t[sel][0]), tz)
+        return self.aggregate(block, labels)
 
     @staticmethod
     def _labels(t: np.ndarray, size: int, session_open: int, tz: ZoneInfo) -> np.ndarray:

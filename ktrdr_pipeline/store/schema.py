@@ -4,22 +4,27 @@ A bar frame (:mod:`ktrdr_pipeline.domain.bars`) is valid when
 
 - it has exactly the columns open, high, low, close, volume, wap (float64) and bar_count
   (int64), indexed by unique, sorted UTC times ``ts``;
-- every ``ts`` is a bar start: daily and larger bars at 00:00 UTC of a session date;
+- every ``ts`` is a bar start: daily and larger bars at 00:00 UTC (of a session date);
   intraday bars on a multiple of the bar size from local midnight in the instrument's
   time zone (from the epoch for bars of a minute or less), or at the session open when
   the open is not aligned (1-hour bars of a 09:30 session start at 09:30, 10:00, ...) —
   exactly the bar starts IB (and the simulator's ``MarketModel._labels``) produce;
-- every intraday bar starts inside [open, close) of a session of the instrument's
-  calendar profile (regular or all hours, as requested);
 - prices are positive, ``low <= min(open, close) <= max(open, close) <= high``, and volume,
   WAP and trade count are non-negative (volume and WAP may be NaN: FX has neither).
 
+A bar outside every session of the instrument's calendar profile (regular or all hours, as
+requested) is *not* invalid: IB's data is the truth and a calendar may lag behind it (an
+unscheduled session, a changed halt). Such a bar is stored like any other (its alignment
+is not judged: there is no session whose grid it could be on) and listed by
+:func:`outside_session_bars` — the loader counts them, the ``bars_outside_sessions`` asset
+check (WARN) lists them.
+
 Bad bars are reported, never "corrected": :func:`validate_bars` raises
 :class:`BarValidationError` carrying the offending rows, and :func:`ohlc_violations`,
-:func:`duplicate_or_unsorted` and :func:`session_violations` return them without raising
-(for asset checks). Failure frames are indexed by the offending row's ``ts`` (NaT for a
-failure that is not about one row) with a ``check`` column naming the rule and the row's
-values.
+:func:`duplicate_or_unsorted`, :func:`session_violations` and
+:func:`outside_session_bars` return them without raising (for asset checks). Failure
+frames are indexed by the offending row's ``ts`` (NaT for a failure that is not about one
+row) with a ``check`` column naming the rule and the row's values.
 """
 
 from __future__ import annotations
@@ -212,7 +217,8 @@ def _session_masks(flat: pd.DataFrame, tf: Timeframe, profile: HoursProfile,
         own = grid.local_midnights(t, profile.tz)
         sess = grid.local_midnights(opens, profile.tz)[kk] if len(opens) else own
         origin = np.where(inside, sess, own)
-    aligned = whole & grid.on_grid(t, size, own_open, origin)
+    # a bar outside every session is judged only for whole seconds: no session, no grid
+    aligned = whole & (grid.on_grid(t, size, own_open, origin) | ~inside)
     return {TS_ALIGNED: ~aligned, IN_SESSION: ~inside}
 
 
@@ -233,11 +239,26 @@ def duplicate_or_unsorted(frame: pd.DataFrame) -> pd.DataFrame:
 
 def session_violations(frame: pd.DataFrame, timeframe: str | Timeframe,
                        profile: str | HoursProfile, use_rth: bool) -> pd.DataFrame:
-    """Rows whose ``ts`` is not a bar start of ``timeframe`` (``ts_aligned``) or lies
-    outside every session of ``profile`` (``in_session``)."""
+    """Rows whose ``ts`` is not a bar start of ``timeframe`` in its session
+    (``ts_aligned``; a daily or larger bar: not 00:00 UTC). Bars outside every session are
+    not violations: see :func:`outside_session_bars`."""
+    return _session_rows(frame, timeframe, profile, use_rth, TS_ALIGNED)
+
+
+def outside_session_bars(frame: pd.DataFrame, timeframe: str | Timeframe,
+                         profile: str | HoursProfile, use_rth: bool) -> pd.DataFrame:
+    """Rows whose ``ts`` lies outside every session of ``profile`` (``in_session``; a
+    daily or larger bar: dated on a day without a session). Not invalid — IB served them
+    — but worth a look: the calendar may lag behind IB."""
+    return _session_rows(frame, timeframe, profile, use_rth, IN_SESSION)
+
+
+def _session_rows(frame: pd.DataFrame, timeframe: str | Timeframe,
+                  profile: str | HoursProfile, use_rth: bool, check: str) -> pd.DataFrame:
     flat = _flat(frame)
-    return _failures(flat, _session_masks(flat, _timeframe(timeframe), calendars.resolve_profile(profile),
-                                          use_rth))
+    masks = _session_masks(flat, _timeframe(timeframe), calendars.resolve_profile(profile),
+                           use_rth)
+    return _failures(flat, {k: v for k, v in masks.items() if k == check})
 
 
 # -- the pandera schema ---------------------------------------------------------------------
@@ -286,15 +307,15 @@ def bar_schema(timeframe: str | Timeframe, profile: str | HoursProfile,
                                            VOLUME_NON_NEGATIVE, WAP_NON_NEGATIVE,
                                            COUNT_NON_NEGATIVE)),
         *(_frame_check(order, n) for n in (TS_UNIQUE, TS_SORTED)),
-        *(_frame_check(sessions, n) for n in (TS_ALIGNED, IN_SESSION)),
+        # in_session is not a rule: bars outside the calendar's sessions are IB's truth
+        _frame_check(sessions, TS_ALIGNED),
     ]
     return pa.DataFrameSchema(columns, checks=checks, strict=True, ordered=False,
                               name=f"bars_{tf.name}_{prof.name}_{'rth' if use_rth else 'all'}")
 
 
 _OWN_CHECKS = frozenset({PRICE_POSITIVE, OHLC_CONSISTENT, VOLUME_NON_NEGATIVE, WAP_NON_NEGATIVE,
-                         COUNT_NON_NEGATIVE, TS_UTC, TS_UNIQUE, TS_SORTED, TS_ALIGNED,
-                         IN_SESSION})
+                         COUNT_NON_NEGATIVE, TS_UTC, TS_UNIQUE, TS_SORTED, TS_ALIGNED})
 
 
 def _from_pandera(cases: pd.DataFrame, flat: pd.DataFrame) -> pd.DataFrame:

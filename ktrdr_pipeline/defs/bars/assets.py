@@ -39,6 +39,9 @@ def partition_metadata(result: PartitionResult) -> dict[str, object]:
         "gaps_filled": result.gaps_filled,
         # expected bars IB answered without (nothing traded): not asked for again
         "known_empty_bars": result.known_empty_bars,
+        # bars IB served outside the calendar's sessions: stored, listed by the
+        # bars_outside_sessions check
+        "bars_outside_sessions": result.bars_outside_sessions,
         "use_rth": result.use_rth,
         "what_to_show": result.what_to_show,
     }

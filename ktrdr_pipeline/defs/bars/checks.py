@@ -1,9 +1,11 @@
 """Asset checks on every bar asset, per partition: OHLC validity (blocking), duplicates and
-ordering, gaps against the exchange calendar, freshness of the newest period.
+ordering, gaps against the exchange calendar, freshness of the newest period, and the bars
+IB served outside the calendar's sessions (a warning: IB's data is the truth, the calendar
+may lag behind it).
 
 Checks read only what is stored (and the contract and head-timestamp caches written by
 the loader); they never talk to IB. Failures list the offending rows in their metadata.
-The four checks of a timeframe are one ``multi_asset_check`` (``bars_<tf>_checks``, each
+The five checks of a timeframe are one ``multi_asset_check`` (``bars_<tf>_checks``, each
 check selectable on its own): it reads each partition once for all of them.
 
 Every partition gets its own evaluation of each check, also in a packed backfill run (a
@@ -32,7 +34,12 @@ from ...ib.contracts import JsonCache
 from ...loader import default_use_rth
 from ...settings import DEFAULT_PARTITIONS_START, pipeline_now
 from ...store.parquet import BarStore
-from ...store.schema import duplicate_or_unsorted, ohlc_violations, session_violations
+from ...store.schema import (
+    duplicate_or_unsorted,
+    ohlc_violations,
+    outside_session_bars,
+    session_violations,
+)
 from ..resources import KtrdrSettings
 from .assets import bar_asset_key
 from .partitions import bar_partitions, symbol_period
@@ -110,6 +117,25 @@ def _unique_sorted(view: PartitionView) -> dg.AssetCheckResult:
     return _violations(view, bad)
 
 
+def _outside_sessions(view: PartitionView) -> dg.AssetCheckResult:
+    """The stored bars outside every session of the instrument's calendar: kept (IB served
+    them), listed so a user can see where the calendar and IB differ."""
+    if view.profile is None or not len(view.frame):
+        return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
+                                   metadata={"rows": len(view.frame), "outside_sessions": 0})
+    outside = outside_session_bars(view.frame, view.tf, view.profile, view.use_rth)
+    meta: dict[str, object] = {
+        "rows": len(view.frame), "outside_sessions": len(outside),
+        "calendar": f"{view.profile.calendar} ({view.profile.tz}, "
+                    f"{'regular' if view.use_rth else 'all'} hours)"}
+    if len(outside):
+        meta["outside_session_bars"] = _rows_md(outside.drop(columns="check"))
+        meta["dates"] = sorted({f"{t:%Y-%m-%d}" for t in outside.index.tz_convert(
+            view.profile.tz)})[:100]
+    return dg.AssetCheckResult(passed=not len(outside), metadata=meta,
+                               severity=dg.AssetCheckSeverity.WARN)
+
+
 def _calendar_gaps(view: PartitionView) -> dg.AssetCheckResult:
     tf = view.tf
     if view.profile is None:
@@ -162,18 +188,21 @@ CHECKS = (
      "Positive prices, low <= min(open, close) <= max(open, close) <= high, non-negative "
      "volume."),
     ("unique_sorted_in_session", _unique_sorted, False,
-     "No duplicate bars, sorted, every bar inside a session."),
+     "No duplicate bars, sorted, every bar of a session on its bar grid."),
     ("calendar_gaps", _calendar_gaps, False,
      "Sessions of the exchange calendar with missing bars."),
     ("fresh", _fresh, False,
      "The newest period holds the last completed bar IB has."),
+    ("bars_outside_sessions", _outside_sessions, False,
+     "Bars IB served outside the exchange calendar's sessions (kept: IB's data is the "
+     "truth; the calendar may lag behind it)."),
 )
 
 
 def build_checks(tf: Timeframe,
                  start: str = DEFAULT_PARTITIONS_START) -> list[dg.AssetChecksDefinition]:
     """The checks of ``bars_<tf>`` (partitions from ``start``): one definition holding the
-    four checks, which reads each partition once per evaluation."""
+    five checks, which reads each partition once per evaluation."""
     asset_key = bar_asset_key(tf.name)
     partitions_def = bar_partitions(tf, start)
     specs = [dg.AssetCheckSpec(name, asset=asset_key, blocking=blocking,
