@@ -609,7 +609,7 @@ def split_request(req: HistoricalRequest, max_bars: int | None = None
         parts = _replan(req, max(floor, max_bars))
         return parts if len(parts) > 1 else [req]
     lo, hi = max(floor, -(-req.bars // 2)), req.bars - 1
-    if lo > hi:
+    if lo > hi or req.bars < 2 * floor:
         return [req]
     parts = _replan(req, hi)
     if len(parts) < 2:
