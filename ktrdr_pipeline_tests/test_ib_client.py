@@ -254,6 +254,9 @@ def test_permanent_errors_fail_at_once(gateway, audit_path):
         run(go(unknown, _plan(days=1)[0]))
     bad = HistoricalRequest(end=datetime(2026, 11, 17, 21, tzinfo=UTC), duration="2 D",
                             bar_size="1 min", what_to_show="TRADES", use_rth=True)
+    # a request IB refuses with 321 (over 365 D must be given in years, docs/ib-facts.md
+    # §2); HistoricalRequest itself refuses to build one, so the test forges it
+    object.__setattr__(bad, "duration", "400 D")
     # answered by its error, not left hanging like plain ib_async (a hang would end in
     # RequestTimeout after the fetcher's timeout, not in InvalidRequest)
     with pytest.raises(InvalidRequest, match="321"):

@@ -104,12 +104,11 @@ def check_bars_request(bar_size: str, duration_text: str, what: str, rth_text: s
 
 
 def check_max_duration(duration: ib_rules.Duration, bar_size: str) -> None:
-    """IB's longest duration per bar size (321 "Time length exceed max")."""
-    if duration.span > ib_rules.MAX_DURATION[bar_size]:
+    """IB's longest duration per bar size (``ib_rules.exceeds_max_duration``)."""
+    if ib_rules.exceeds_max_duration(duration, bar_size):
         raise RequestError(ib_rules.ERR_VALIDATION,
                            f"Error validating request.-'bX' : cause - Time length exceed "
-                           f"max: {duration} for bar size {bar_size} (max "
-                           f"{ib_rules.MAX_DURATION[bar_size]})")
+                           f"max: {duration} for bar size {bar_size}")
 
 
 # -- contracts ----------------------------------------------------------------------------
