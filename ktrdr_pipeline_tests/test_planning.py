@@ -125,8 +125,11 @@ def optimum_sessions(profile, bar_size, trading, use_rth, now, max_bars) -> int:
     ``max_bars`` bars (or one unit) and at most 365 sessions."""
     if not trading:
         return 0
-    hi = trading[-1][1] if now is None else min(trading[-1][1], ceil_second(now))
-    sessions = sessions_between(profile, trading[0][0], hi, use_rth)
+    # a month either side: a request holds all the sessions of a week's or month's unit
+    # (those begun by `now`)
+    hi = trading[-1][1] + timedelta(days=32)
+    hi = hi if now is None else min(hi, ceil_second(now))
+    sessions = sessions_between(profile, trading[0][0] - timedelta(days=32), hi, use_rth)
     units: list[list] = []
     for s in sessions:
         if units and unit_key(bar_size, units[-1][-1]) == unit_key(bar_size, s):
