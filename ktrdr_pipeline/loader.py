@@ -139,7 +139,8 @@ class PipelineContext:
                                   max_open_large=settings.max_concurrent_large)
         return cls(
             settings=settings, store=BarStore(data_dir), connection=conn, governor=governor,
-            fetcher=HistoricalFetcher(conn, governor, timeout_s=fetch_timeout_s),
+            fetcher=HistoricalFetcher(conn, governor, timeout_s=fetch_timeout_s,
+                                      max_bars=settings.max_bars_per_request),
             resolver=ContractResolver(conn, data_dir),
             heads=HeadTimestamps(conn, governor, data_dir),
             clock=clock or conn.server_now,
@@ -255,7 +256,8 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
         return result
     plan = plan_ranges(profile, tf.bar_size,
                        [(seg.start, min(seg.end, p_end)) for seg in segments], what, use_rth,
-                       head_timestamp=head, now=now)
+                       head_timestamp=head, now=now,
+                       max_bars=ctx.settings.max_bars_per_request)
     log.info("%s %s %s: %d stored, %d gap(s) with %d missing bar(s), %d IB request(s)", key,
              tf.name, period, len(stored), len(segments), result.missing_bars, len(plan))
     fetched = await ctx.fetcher.fetch(contract.contract(), plan, progress)

@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
+from .domain.planning import DEFAULT_MAX_BARS_PER_REQUEST
 from .domain.reset_window import DEFAULT_RESET_WINDOW, ResetWindow
 from .domain.timeframes import DEFAULT_TIMEFRAMES, Timeframe, get_timeframe
 
@@ -182,6 +183,9 @@ class Settings:
     #: validated with :meth:`ResetWindow.parse <..domain.reset_window.ResetWindow.parse>`
     reset_window: str = DEFAULT_RESET_WINDOW
     max_concurrent_large: int = 6
+    #: ``KTRDR_MAX_BARS_PER_REQUEST``: the planner's per-request bar budget (LEAN's 7 D of
+    #: regular-hours minute bars; see :mod:`ktrdr_pipeline.domain.planning`)
+    max_bars_per_request: int = DEFAULT_MAX_BARS_PER_REQUEST
     timeframes: tuple[str, ...] = tuple(DEFAULT_TIMEFRAMES)
     universe_file: Path | None = None
     partitions_start: str = DEFAULT_PARTITIONS_START
@@ -206,6 +210,8 @@ class Settings:
             client_id_span=_int_setting(env, "IB_CLIENT_ID_SPAN", 10, 1, 1000),
             reset_window=_reset_window(env),
             max_concurrent_large=_int_setting(env, "KTRDR_MAX_CONCURRENT_LARGE", 6, 1, 50),
+            max_bars_per_request=_int_setting(env, "KTRDR_MAX_BARS_PER_REQUEST",
+                                              DEFAULT_MAX_BARS_PER_REQUEST, 1, 1_000_000),
             timeframes=timeframe_names(env),
             universe_file=universe_file(env),
             partitions_start=_partitions_start(env),

@@ -21,7 +21,11 @@ from ktrdr_pipeline.domain import calendars, ib_rules
 from ktrdr_pipeline.domain.bars import BAR_COLUMNS
 from ktrdr_pipeline.domain.ib_rules import PacingLimits
 from ktrdr_pipeline.domain.pacing import head_timestamp_pacing_key
-from ktrdr_pipeline.domain.planning import HistoricalRequest, plan_requests
+from ktrdr_pipeline.domain.planning import (
+    DEFAULT_MAX_BARS_PER_REQUEST,
+    HistoricalRequest,
+    plan_requests,
+)
 from ktrdr_pipeline.domain.symbols import SymbolError, parse_symbol
 from ktrdr_pipeline.ib.connection import IBConnection, ResetWindow
 from ktrdr_pipeline.ib.contracts import ContractResolver, HeadTimestamps
@@ -57,9 +61,11 @@ def _aapl() -> Contract:
                     currency="USD")
 
 
-def _plan(bar: str = "1 min", days: int = 5, what: str = "TRADES", profile=calendars.STOCK):
+def _plan(bar: str = "1 min", days: int = 5, what: str = "TRADES", profile=calendars.STOCK,
+          max_bars: int = DEFAULT_MAX_BARS_PER_REQUEST):
     end = datetime(2026, 11, 17, tzinfo=UTC)
-    return plan_requests(profile, bar, end - timedelta(days=days), end, what, True, now=NOW)
+    return plan_requests(profile, bar, end - timedelta(days=days), end, what, True, now=NOW,
+                         max_bars=max_bars)
 
 
 async def _connected(gw: GatewayThread, client_id: int = 1, **kw) -> IBConnection:
@@ -108,7 +114,7 @@ def test_reconnect_mid_fetch_loses_nothing(gateway):
     async def go():
         conn = await _connected(gateway)
         fetcher = HistoricalFetcher(conn, governor(), backoff_s=0.05)
-        plan = _plan(days=14)
+        plan = _plan(days=14, max_bars=390)  # one session per request: a reconnect mid-way
         seen = []
 
         def progress(done, total):
@@ -289,8 +295,9 @@ def test_small_bars_are_paced_without_violations(audit_path):
     with GatewayThread(clock=MARKET_OPEN, latency="none", audit_log=audit_path,
                        pacing_time_scale=0.01) as gw:
         end = datetime(2026, 11, 17, 21, tzinfo=UTC)
+        # small requests, so that more than 5 go to one contract (IB's 2-s rule)
         plan = plan_requests(calendars.STOCK, "5 secs", end - timedelta(days=3), end,
-                             "TRADES", True, now=NOW)
+                             "TRADES", True, now=NOW, max_bars=1000)
         assert len(plan) > 6
 
         async def governed():

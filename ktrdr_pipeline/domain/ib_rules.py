@@ -44,33 +44,6 @@ SMALL_BAR_MAX_SECONDS = 30
 #: Bars at or above this size are keyed by session date, not by time.
 DAILY_BAR_SECONDS = 86400
 
-#: Maximum duration per request, this project's policy (the conservative table IB used
-#: to publish). Sizes the table does not list take the limit of their nearest listed
-#: neighbour with the same number of bars or fewer.
-MAX_DURATION: dict[str, timedelta] = {
-    "1 secs": timedelta(seconds=1800),
-    "5 secs": timedelta(seconds=7200),
-    "10 secs": timedelta(seconds=14400),
-    "15 secs": timedelta(seconds=14400),
-    "30 secs": timedelta(seconds=28800),
-    "1 min": timedelta(days=1),
-    "2 mins": timedelta(days=2),
-    "3 mins": timedelta(weeks=1),
-    "5 mins": timedelta(weeks=1),
-    "10 mins": timedelta(weeks=1),
-    "15 mins": timedelta(weeks=2),
-    "20 mins": timedelta(weeks=2),
-    "30 mins": timedelta(days=31),
-    "1 hour": timedelta(days=31),
-    "2 hours": timedelta(days=31),
-    "3 hours": timedelta(days=31),
-    "4 hours": timedelta(days=31),
-    "8 hours": timedelta(days=31),
-    "1 day": timedelta(days=366),
-    "1 week": timedelta(days=732),
-    "1 month": timedelta(days=366),
-}
-
 #: IB keeps bars of 30 secs or less for about six months.
 SMALL_BAR_HISTORY = timedelta(days=182)
 
@@ -141,19 +114,6 @@ def parse_duration(text: str) -> Duration:
     if unit == "D" and count > 365:
         raise DurationError(f"Invalid duration {text!r}: durations over 365 D must be in years")
     return Duration(count, unit)
-
-
-def duration_for(span: timedelta) -> Duration:
-    """The shortest IB duration string covering ``span`` (seconds up to a day, then days)."""
-    seconds = int(span.total_seconds() + 0.999999)
-    if seconds <= 0:
-        raise DurationError(f"cannot express a non-positive span {span} as an IB duration")
-    if seconds <= 86400:
-        return Duration(seconds, "S")
-    days = -(-seconds // 86400)
-    if days <= 365:
-        return Duration(days, "D")
-    return Duration(-(-days // 366), "Y")
 
 
 #: IB's current longest duration per request (``docs/ib-facts.md`` §2, IB's TWS API

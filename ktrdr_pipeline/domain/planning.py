@@ -1,18 +1,54 @@
-"""Plan IB historical-data requests: which requests cover a range's trading hours.
+"""Plan IB historical-data requests: the fewest requests that stay fast.
 
-Pure functions only (no I/O, no IB): given an hours profile, a bar size and a UTC range,
-:func:`plan_requests` returns the fewest :class:`HistoricalRequest` objects whose spans
-cover every trading second of the range, each within this project's maximum duration per
-request (``ib_rules.MAX_DURATION``); :func:`plan_ranges` does the same for several
-ranges, sharing requests between nearby ones. :func:`trading_intervals` gives the trading
-time a plan must cover (gap analysis works on the bar grid:
+Pure functions only (no I/O, no IB): given an hours profile, a bar size and UTC ranges,
+:func:`plan_ranges` (one range: :func:`plan_requests`) returns the fewest
+:class:`HistoricalRequest` objects that cover every trading second of the ranges under a
+**per-request bar budget** (``max_bars``), each within IB's limits (``ib_rules``:
+365 D / 68 Y, 86400 S, 1 secs 2000 S). :func:`split_request` re-plans one request smaller
+(the fetcher's answer to slow or timed-out requests). :func:`trading_intervals` gives the
+trading time a plan must cover (gap analysis works on the bar grid:
 :mod:`ktrdr_pipeline.domain.gaps`).
 
-Semantics of one IB request (``docs/ib-facts.md`` §2): it returns the bars whose start
-``t`` satisfies ``end - span <= t < end``, where ``span`` is the duration's wall-clock
-length (``ib_rules.DURATION_UNIT_SECONDS``). Bar timestamps are whole seconds, so all the
-arithmetic here is done in integer epoch seconds; a bound with a fractional second is
-rounded *up*, which keeps exactly the same whole-second bar starts inside ``[start, end)``.
+What a request returns is :mod:`ktrdr_pipeline.domain.durations`' statement of IB's
+semantics (``docs/ib-facts.md`` §2): the bars whose start lies in ``[start, end)`` with
+``start = durations.request_start(profile, end, duration, use_rth)``.
+
+**The budget.** IB accepts up to 365 D of 1-min bars, but the cost of a big request is
+IB's service time and the client's timeout, not a rule (§2): IB's own sample asks for
+``10 D`` of 1-min bars, LEAN for up to ``7 D``; a user reports ``5 D`` of 1-min RTH bars
+(1,950 bars) answering normally and ``6 D`` (2,340) hitting a 60 s timeout on a busy day
+(ib_insync #268). Service time grows with the bars in an answer, so the budget counts
+bars: :data:`DEFAULT_MAX_BARS_PER_REQUEST` = 7 × 390 = 2,730, LEAN's 7 D of regular-hours
+minute bars (all hours: about 2.8 sessions of 1-min stock bars, 1.9 of FX). The fetcher
+shrinks it when answers slow toward its timeout.
+
+**Bars of 1 min and larger: whole sessions.** Each request ends at the close of its
+newest session, so ``N D`` means exactly the N sessions before it; the only exception is
+the session in progress at ``now``, whose request ends at ``now`` (IB has nothing later,
+and durations.py counts a session in progress as one). A request holds as many whole
+sessions as the budget and 365 D allow; one session is the atom (a session with more bars
+than the budget is still one ``1 D`` request). ``1 week``/``1 month`` bars take whole
+weeks/months of sessions. When the budget allows more than 365 sessions (daily bars:
+2,730 sessions ≈ 10.8 years), ``N Y`` is used if its calendar start falls between two
+sessions (so the answer is still whole sessions).
+
+**Bars of 30 secs or less: trading seconds.** ``N S`` counts trading seconds back from the
+end (durations.py), at most 86400 S (1 secs: 2000 S) and the budget × bar size, a
+multiple of the bar size so that every cut falls on the bar grid. The newest request of a
+range ends where the range's trading time ends (a bar end, a session close or ``now``);
+each older one ends where the next newer one begins, which may be inside a session: the
+documented exception to "ends at a session close", unambiguous because ``S`` counts
+trading seconds from any instant. IB keeps such bars about six months (§2).
+
+**Minimal.** Working backwards from the newest needed session, each request reaches as
+far back as the budget and IB's limits allow; the reach of a request ending later is never
+shorter, so by the classic exchange argument no plan (of requests ending at session
+closes, covering whole sessions) needs fewer requests. The tests check this against a
+brute-force search. Request answers never overlap; ``covers`` (the trading time a request
+is responsible for) are disjoint and together hold all the ranges' trading time.
+
+Bar timestamps are whole seconds, so the arithmetic is in integer epoch seconds; a bound
+with a fractional second is rounded *up*.
 """
 
 from __future__ import annotations
@@ -25,13 +61,15 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from . import grid, ib_rules
+from . import durations, grid, ib_rules
 from .calendars import SCHEDULE_START, HoursProfile, resolve_profile, schedule
 from .ib_rules import (
     BAR_SIZE_SECONDS,
-    MAX_DURATION,
+    MAX_DURATION_COUNT,
+    ONE_SECOND_BARS_MAX_S,
     SMALL_BAR_HISTORY,
-    duration_for,
+    Duration,
+    exceeds_max_duration,
     is_daily_or_larger,
     is_small_bar,
     parse_duration,
@@ -49,6 +87,14 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SECOND = timedelta(seconds=1)
 
 Interval = tuple[datetime, datetime]
+
+#: Bars one request may return unless configured (``KTRDR_MAX_BARS_PER_REQUEST``): LEAN's
+#: 7 D of regular-hours minute bars, 7 × 390 (see the module docstring for the sources).
+DEFAULT_MAX_BARS_PER_REQUEST = 7 * 390
+
+#: A request of 30-secs-or-smaller bars is not split below this many bars (the fetcher
+#: halves a timed-out request; this is its floor, the analogue of one session).
+MIN_SPLIT_BARS = 120
 
 
 # --- conversions -------------------------------------------------------------------------
@@ -82,11 +128,13 @@ def _utc(seconds: int) -> datetime:
 class HistoricalRequest:
     """One ``reqHistoricalData`` call.
 
-    ``start`` is informational (``end`` minus the duration's span: where IB's answer
-    begins). ``covers`` is the trading time this request is responsible for; across a plan
-    the ``covers`` ranges do not overlap and together hold all the planned trading time
-    (they may contain closed hours between sessions). Both default from ``end`` and
-    ``duration`` when the request is built by hand.
+    ``start`` is where IB's answer begins (:func:`durations.request_start`; the answer holds
+    the bars starting in ``[start, end)``). ``covers`` is the trading time this request is
+    responsible for; across a plan the ``covers`` do not overlap and together hold all the
+    planned trading time (they may contain closed hours between sessions). ``profile``
+    (the hours profile's name) and ``bars`` (the most bars the answer can hold, from the
+    schedule) let the fetcher split the request. A request built by hand without a
+    ``profile`` has no ``start``; its ``covers`` default to everything before ``end``.
     """
 
     end: datetime
@@ -94,32 +142,37 @@ class HistoricalRequest:
     bar_size: str
     what_to_show: str
     use_rth: bool
-    start: datetime = None  # type: ignore[assignment]  # filled in __post_init__
+    start: datetime | None = None
     covers: Interval = None  # type: ignore[assignment]  # filled in __post_init__
+    profile: str | None = None
+    bars: int | None = None
 
     def __post_init__(self) -> None:
         _require_aware("end", self.end)
         _check_bar_size(self.bar_size)
         _check_what_to_show(self.what_to_show)
-        span = parse_duration(self.duration).span  # DurationError is a ValueError
+        duration = parse_duration(self.duration)  # DurationError is a ValueError
+        if exceeds_max_duration(duration, self.bar_size):
+            raise ValueError(f"{duration} is longer than IB accepts for {self.bar_size} bars "
+                             f"(162 Time length exceed max.; docs/ib-facts.md §2)")
         object.__setattr__(self, "end", self.end.astimezone(UTC))
+        if self.profile is not None:
+            object.__setattr__(self, "profile", resolve_profile(self.profile).name)
         if self.start is None:
-            object.__setattr__(self, "start", self.end - span)
+            if self.profile is not None:
+                object.__setattr__(self, "start", durations.request_start(
+                    self.profile, self.end, duration, self.use_rth))
         else:
             _require_aware("start", self.start)
             object.__setattr__(self, "start", self.start.astimezone(UTC))
         if self.covers is None:
-            object.__setattr__(self, "covers", (self.start, self.end))
+            lo = self.start if self.start is not None else _EPOCH
+            object.__setattr__(self, "covers", (lo, self.end))
         else:
             lo, hi = self.covers
             _require_aware("covers[0]", lo)
             _require_aware("covers[1]", hi)
             object.__setattr__(self, "covers", (lo.astimezone(UTC), hi.astimezone(UTC)))
-
-    @property
-    def span(self) -> timedelta:
-        """The wall-clock length of ``duration``."""
-        return parse_duration(self.duration).span
 
     def ib_end_string(self) -> str:
         """``endDateTime`` in IB's UTC form ``YYYYMMDD-HH:MM:SS``.
@@ -230,164 +283,223 @@ def trading_intervals(
 # --- planning ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Atoms:
+    """The planner's indivisible units for one profile, hours and bar size: sessions, or
+    whole weeks/months of sessions for ``1 week``/``1 month`` bars (non-empty sessions
+    only, as :mod:`durations` counts them). Epoch-second arrays over the whole schedule."""
+
+    opens: np.ndarray  # first session's open
+    closes: np.ndarray  # last session's close
+    first_session: np.ndarray  # index (in session_opens) of the atom's first session
+    unit_of_session: np.ndarray  # atom index of every session
+    session_opens: np.ndarray
+    session_closes: np.ndarray
+    cum_bars: np.ndarray  # cum_bars[i] = bars of atoms 0..i-1
+    whole_sessions: bool  # False for week/month units: calendar units would cut a bar
+
+
+def _ceil_div(a: np.ndarray, b: int) -> np.ndarray:
+    return -(-a // b)
+
+
+def _session_bar_counts(opens: np.ndarray, closes: np.ndarray, size: int, tz: str) -> np.ndarray:
+    """Bars of ``size`` seconds in each session, on :mod:`grid`'s bar grid (vectorised
+    :func:`grid.session_bars`)."""
+    origin = (grid.local_midnights(opens, tz) if grid.counts_from_midnight(size)
+              else np.zeros_like(opens))
+    first = origin + _ceil_div(opens - origin, size) * size  # first grid point >= open
+    on = np.where(first < closes, _ceil_div(closes - first, size), 0)
+    return (on + (first != opens)).astype(np.int64)
+
+
 @functools.lru_cache(maxsize=64)
-def max_span_seconds(bar_size: str) -> int:
-    """The longest span (whole seconds) whose ``duration_for`` still fits ``MAX_DURATION``.
+def _atoms(profile_name: str, use_rth: bool, bar_size: str) -> _Atoms:
+    profile = resolve_profile(profile_name)
+    sch = schedule(profile.name)
+    o, c = sch.bounds(use_rth)
+    keep = c > o
+    o, c, dates = o[keep].astype(np.int64), c[keep].astype(np.int64), sch.dates[keep]
+    if bar_size in ("1 week", "1 month"):
+        first = grid.first_of_each_period(dates, bar_size).astype(np.int64)
+        last = np.r_[first[1:], len(dates)] - 1
+        unit = np.repeat(np.arange(first.size), np.diff(np.r_[first, len(dates)]))
+        bars = np.ones(first.size, dtype=np.int64)
+        return _Atoms(o[first], c[last], first, unit, o, c, np.r_[0, np.cumsum(bars)], False)
+    if is_daily_or_larger(bar_size):
+        bars = np.ones(o.size, dtype=np.int64)
+    else:
+        bars = _session_bar_counts(o, c, BAR_SIZE_SECONDS[bar_size], profile.tz)
+    index = np.arange(o.size, dtype=np.int64)
+    return _Atoms(o, c, index, index, o, c, np.r_[0, np.cumsum(bars)], True)
 
-    Usually ``MAX_DURATION[bar_size]`` itself, but ``duration_for`` rounds up (to days,
-    then years of 366 days), so e.g. a 366-day span becomes ``2 Y`` and does not fit the
-    1-year limit; this finds the largest span that does. ``duration_for`` is monotonic,
-    so the spans that fit form a prefix and a bisection finds its end.
-    """
-    _check_bar_size(bar_size)
-    limit = MAX_DURATION[bar_size]
 
-    def fits(seconds: int) -> bool:
-        return duration_for(timedelta(seconds=seconds)).span <= limit
-
-    hi = int(limit.total_seconds())
-    if fits(hi):
-        return hi
-    lo = 1  # a 1-second span is "1 S", which fits every limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
+def _merge_intervals(starts: list[np.ndarray], ends: list[np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Union of sorted-or-not intervals as sorted, disjoint arrays (touching ones merge)."""
+    if not starts:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    s, e = np.concatenate(starts), np.concatenate(ends)
+    order = np.argsort(s, kind="stable")
+    s, e = s[order], e[order]
+    out_s: list[int] = []
+    out_e: list[int] = []
+    for a, b in zip(s.tolist(), e.tolist(), strict=True):
+        if out_e and a <= out_e[-1]:
+            out_e[-1] = max(out_e[-1], b)
         else:
-            hi = mid - 1
-    return lo
+            out_s.append(a)
+            out_e.append(b)
+    return np.array(out_s, dtype=np.int64), np.array(out_e, dtype=np.int64)
 
 
-def _request(
-    end: int,
-    first: int,
-    covers: tuple[int, int],
-    bar_size: str,
-    what_to_show: str,
-    use_rth: bool,
-) -> HistoricalRequest:
-    duration = duration_for(timedelta(seconds=end - first))
-    if duration.span > MAX_DURATION[bar_size]:  # guarded by max_span_seconds; never expected
-        raise AssertionError(f"planned {duration} exceeds the {bar_size} maximum")
-    end_dt = _utc(end)
-    return HistoricalRequest(
-        end=end_dt,
-        duration=str(duration),
-        bar_size=bar_size,
-        what_to_show=what_to_show,
-        use_rth=use_rth,
-        start=end_dt - duration.span,
-        covers=(_utc(covers[0]), _utc(covers[1])),
-    )
+def _covers(need_s: np.ndarray, need_e: np.ndarray, lo: int, hi: int) -> tuple[int, int] | None:
+    """The hull of the needed trading time inside [lo, hi), or None."""
+    i = int(np.searchsorted(need_e, lo, side="right"))
+    j = int(np.searchsorted(need_s, hi, side="left"))
+    if i >= j:
+        return None
+    a, b = max(int(need_s[i]), lo), min(int(need_e[j - 1]), hi)
+    return (a, b) if a < b else None
 
 
-def _backward_starts(starts: np.ndarray, ends: np.ndarray, span: int) -> np.ndarray:
-    """Starts (ascending) of the windows a right-to-left greedy cover places.
+def _make(end: int, duration: Duration, start: int, covers: tuple[int, int], bars: int,
+          profile: HoursProfile, bar_size: str, what_to_show: str,
+          use_rth: bool) -> HistoricalRequest:
+    if exceeds_max_duration(duration, bar_size):  # guarded by the planner; never expected
+        raise AssertionError(f"planned {duration} exceeds IB's maximum for {bar_size}")
+    return HistoricalRequest(end=_utc(end), duration=str(duration), bar_size=bar_size,
+                             what_to_show=what_to_show, use_rth=use_rth, start=_utc(start),
+                             covers=(_utc(covers[0]), _utc(covers[1])), profile=profile.name,
+                             bars=int(bars))
 
-    The right-to-left greedy is optimal for every suffix of the trading time, so the
-    fewest requests covering the trading time from a trading second ``x`` on is
-    ``1 + (number of these starts > x)``.
-    """
-    out: list[int] = []
-    starts_l, ends_l = starts.tolist(), ends.tolist()
-    j = len(starts_l) - 1
-    edge = ends_l[j]
-    while True:
-        left = edge - span
-        out.append(left)
-        while j >= 0 and starts_l[j] >= left:
-            j -= 1
-        if j < 0:
+
+def _year_reach(atoms: _Atoms, profile: HoursProfile, end: int, floor: int, target: int
+                ) -> tuple[int, int] | None:
+    """The farthest reach (first atom index, years) of an ``N Y`` request ending at
+    ``end`` that starts between two sessions and reaches no further back than atom
+    ``floor`` (the budget); stops at the first N reaching ``target``. None: none fits."""
+    best = None
+    for n in range(1, MAX_DURATION_COUNT["Y"] + 1):
+        start = durations.calendar_back(profile, _utc(end), Duration(n, "Y"))
+        s = _ceil_seconds(start)
+        j = int(np.searchsorted(atoms.opens, s, side="left"))
+        if j < floor:
             break
-        edge = min(ends_l[j], left)
-    return np.array(out[::-1], dtype=np.int64)
+        if j > 0 and atoms.opens[j - 1] < s < atoms.closes[j - 1]:
+            continue  # starts inside a session: the answer would not be whole sessions
+        best = (j, n)
+        if j <= target:
+            break
+    return best
 
 
-def _plan_intraday(
-    starts: np.ndarray,
-    ends: np.ndarray,
-    bar_size: str,
-    what_to_show: str,
-    use_rth: bool,
-) -> list[HistoricalRequest]:
-    """Fewest windows of at most the maximum span covering the trading time.
+def _plan_sessions(profile: HoursProfile, need_s: np.ndarray, need_e: np.ndarray,
+                   now: int | None, bar_size: str, what_to_show: str, use_rth: bool,
+                   max_bars: int) -> list[HistoricalRequest]:
+    """Whole-session requests (``N D``, or ``N Y`` beyond 365 sessions), newest first
+    in the making, returned oldest first."""
+    atoms = _atoms(profile.name, use_rth, bar_size)
+    # needed atoms: those holding a session with needed trading time
+    so, sc = atoms.session_opens, atoms.session_closes
+    idx: list[np.ndarray] = []
+    for a, b in zip(need_s.tolist(), need_e.tolist(), strict=True):
+        i = int(np.searchsorted(sc, a, side="right"))
+        j = int(np.searchsorted(so, b, side="left"))
+        idx.append(np.arange(i, j, dtype=np.int64))
+    if not idx:
+        return []
+    needed = np.unique(atoms.unit_of_session[np.concatenate(idx)])
+    if needed.size == 0:
+        return []
+    cb = atoms.cum_bars
+    max_d = MAX_DURATION_COUNT["D"]
+    plan: list[HistoricalRequest] = []
+    p = needed.size - 1
+    while p >= 0:
+        k = int(needed[p])
+        end = int(atoms.closes[k]) if now is None else min(int(atoms.closes[k]), now)
+        n_end = int(np.searchsorted(so, end, side="left"))  # sessions opening before end
+        end = min(end, int(sc[n_end - 1]))  # a week in progress: its last session so far
+        # the budget's reach (at least atom k itself), then 365 sessions'
+        floor = min(k, int(np.searchsorted(cb, cb[k + 1] - max_bars, side="left")))
+        reach = floor
+        while n_end - int(atoms.first_session[reach]) > max_d:
+            reach += 1  # rare: at most a few steps past the budget's reach
+            if reach > k:
+                raise AssertionError("one atom holds more than 365 sessions")
+        years = None
+        q = int(np.searchsorted(needed, reach, side="left"))
+        if q > 0 and floor < reach and atoms.whole_sessions:
+            found = _year_reach(atoms, profile, end, floor, int(needed[0]))
+            if found is not None and found[0] < reach:
+                reach, years = found
+                q = int(np.searchsorted(needed, reach, side="left"))
+        first = int(needed[q])
+        count = n_end - int(atoms.first_session[first])
+        if years is not None and count > max_d:
+            duration = Duration(years, "Y")
+            start = _ceil_seconds(durations.calendar_back(profile, _utc(end), duration))
+            bars = int(cb[k + 1] - cb[reach])
+        else:
+            duration = Duration(count, "D")
+            start = int(atoms.opens[first])
+            bars = int(cb[k + 1] - cb[first])
+        covers = _covers(need_s, need_e, start, end)
+        if covers is None:  # cannot happen: atom k holds needed trading time
+            raise AssertionError(f"request ending {_utc(end)} covers nothing")
+        plan.append(_make(end, duration, start, covers, bars, profile, bar_size,
+                          what_to_show, use_rth))
+        p = q - 1
+    return plan[::-1]
 
-    Each request starts at the first trading second not yet covered. Left to right, a
-    window reaching as far as the span allows is the classic optimal greedy; among the
-    optimal plans this one prefers ending a request at the close of the last whole
-    interval it reaches, and cuts a session only when a session is longer than the span
-    (chunks of exactly the span, a multiple of the bar size, from the session's open) or
-    when stopping at a close would cost an extra request. The backward greedy tells how
-    many requests the rest needs, which is what decides that.
-    """
-    if starts.size == 0:
+
+def _trading_seconds(profile: HoursProfile, use_rth: bool, lo: int, hi: int) -> int:
+    """Trading seconds (per useRTH) in [lo, hi)."""
+    so = _atoms(profile.name, use_rth, "1 secs").session_opens
+    sc = _atoms(profile.name, use_rth, "1 secs").session_closes
+    i = int(np.searchsorted(sc, lo, side="right"))
+    j = int(np.searchsorted(so, hi, side="left"))
+    if i >= j:
+        return 0
+    o, c = np.maximum(so[i:j], lo), np.minimum(sc[i:j], hi)
+    return int(np.clip(c - o, 0, None).sum())
+
+
+def _plan_seconds(profile: HoursProfile, need_s: np.ndarray, need_e: np.ndarray,
+                  bar_size: str, what_to_show: str, use_rth: bool,
+                  max_bars: int) -> list[HistoricalRequest]:
+    """``N S`` requests (bars of 30 secs or less), each as long as the budget and IB's
+    limit allow, a multiple of the bar size so every cut falls on the bar grid."""
+    if need_s.size == 0:
         return []
     bar = BAR_SIZE_SECONDS[bar_size]
-    span = max(bar, max_span_seconds(bar_size) // bar * bar)
-    back = _backward_starts(starts, ends, span)
-
-    def need(x: int) -> int:
-        return 1 + back.size - int(np.searchsorted(back, x, side="right"))
-
-    starts_l, ends_l = starts.tolist(), ends.tolist()
-    requests: list[HistoricalRequest] = []
-    i, n, first = 0, len(starts_l), starts_l[0]
-    while i < n:
-        reach = first + span
-        k = int(np.searchsorted(starts, reach, side="left")) - 1  # last interval reached
-        if ends_l[k] <= reach:  # the window ends in closed hours after interval k
-            to, i = ends_l[k], k + 1
-            nxt = starts_l[i] if i < n else to
-        elif k > i and need(starts_l[k]) == need(first) - 1:  # stopping at a close is free
-            to, i = ends_l[k - 1], k
-            nxt = starts_l[k]
-        else:  # cut inside interval k; the next request starts at the cut
-            to, i = reach, k
-            nxt = reach
-        requests.append(_request(to, first, (first, to), bar_size, what_to_show, use_rth))
-        first = nxt
-    return requests
-
-
-def _plan_daily(
-    profile: HoursProfile,
-    lo: int,
-    hi: int,
-    now: int | None,
-    bar_size: str,
-    what_to_show: str,
-    use_rth: bool,
-) -> list[HistoricalRequest]:
-    """Greedy packing of whole sessions (whole weeks / months for those bar sizes).
-
-    A daily bar is stamped with its session, so each request ends at the close of its last
-    session (or ``now`` if that is earlier) and its span reaches back to the open of its
-    first session even when the range's start clipped that session.
-    """
-    dates, opens, closes = _sessions(profile, lo, hi, use_rth)
-    if dates.size == 0:
-        return []
-    ends = closes if now is None else np.minimum(closes, now)
-    c_open, c_close = np.maximum(opens, lo), np.minimum(closes, hi)  # covered (clipped) time
-    # Units: runs of consecutive sessions of one bar -> [first index, last index].
-    unit_first = grid.first_of_each_period(dates, bar_size).tolist()
-    unit_last = [k - 1 for k in unit_first[1:]] + [len(dates) - 1]
-    span = max_span_seconds(bar_size)
-    requests: list[HistoricalRequest] = []
-    u, n_units = 0, len(unit_first)
-    while u < n_units:
-        s0 = unit_first[u]
-        first = int(opens[s0])
-        v = u
-        while v + 1 < n_units and int(ends[unit_last[v + 1]]) - first <= span:
-            v += 1
-        s1 = unit_last[v]
-        if int(ends[s1]) - first > span:  # one unit alone too long; cannot happen for IB sizes
-            raise AssertionError(f"a single {bar_size} bar spans more than one request")
-        covers = (int(c_open[s0]), int(c_close[s1]))
-        requests.append(_request(int(ends[s1]), first, covers, bar_size, what_to_show, use_rth))
-        u = v + 1
-    return requests
+    limit = ONE_SECOND_BARS_MAX_S if bar == 1 else MAX_DURATION_COUNT["S"]
+    cap = max(bar, min(limit, max_bars * bar) // bar * bar)
+    plan: list[HistoricalRequest] = []
+    first_needed = int(need_s[0])
+    end = int(need_e[-1])
+    while True:
+        r = end % bar  # the newest request may end mid-bar (now): keep the cuts on the grid
+        longest = cap if r == 0 else r + (cap - r) // bar * bar
+        rest = _trading_seconds(profile, use_rth, first_needed, end)
+        seconds = longest
+        if rest <= longest:  # the oldest request: just enough to reach the range's start
+            seconds = rest + (r - rest) % bar
+        start = _ceil_seconds(durations.trading_seconds_back(profile, _utc(end), seconds,
+                                                             use_rth))
+        covers = _covers(need_s, need_e, start, end)
+        if covers is None:
+            raise AssertionError(f"request ending {_utc(end)} covers nothing")
+        plan.append(_make(end, Duration(seconds, "S"), start, covers,
+                          _ceil_div(np.int64(seconds), bar).item(), profile, bar_size,
+                          what_to_show, use_rth))
+        j = int(np.searchsorted(need_s, start, side="left"))  # needed intervals before start
+        if j == 0:
+            break
+        end = min(start, int(need_e[j - 1]))
+    return plan[::-1]
 
 
 def plan_requests(
@@ -399,54 +511,26 @@ def plan_requests(
     use_rth: bool,
     head_timestamp: datetime | None = None,
     now: datetime | None = None,
+    max_bars: int = DEFAULT_MAX_BARS_PER_REQUEST,
 ) -> list[HistoricalRequest]:
     """The fewest requests covering the trading hours of [start, end), oldest first.
 
     The range is clamped to ``head_timestamp`` (nothing earlier) and ``now`` (nothing
     later); for small bars (30 secs or less) also to ``now - SMALL_BAR_HISTORY`` when
     ``now`` is given, since IB keeps no older small bars. Weekends, holidays and closed
-    hours come from the profile's calendar (``use_rth``: regular vs all hours). Every
-    request's duration fits ``MAX_DURATION[bar_size]``; the ``covers`` ranges of the plan
-    are disjoint and hold exactly the trading time of :func:`trading_intervals`.
+    hours come from the profile's calendar (``use_rth``: regular vs all hours). See the
+    module docstring for the budget ``max_bars`` and the shape of the requests.
 
-    Raises ``ValueError`` for an unknown bar size or whatToShow, naive datetimes, or
-    ``start >= end``. A range left empty by the clamps gives an empty plan.
+    Raises ``ValueError`` for an unknown bar size or whatToShow, naive datetimes,
+    ``start >= end`` or a budget below one bar. A range left empty by the clamps gives an
+    empty plan.
     """
-    _check_bar_size(bar_size)
-    _check_what_to_show(what_to_show)
     _require_aware("start", start)
     _require_aware("end", end)
     if start >= end:
         raise ValueError(f"start {start.isoformat()} must be before end {end.isoformat()}")
-    prof = resolve_profile(profile)
-    if prof.name == "fx" and what_to_show not in _FX_WHAT_TO_SHOW:
-        logger.warning(
-            "whatToShow %s is not served for forex (IB answers 162 no data); use one of %s",
-            what_to_show,
-            ", ".join(sorted(_FX_WHAT_TO_SHOW)),
-        )
-    if now is not None and is_small_bar(bar_size):
-        _require_aware("now", now)
-        start = max(start, now - SMALL_BAR_HISTORY)
-    lo, hi = _clamp_bounds(start, end, head_timestamp, now)
-    if lo >= hi:
-        return []
-    if is_daily_or_larger(bar_size):
-        now_s = None if now is None else _ceil_seconds(now)
-        plan = _plan_daily(prof, lo, hi, now_s, bar_size, what_to_show, use_rth)
-    else:
-        starts, ends = _trading_arrays(prof, lo, hi, use_rth)
-        plan = _plan_intraday(starts, ends, bar_size, what_to_show, use_rth)
-    logger.debug(
-        "planned %d %s %s request(s) for %s..%s (rth=%s)",
-        len(plan),
-        bar_size,
-        what_to_show,
-        _utc(lo),
-        _utc(hi),
-        use_rth,
-    )
-    return plan
+    return plan_ranges(profile, bar_size, [(start, end)], what_to_show, use_rth,
+                       head_timestamp, now, max_bars)
 
 
 def plan_ranges(
@@ -457,25 +541,91 @@ def plan_ranges(
     use_rth: bool,
     head_timestamp: datetime | None = None,
     now: datetime | None = None,
+    max_bars: int = DEFAULT_MAX_BARS_PER_REQUEST,
 ) -> list[HistoricalRequest]:
-    """Requests covering several ranges (sorted, disjoint), oldest first.
+    """The fewest requests covering the trading time of several ranges, oldest first.
 
-    IB paces requests, not bars: when the newest request planned so far can be stretched
-    to cover the next range with fewer requests than planning that range on its own, it
-    is (re-fetching the bars in between costs nothing in pacing terms). A thin
-    instrument's scattered missing bars thus cost about one request per maximum duration,
-    not one each. Every request still fits the limits; the ``covers`` of the plan stay
-    disjoint and hold every range's trading time.
+    IB paces requests, not bars: one request may span the stored bars between two ranges
+    when that saves a request (it counts against the budget like any other bar). The
+    ``covers`` of the plan are disjoint and hold every range's trading time (clamped as in
+    :func:`plan_requests`); answers never overlap.
     """
-    plan: list[HistoricalRequest] = []
+    _check_bar_size(bar_size)
+    _check_what_to_show(what_to_show)
+    if not isinstance(max_bars, int) or max_bars < 1:
+        raise ValueError(f"max_bars must be a positive number of bars, got {max_bars!r}")
+    prof = resolve_profile(profile)
+    if prof.name == "fx" and what_to_show not in _FX_WHAT_TO_SHOW:
+        logger.warning(
+            "whatToShow %s is not served for forex (IB answers 162 no data); use one of %s",
+            what_to_show,
+            ", ".join(sorted(_FX_WHAT_TO_SHOW)),
+        )
+    if now is not None:
+        _require_aware("now", now)
+    starts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
     for start, end in ranges:
-        alone = plan_requests(profile, bar_size, start, end, what_to_show, use_rth,
-                              head_timestamp, now)
-        if plan and alone:
-            stretched = plan_requests(profile, bar_size, plan[-1].covers[0], end, what_to_show,
-                                      use_rth, head_timestamp, now)
-            if len(stretched) < 1 + len(alone):
-                plan[-1:] = stretched
-                continue
-        plan += alone
+        if now is not None and is_small_bar(bar_size):
+            start = max(start, now - SMALL_BAR_HISTORY)
+        lo, hi = _clamp_bounds(start, end, head_timestamp, now)
+        a, b = _trading_arrays(prof, lo, hi, use_rth)
+        starts.append(a)
+        ends.append(b)
+    need_s, need_e = _merge_intervals(starts, ends)
+    if is_small_bar(bar_size):
+        plan = _plan_seconds(prof, need_s, need_e, bar_size, what_to_show, use_rth, max_bars)
+    else:
+        now_s = None if now is None else _ceil_seconds(now)
+        plan = _plan_sessions(prof, need_s, need_e, now_s, bar_size, what_to_show, use_rth,
+                              max_bars)
+    logger.debug("planned %d %s %s request(s) for %d range(s) (rth=%s, budget %d bars)",
+                 len(plan), bar_size, what_to_show, len(ranges), use_rth, max_bars)
     return plan
+
+
+def can_split(req: HistoricalRequest) -> bool:
+    """Whether :func:`split_request` can make ``req`` smaller: it holds more than one
+    session (or, for ``S`` requests, more than twice :data:`MIN_SPLIT_BARS` bars)."""
+    if req.profile is None or req.bars is None:
+        return False
+    d = parse_duration(req.duration)
+    if d.unit == "S":
+        return req.bars >= 2 * MIN_SPLIT_BARS
+    return len(split_request(req)) > 1
+
+
+def split_request(req: HistoricalRequest, max_bars: int | None = None
+                  ) -> list[HistoricalRequest]:
+    """``req``'s trading time re-planned as smaller requests, oldest first: each at most
+    ``max_bars`` bars, or (None) ``req`` halved (two requests, the smallest budget that
+    makes two: about half the sessions each). A request that cannot be made smaller (one
+    session; an ``S`` request near :data:`MIN_SPLIT_BARS`; a hand-built request without
+    profile) comes back alone."""
+    if req.profile is None or req.bars is None:
+        return [req]
+    floor = MIN_SPLIT_BARS if parse_duration(req.duration).unit == "S" else 1
+    if max_bars is not None:
+        parts = _replan(req, max(floor, max_bars))
+        return parts if len(parts) > 1 else [req]
+    lo, hi = max(floor, -(-req.bars // 2)), req.bars - 1
+    if lo > hi or req.bars < 2 * floor:
+        return [req]
+    parts = _replan(req, hi)
+    if len(parts) < 2:
+        return [req]
+    while lo < hi:  # the smallest budget still giving at most two parts (monotone)
+        mid = (lo + hi) // 2
+        if len(_replan(req, mid)) <= 2:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _replan(req, hi)
+
+
+def _replan(req: HistoricalRequest, budget: int) -> list[HistoricalRequest]:
+    lo, hi = req.covers
+    # ``now`` = the request's end: a request ending inside the session in progress keeps
+    # ending there; one ending at a close is unaffected
+    return plan_ranges(req.profile or "", req.bar_size, [(lo, hi)], req.what_to_show,
+                       req.use_rth, now=req.end, max_bars=budget)

@@ -1,9 +1,20 @@
-"""Running a request plan against IB: pacing, concurrency, timeouts, retries.
+"""Running a request plan against IB: pacing, concurrency, timeouts, retries, sizing.
 
-The fetcher never mistakes a failure for "no data": a timeout cancels the request and
-retries it, a pacing violation backs off and retries, a disconnect reconnects and
-re-issues; only IB's explicit "HMDS query returned no data" is an empty success. Errors
-that retrying cannot fix (unknown contract, invalid request, permissions) fail at once.
+The fetcher never mistakes a failure for "no data": a timeout cancels the request, a
+pacing violation backs off and retries, a disconnect reconnects and re-issues; only IB's
+explicit "HMDS query returned no data" is an empty success. Errors that retrying cannot
+fix (unknown contract, invalid request, permissions) fail at once.
+
+**Sizing.** The planner packs as many bars into a request as the budget allows
+(:mod:`ktrdr_pipeline.domain.planning`); at IB a big answer's cost is its service time
+against the client's timeout (docs/ib-facts.md §2: ``6 D`` of 1-min bars timed out at
+60 s on a busy day, ib_insync #268). So the fetcher adapts within one fetch: an answer
+that took more than ``slow_fraction`` of the timeout lowers the budget for the requests
+not yet sent to what would take ``target_fraction`` of it at the observed speed (they are
+re-planned with :func:`~ktrdr_pipeline.domain.planning.split_request`); a request that
+timed out is split in two (about half its sessions each) and the halves are sent instead,
+never the same request again, down to one session (small bars: a few minutes' bars);
+only that one is retried, up to ``attempts`` times, and then fails.
 """
 
 from __future__ import annotations
@@ -21,7 +32,12 @@ from ib_async.wrapper import RequestError
 from ..domain import ib_rules
 from ..domain.bars import empty_bars
 from ..domain.pacing import bars_pacing_key
-from ..domain.planning import HistoricalRequest
+from ..domain.planning import (
+    DEFAULT_MAX_BARS_PER_REQUEST,
+    HistoricalRequest,
+    can_split,
+    split_request,
+)
 from .connection import IBConnection
 from .errors import Disconnected, ErrorKind, IBError, RequestTimeout
 from .governor import PacingGovernor
@@ -74,6 +90,9 @@ class FetchResult:
     pacing_violations: int = 0
     #: IB's own words for each empty answer ("HMDS query returned no data: …").
     no_data_reasons: list[str] = field(default_factory=list)
+    #: requests split after a timeout, and the budget in force at the end of the fetch
+    splits: int = 0
+    max_bars: int | None = None
 
 
 class HistoricalFetcher:
@@ -81,7 +100,12 @@ class HistoricalFetcher:
 
     def __init__(self, connection: IBConnection, governor: PacingGovernor, *,
                  timeout_s: float = 120.0, attempts: int = 3, backoff_s: float = 1.0,
-                 max_concurrency: int = 4, max_pacing_retries: int = 10):
+                 max_concurrency: int = 4, max_pacing_retries: int = 10,
+                 max_bars: int = DEFAULT_MAX_BARS_PER_REQUEST, slow_fraction: float = 0.5,
+                 target_fraction: float = 0.25):
+        if not 0 < target_fraction <= slow_fraction < 1:
+            raise ValueError("need 0 < target_fraction <= slow_fraction < 1, got "
+                             f"{target_fraction} and {slow_fraction}")
         self.conn = connection
         self.governor = governor
         self.timeout_s = timeout_s
@@ -89,24 +113,26 @@ class HistoricalFetcher:
         self.backoff_s = backoff_s
         self.max_concurrency = max_concurrency
         self.max_pacing_retries = max_pacing_retries
+        self.max_bars = max_bars
+        self.slow_fraction = slow_fraction
+        self.target_fraction = target_fraction
 
     async def fetch(self, contract: Contract, plan: list[HistoricalRequest],
                     progress: Callable[[int, int], None] | None = None) -> FetchResult:
         """Run every request of ``plan``; bars are merged, de-duplicated (a later answer
         wins) and sorted. Raises :class:`IBError` for failures retrying cannot fix."""
-        result = FetchResult(empty_bars(), requests_planned=len(plan))
+        result = FetchResult(empty_bars(), requests_planned=len(plan), max_bars=self.max_bars)
         if not plan:
             return result
         small = ib_rules.is_small_bar(plan[0].bar_size)
         gate = asyncio.Semaphore(1 if small else self.max_concurrency)
         done = 0
-        frames: list[tuple[int, pd.DataFrame]] = []
+        frames: list[tuple[tuple[int, ...], pd.DataFrame]] = []
 
         async def one(k: int, req: HistoricalRequest) -> None:
             nonlocal done
             async with gate:
-                frame = await self._run(contract, req, result)
-            frames.append((k, frame))
+                await self._sized(contract, req, result, (k,), frames)
             done += 1
             if progress is not None:
                 progress(done, len(plan))
@@ -128,8 +154,59 @@ class HistoricalFetcher:
         self.conn.record_fetch()
         return result
 
+    async def _sized(self, contract: Contract, req: HistoricalRequest, result: FetchResult,
+                     key: tuple[int, ...],
+                     frames: list[tuple[tuple[int, ...], pd.DataFrame]]) -> None:
+        """Run ``req`` at the current budget: re-planned smaller first when the budget has
+        shrunk below it, split in two when it times out (see the module docstring)."""
+        budget = result.max_bars
+        if budget is not None and req.bars is not None and req.bars > budget:
+            pieces = split_request(req, budget)
+            if len(pieces) > 1:
+                log.info("%s: %d bars is over the current budget of %d; asking in %d "
+                         "smaller requests", _describe(contract, req), req.bars, budget,
+                         len(pieces))
+                result.requests_planned += len(pieces) - 1
+                for j, piece in enumerate(pieces):
+                    await self._sized(contract, piece, result, (*key, j), frames)
+                return
+        try:
+            frame = await self._run(contract, req, result, splittable=can_split(req))
+        except _TimedOut:
+            halves = split_request(req)
+            result.splits += 1
+            result.requests_planned += len(halves) - 1
+            if req.bars is not None:
+                self._lower_budget(result, max(1, max(h.bars or 1 for h in halves)),
+                                   f"{_describe(contract, req)} timed out")
+            log.warning("%s: no answer within %.0fs; asking again in %d smaller requests",
+                        _describe(contract, req), self.timeout_s, len(halves))
+            for j, piece in enumerate(halves):
+                await self._sized(contract, piece, result, (*key, j), frames)
+            return
+        frames.append((key, frame))
+
+    def _lower_budget(self, result: FetchResult, budget: int, why: str) -> None:
+        if result.max_bars is None or budget < result.max_bars:
+            log.info("%s: at most %d bars per request for the rest of this fetch (was %s)",
+                     why, budget, result.max_bars)
+            result.max_bars = budget
+
+    def _observe(self, req: HistoricalRequest, bars: int, elapsed: float,
+                 result: FetchResult) -> None:
+        """An answer that took more than ``slow_fraction`` of the timeout lowers the
+        budget to what would take ``target_fraction`` of it at the speed just seen."""
+        if elapsed <= self.slow_fraction * self.timeout_s:
+            return
+        size = max(bars, req.bars or 0, 1)
+        budget = max(1, int(size * self.target_fraction * self.timeout_s / elapsed))
+        self._lower_budget(result, budget, f"{size} bars answered in {elapsed:.1f}s "
+                           f"(timeout {self.timeout_s:.0f}s)")
+
     async def _run(self, contract: Contract, req: HistoricalRequest,
-                   result: FetchResult) -> pd.DataFrame:
+                   result: FetchResult, splittable: bool = False) -> pd.DataFrame:
+        """One request until answered; raises :class:`_TimedOut` instead of retrying a
+        ``splittable`` request that timed out."""
         failures = 0
         pacing = 0
         while True:
@@ -143,6 +220,8 @@ class HistoricalFetcher:
                     frame = frame[(frame.index >= lo) & (frame.index < hi)]
                 return frame
             except IBError as exc:
+                if splittable and isinstance(exc, RequestTimeout):
+                    raise _TimedOut() from None
                 if exc.kind is ErrorKind.NO_DATA:
                     result.empty_answers += 1
                     reason = exc.ib_text or str(exc)
@@ -195,7 +274,10 @@ class HistoricalFetcher:
             if not ib.isConnected():
                 raise Disconnected("not connected to IB", kind=ErrorKind.RETRYABLE)
             result.requests_made += 1
-            return await self._send(ib, contract, req, end)
+            sent = asyncio.get_running_loop().time()
+            bars = await self._send(ib, contract, req, end)
+            self._observe(req, len(bars), asyncio.get_running_loop().time() - sent, result)
+            return bars
 
     async def _send(self, ib, contract: Contract, req: HistoricalRequest,
                     end: str) -> BarDataList:
@@ -237,6 +319,10 @@ class HistoricalFetcher:
             ib.wrapper._futures.pop(req_id, None)  # noqa: SLF001 - our own request
             ib.wrapper._results.pop(req_id, None)  # noqa: SLF001
             ib.wrapper._reqId2Contract.pop(req_id, None)  # noqa: SLF001
+
+
+class _TimedOut(Exception):
+    """A splittable request got no answer in time (it was cancelled): split it."""
 
 
 async def _until_sent_at_once(ib, poll_s: float = 0.005) -> None:
