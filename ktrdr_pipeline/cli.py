@@ -307,6 +307,34 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from .store.catalog import coverage_table, format_result
+
+    table = coverage_table(Settings.from_env().data_dir)
+    rows = list(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
+    print(format_result(rows, table.column_names, args.format), end="")
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from .store.parquet import BarStore
+
+    store = BarStore(Settings.from_env().data_dir)
+    if args.action == "rebuild":
+        count = store.rebuild_manifest()
+        print(json.dumps({"manifest": str(store.manifest), "partitions": count}))
+        return 0
+    problems = store.check_manifest()
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} disagreement(s) between {store.manifest} and the Parquet "
+              "files; `ktrdr-pipeline manifest rebuild` makes it agree", file=sys.stderr)
+        return 1
+    print(f"{store.manifest} agrees with the Parquet files")
+    return 0
+
+
 def cmd_symbols(args: argparse.Namespace) -> int:
     from . import commands
 
@@ -380,6 +408,25 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query", help="e.g. \"SELECT * FROM coverage\"")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("coverage", help="what is stored per symbol and timeframe (first and "
+                                        "last bar, rows, partitions), from the manifest")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_coverage)
+
+    p = sub.add_parser(
+        "manifest", help="the partition manifest: rebuild it from the Parquet files, or "
+                         "check that it agrees with them",
+        description="The manifest (KTRDR_DATA_DIR/manifest.sqlite) lists every stored "
+                    "partition with its rows, first and last bar and file size, so coverage, "
+                    "ranges and the tail-fill sensor need not open the Parquet files. Every "
+                    "write keeps it current and readers repair it after a killed writer; "
+                    "rebuild re-reads every file's footer (after files were copied, restored "
+                    "or deleted by hand, or when the manifest was lost: readers rebuild a "
+                    "missing one by themselves); check lists each disagreement and exits 1 "
+                    "if there is any.")
+    p.add_argument("action", choices=("rebuild", "check"))
+    p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser(
         "symbols", help="manage the symbol universe: the universe file and the 'symbols' "

@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -66,6 +66,7 @@ LOCK_TIMEOUT_S = 30.0
 STALE_INTENT_AGE_S = 3600.0
 
 Key = tuple[str, str, str]  # (timeframe, symbol, period)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class ManifestEntry:
 
     @staticmethod
     def as_datetime(us: int | None) -> datetime | None:
-        return None if us is None else datetime.fromtimestamp(us / 1e6, UTC)
+        return None if us is None else _EPOCH + timedelta(microseconds=us)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,9 @@ class SqliteManifest:
 
     def __repr__(self) -> str:
         return f"SqliteManifest({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
 
     # -- connections ----------------------------------------------------------------------
     @contextmanager
