@@ -308,11 +308,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    from .store.catalog import coverage_table, format_result
+    from .store.catalog import COVERAGE_COLUMNS, format_result
+    from .store.manifest import ManifestEntry, read_coverage
 
-    table = coverage_table(Settings.from_env().data_dir)
-    rows = list(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
-    print(format_result(rows, table.column_names, args.format), end="")
+    at = ManifestEntry.as_datetime
+    rows = [(r.symbol, r.timeframe, at(r.first_bar), at(r.last_bar), r.rows, r.partitions)
+            for r in read_coverage(Settings.from_env().data_dir)]
+    print(format_result(rows, [c for c, _ in COVERAGE_COLUMNS], args.format), end="")
     return 0
 
 

@@ -361,3 +361,23 @@ def test_loads_tail_again_and_full_leave_an_agreeing_manifest(tmp_path: Path) ->
     # the load at 15:00 stored the bar then in progress: it is not completed
     assert newest.last_completed < newest.last_bar
     assert pd.Timestamp(newest.as_datetime(newest.last_completed)) == frame.index[-2]
+
+
+def test_light_readers_answer_from_the_manifest_and_defer_repairs(tmp_path: Path) -> None:
+    from ktrdr_pipeline.store.manifest import read_coverage, read_entries
+
+    assert read_entries(tmp_path) == [] and read_coverage(tmp_path) == []
+    store = BarStore(tmp_path)
+    write(store, "1m", "AAPL", "2024-03", minute_frame("2024-03-04 14:30", 50))
+    write(store, "1d", "AAPL", "2024", minute_frame("2024-03-04", 3, "1D"))
+    assert sorted(e.key for e in read_entries(tmp_path)) == sorted(
+        e.key for e in store.entries())
+    assert [e.rows for e in read_entries(tmp_path, "1m", "AAPL", ["2024-03"])] == [50]
+    assert read_coverage(tmp_path) == store.coverage()
+    # a dead writer's intent: the light readers hand over to the store, which repairs
+    dead = 2 ** 22 + 4321  # above the default pid_max: no such process
+    store.manifest.begin_write("1m", "AAPL", "2024-03", lambda: True)
+    with sqlite3.connect(tmp_path / MANIFEST_FILE) as con:
+        con.execute("UPDATE intents SET pid = ?", (dead,))
+    assert [e.rows for e in read_entries(tmp_path, "1m")] == [50]
+    assert store.manifest.intents() == []

@@ -84,7 +84,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
 from ..domain.symbols import STORAGE_KEY_PATTERN
 from ..domain.timeframes import DEFAULT_TIMEFRAMES, TIMEFRAMES, Timeframe
@@ -256,22 +255,27 @@ def define_views(con: duckdb.DuckDBPyConnection, data_dir: Path,
 
 #: The ``coverage`` relation's columns and their Arrow types (DuckDB: VARCHAR,
 #: TIMESTAMP WITH TIME ZONE, BIGINT), as the catalog file's view has them.
-COVERAGE_SCHEMA = pa.schema([
-    ("symbol", pa.string()), ("timeframe", pa.string()),
-    ("first_bar", pa.timestamp("us", tz="UTC")), ("last_bar", pa.timestamp("us", tz="UTC")),
-    ("rows", pa.int64()), ("partitions", pa.int64())])
+COVERAGE_COLUMNS = [("symbol", "string"), ("timeframe", "string"),
+                    ("first_bar", "timestamp[us, tz=UTC]"), ("last_bar", "timestamp[us, tz=UTC]"),
+                    ("rows", "int64"), ("partitions", "int64")]
 
 
-def coverage_table(data_dir: Path | str) -> pa.Table:
+def coverage_table(data_dir: Path | str) -> Any:
     """Per symbol and timeframe: ``first_bar``, ``last_bar``, ``rows`` and ``partitions``
-    (periods holding at least one bar), from the store's manifest: no Parquet file is
-    opened (an absent store has none)."""
-    rows = BarStore(data_dir).coverage()
+    (periods holding at least one bar), from the store's manifest as a ``pyarrow.Table``:
+    no Parquet file is opened (an absent store has none)."""
+    import pyarrow as pa
+
+    from .manifest import read_coverage
+
+    types = {"string": pa.string(), "int64": pa.int64(),
+             "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC")}
+    schema = pa.schema([(name, types[t]) for name, t in COVERAGE_COLUMNS])
+    rows = read_coverage(data_dir)
     columns = list(zip(*[(r.symbol, r.timeframe, r.first_bar, r.last_bar, r.rows,
                           r.partitions) for r in rows], strict=True)) or [()] * 6
     return pa.Table.from_arrays([pa.array(list(c), type=f.type)
-                                 for c, f in zip(columns, COVERAGE_SCHEMA, strict=True)],
-                                schema=COVERAGE_SCHEMA)
+                                 for c, f in zip(columns, schema, strict=True)], schema=schema)
 
 
 def define_coverage(con: duckdb.DuckDBPyConnection, data_dir: Path | str) -> None:

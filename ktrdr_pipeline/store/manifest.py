@@ -51,10 +51,12 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ..domain.bars import PartitionMeta
 from ..locking import is_sqlite_locked, retry_while_locked
+
+if TYPE_CHECKING:
+    from ..domain.bars import PartitionMeta
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ class ManifestEntry:
     @functools.cached_property
     def meta(self) -> PartitionMeta:
         """The partition's metadata (parsed on first use)."""
+        from ..domain.bars import PartitionMeta  # pandas: not at the start of `coverage`
+
         return PartitionMeta.from_json(json.loads(self.meta_json))
 
     @staticmethod
@@ -422,3 +426,39 @@ class SqliteManifest:
                 con.execute("INSERT OR REPLACE INTO state VALUES ('rebuilt_at', ?)",
                             (datetime.now(UTC).isoformat(),))
         return len(keys)
+
+
+def _settled(data_dir: Path | str) -> SqliteManifest | None:
+    """The data directory's manifest when it can be read as it is (complete, no write in
+    flight); None when the Parquet layer must repair or rebuild it first."""
+    manifest = SqliteManifest(Path(data_dir) / MANIFEST_FILE)
+    return manifest if manifest.complete() and not manifest.intents() else None
+
+
+def read_entries(data_dir: Path | str, timeframe: str | None = None,
+                 symbol: str | None = None,
+                 periods: Sequence[str] | None = None) -> list[ManifestEntry]:
+    """The stored partitions (of ``timeframe``/``symbol``/``periods`` when given) with their
+    files (``entry.path``, relative to ``data_dir``), for readers that must not import the
+    Parquet layer (the ``sql`` command's start-up): one query when the manifest is settled,
+    else :meth:`~.parquet.BarStore.entries`, which repairs or rebuilds it first. Arguments
+    are not validated here beyond what SQL parameters need: unknown names match nothing."""
+    manifest = _settled(data_dir)
+    if manifest is not None:
+        return manifest.scan(timeframe, symbol, periods)
+    from .parquet import BarStore
+
+    return BarStore(data_dir).entries(timeframe, symbol, list(periods) if periods else periods)
+
+
+def read_coverage(data_dir: Path | str) -> list[CoverageRow]:
+    """The store's coverage (:meth:`SqliteManifest.coverage`) without the Parquet layer's
+    imports when the manifest is complete and no write is in flight (the usual case: one
+    query); otherwise through :meth:`~.parquet.BarStore.coverage`, which repairs or rebuilds
+    the manifest from the files first."""
+    manifest = _settled(data_dir)
+    if manifest is not None:
+        return manifest.coverage()
+    from .parquet import BarStore
+
+    return BarStore(data_dir).coverage()
