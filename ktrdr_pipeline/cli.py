@@ -337,6 +337,14 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .store.parquet import BarStore
+
+    folded = BarStore(Settings.from_env().data_dir).migrate_daily_files()
+    print(json.dumps({"daily_files_folded": folded}))
+    return 0
+
+
 def cmd_symbols(args: argparse.Namespace) -> int:
     from . import commands
 
@@ -429,6 +437,15 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
                     "if there is any.")
     p.add_argument("action", choices=("rebuild", "check"))
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser(
+        "migrate", help="bring the store's layout up to date: fold the daily files of "
+                        "seconds bars into monthly files",
+        description="Seconds bars (1s..30s) are stored one file per symbol and month, one "
+                    "row group per day; stores written before kept a file per day, which "
+                    "readers now ignore. This folds them into their months (merged with what "
+                    "the month holds), then removes them. Safe to interrupt and to repeat.")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser(
         "symbols", help="manage the symbol universe: the universe file and the 'symbols' "

@@ -94,7 +94,7 @@ def test_coverage_and_ranges_read_the_manifest_not_the_files(tmp_path: Path) -> 
 def test_a_deleted_manifest_is_rebuilt_by_the_command_and_by_readers(tmp_path: Path) -> None:
     store = BarStore(tmp_path)
     write(store, "1m", "AAPL", "2024-03", minute_frame("2024-03-04 14:30", 50))
-    write(store, "5s", "AAPL", "2024-03-04", minute_frame("2024-03-04 14:30", 30, "5s"))
+    write(store, "5s", "AAPL", "2024-03", minute_frame("2024-03-04 14:30", 30, "5s"))
     write(store, "1m", "SPY", "2024-03", minute_frame("2024-03-04 14:30", 10))
     rows = store.entries()
     for leftover in tmp_path.glob(MANIFEST_FILE + "*"):
@@ -381,3 +381,74 @@ def test_light_readers_answer_from_the_manifest_and_defer_repairs(tmp_path: Path
         con.execute("UPDATE intents SET pid = ?", (dead,))
     assert [e.rows for e in read_entries(tmp_path, "1m")] == [50]
     assert store.manifest.intents() == []
+
+
+# -- seconds bars: a file per month, a row group per day ----------------------------------
+def _seconds_day(day: str, n: int = 40) -> pd.DataFrame:
+    return minute_frame(f"{day} 14:30", n, "5s")
+
+
+def test_a_month_of_seconds_bars_is_one_file_with_a_row_group_per_day(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    store = BarStore(tmp_path)
+    days = ["2024-03-04", "2024-03-05", "2024-03-07"]
+    month = pd.concat([_seconds_day(d) for d in days])
+    write(store, "5s", "AAPL", "2024-03", month)
+    path = store.path("5s", "AAPL", "2024-03")
+    footer = pq.read_metadata(path)
+    assert footer.num_row_groups == 3
+    firsts = [footer.row_group(k).column(0).statistics.min for k in range(3)]
+    assert [f.date().isoformat() for f in firsts] == days
+    pd.testing.assert_frame_equal(store.read("5s", "AAPL", "2024-03"), month)
+    one_day = cat.run_query(tmp_path, "SELECT count(*) FROM symbol_bars('5s', 'AAPL') WHERE "
+                                      "ts >= '2024-03-05' AND ts < '2024-03-06'").rows
+    assert one_day == [(40,)]
+    # minute bars keep one row group per month
+    write(store, "1m", "AAPL", "2024-03", minute_frame("2024-03-04 14:30", 3000))
+    assert pq.read_metadata(store.path("1m", "AAPL", "2024-03")).num_row_groups == 1
+    assert_agrees(store)
+
+
+def test_daily_files_of_seconds_bars_are_folded_into_months(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    from ktrdr_pipeline.domain.timeframes import TIMEFRAMES, Timeframe
+
+    old_layout = BarStore(tmp_path)
+    frames = {d: _seconds_day(d) for d in ("2024-02-29", "2024-03-04", "2024-03-05")}
+    with monkeypatch.context() as m:  # the store of before: a file per day
+        m.setitem(TIMEFRAMES, "5s", Timeframe("5s", "5 secs", "daily"))
+        for k, (day, frame) in enumerate(frames.items()):
+            old_layout.write("5s", "AAPL", day, frame, use_rth=True, what_to_show="TRADES",
+                             fetch=FetchState(asked_until=1000 + k, empty_runs=((10 * k, 10 * k + 5),)))
+    store = BarStore(tmp_path)
+    # already in the month: one bar of March 5 (whose stored version wins) and a later day
+    later = _seconds_day("2024-03-06", 10)
+    kept = frames["2024-03-05"].iloc[:1] * 2
+    kept["bar_count"] = kept["bar_count"].astype("int64")
+    write(store, "5s", "AAPL", "2024-03", pd.concat([kept, later]))
+    assert store.partitions("5s") == [("5s", "AAPL", "2024-03")]  # days are ignored
+    assert any("ktrdr-pipeline migrate" in p for p in store.check_manifest())
+    env = {**subprocess_env(), "KTRDR_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "migrate"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"daily_files_folded": 3}
+    assert store.partitions("5s") == [("5s", "AAPL", "2024-02"), ("5s", "AAPL", "2024-03")]
+    march, meta = store.read_with_meta("5s", "AAPL", "2024-03")
+    want = pd.concat([frames["2024-03-04"], kept, frames["2024-03-05"].iloc[1:], later])
+    pd.testing.assert_frame_equal(march, want)
+    pd.testing.assert_frame_equal(store.read("5s", "AAPL", "2024-02"), frames["2024-02-29"])
+    assert meta.asked_until == 1002 and meta.empty_runs == ((10, 15), (20, 25))
+    assert not list((tmp_path / "bars" / "timeframe=5s" / "symbol=AAPL").glob("period=*-*-*"))
+    assert store.check_manifest() == []
+    assert_agrees(store)
+    # a run killed after writing the month and before removing a day: folded again, same
+    with monkeypatch.context() as m:
+        m.setitem(TIMEFRAMES, "5s", Timeframe("5s", "5 secs", "daily"))
+        old_layout.write("5s", "AAPL", "2024-03-04", frames["2024-03-04"], use_rth=True,
+                         what_to_show="TRADES")
+    assert store.migrate_daily_files() == 1
+    pd.testing.assert_frame_equal(store.read("5s", "AAPL", "2024-03"), want)
+    assert store.migrate_daily_files() == 0
+    assert_agrees(store)

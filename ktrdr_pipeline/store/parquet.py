@@ -167,19 +167,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _write_table(table: pa.Table, sink: Any) -> None:
-    """Encode ``table`` as Parquet into the open binary file ``sink``.
+def _write_table(table: pa.Table, sink: Any, row_groups: list[int] | None = None) -> None:
+    """Encode ``table`` as Parquet into the open binary file ``sink``; ``row_groups``: the
+    row offsets where a new row group starts (:func:`day_row_groups`), else one group.
 
     Timestamps and counts are delta-encoded, prices dictionary-encoded and everything zstd
     compressed: about a fifth of the bytes of the same bars as CSV (see
     ``benchmarks/bench_store.py``). A separate function so tests can make it fail midway.
     """
-    pq.write_table(
-        table, sink, compression="zstd", compression_level=3,
-        use_dictionary=FLOAT_COLUMNS,
+    options: dict[str, Any] = dict(
+        compression="zstd", compression_level=3, use_dictionary=FLOAT_COLUMNS,
         column_encoding={"ts": "DELTA_BINARY_PACKED", "bar_count": "DELTA_BINARY_PACKED"},
-        write_statistics=True,
-    )
+        write_statistics=True)
+    if not row_groups:
+        pq.write_table(table, sink, **options)
+        return
+    with pq.ParquetWriter(sink, table.schema, **options) as writer:
+        for a, b in zip(row_groups, [*row_groups[1:], table.num_rows], strict=True):
+            writer.write_table(table.slice(a, b - a), row_group_size=max(b - a, 1))
+
+
+def day_row_groups(tf: Timeframe, ts_us: np.ndarray) -> list[int] | None:
+    """Where a seconds timeframe's month starts a new day (exchange time, as the daily
+    files of before were cut): one row group per day, so a reader of one day reads one
+    group (its ``ts`` statistics let DuckDB and pyarrow skip the others). None for other
+    timeframes (one row group)."""
+    if tf.seconds >= 60 or tf.period != "monthly" or not len(ts_us):
+        return None
+    local = pd.DatetimeIndex(pd.to_datetime(ts_us, unit="us", utc=True)).tz_convert(tf.tz)
+    day = local.normalize().asi8
+    return [0, *(np.flatnonzero(day[1:] != day[:-1]) + 1).tolist()]
 
 
 class BarStore:
@@ -380,9 +397,14 @@ class BarStore:
             self._clean_stale_tmp(directory)
             token = self.manifest.begin_write(timeframe.name, symbol, period, self._has_files)
             tmp = directory / f"{FILE_NAME}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+            ts = table.column("ts").cast(pa.int64()).to_numpy()
+            groups = day_row_groups(timeframe, ts)
             try:
                 with open(tmp, "xb") as fh:
-                    _write_table(table, fh)
+                    if groups is None:
+                        _write_table(table, fh)
+                    else:
+                        _write_table(table, fh, groups)
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
@@ -391,7 +413,6 @@ class BarStore:
                     tmp.unlink()
                 raise
             _fsync_dir(directory)
-            ts = table.column("ts").cast(pa.int64()).to_numpy()
             self.manifest.put(self._entry(timeframe.name, symbol, period, path, ts,
                                           json.loads(encoded)), token=token)
         log.debug("wrote %d bars to %s", table.num_rows, path)
@@ -582,11 +603,82 @@ class BarStore:
                                 f"{', '.join(diff)}")
         for key in rows:
             problems.append(f"{key[1]} {key[0]} {key[2]}: in the manifest, but no file")
+        legacy = sum(len(v) for v in self.legacy_daily_files().values())
+        if legacy:
+            problems.append(f"{legacy} daily file(s) of seconds bars from before monthly "
+                            "periods, ignored by readers: `ktrdr-pipeline migrate` folds them "
+                            "into their months")
         for intent in self.manifest.intents():
             state = "dead" if intent.abandoned() else "live"
             problems.append(f"{intent.symbol} {intent.timeframe} {intent.period}: a write in "
                             f"flight by a {state} writer (pid {intent.pid} on {intent.host})")
         return problems
+
+    # -- daily files of seconds bars (before issue 15) -------------------------------------
+    def legacy_daily_files(self) -> dict[Key, list[Path]]:
+        """Files of timeframes now split by month still in daily directories
+        (``period=YYYY-MM-DD``: seconds bars written before issue 15), per (timeframe,
+        symbol, month), in day order. Readers ignore them until :meth:`migrate_daily_files`
+        folds them into their months."""
+        found: dict[Key, list[Path]] = {}
+        for tf_name, tf_dir in self._children(self.root, "timeframe", None):
+            timeframe = TIMEFRAMES.get(tf_name)
+            if timeframe is None or timeframe.period != "monthly":
+                continue
+            for sym, sym_dir in self._children(tf_dir, "symbol", None):
+                try:
+                    check_storage_key(sym)
+                except ValueError:
+                    continue
+                for period, p_dir in sorted(self._children(sym_dir, "period", None)):
+                    if _PERIOD_SHAPE["daily"].match(period) and (p_dir / FILE_NAME).is_file():
+                        found.setdefault((tf_name, sym, period[:7]), []).append(
+                            p_dir / FILE_NAME)
+        return found
+
+    def migrate_daily_files(self) -> int:
+        """Fold every daily file of a monthly timeframe into its month (one row group per
+        day), then remove the daily files; returns how many were folded. Crash-safe and
+        repeatable: the month is written atomically first (under its lock, merged with what
+        the month holds already, whose bars win), the daily files removed after; a run
+        killed in between folds the remaining ones again next time. The fetch states are
+        merged: IB asked up to the latest ``asked_until``, the earliest bar in progress
+        (``partial_from``) stays incomplete, the known-empty spans are united."""
+        folded = 0
+        for (tf_name, symbol, month), paths in sorted(self.legacy_daily_files().items()):
+            with self.locked(tf_name, symbol, month):
+                frames, metas = [], []
+                for path in paths:
+                    try:
+                        table = pq.read_table(path, columns=SCHEMA.names)
+                    except (pa.ArrowInvalid, OSError) as exc:
+                        raise OSError(f"cannot read bar file {path}: {exc}") from exc
+                    frames.append(_table_to_frame(table))
+                    metas.append(_meta_of(table.schema))
+                current, meta = self.read_with_meta(tf_name, symbol, month)
+                if meta is not None:
+                    frames.append(current)
+                    metas.append(meta)
+                merged = pd.concat(frames)
+                merged = merged[~merged.index.duplicated(keep="last")].sort_index()
+                newest = metas[-1]
+                self.write(tf_name, symbol, month, merged, use_rth=newest.use_rth,
+                           what_to_show=newest.what_to_show, fetch=_merged_fetch(metas),
+                           extra_meta={k: v for k, v in newest.extra.items()
+                                       if k not in RESERVED_META})
+                for path in paths:
+                    doomed = path.with_name(
+                        f"{FILE_NAME}.{os.getpid()}.{secrets.token_hex(6)}.deleted.tmp")
+                    os.replace(path, doomed)
+                    doomed.unlink()
+                    _fsync_dir(path.parent)
+                    with contextlib.suppress(OSError):
+                        path.parent.rmdir()
+                    self.manifest.delete(tf_name, symbol, path.parent.name[len("period="):])
+            folded += len(paths)
+            log.info("folded %d daily file(s) of %s %s into %s", len(paths), symbol, tf_name,
+                     month)
+        return folded
 
     # -- leftovers of killed writers -------------------------------------------------------
     def sweep_stale_tmp(self, tf: str | Timeframe | None = None,
@@ -675,6 +767,21 @@ def _epoch_us(value: Any) -> int:
     if isinstance(value, datetime):
         return (value - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
     return int(value)
+
+
+def _merged_fetch(metas: list[PartitionMeta]) -> FetchState:
+    """One fetch state for bars merged from several partitions (oldest first)."""
+    asked = [m.asked_until for m in metas if m.asked_until is not None]
+    partial = [m.partial_from for m in metas if m.partial_from is not None]
+    runs: list[tuple[int, int]] = []
+    for a, b in sorted(r for m in metas for r in m.empty_runs):
+        if runs and a <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], b))
+        else:
+            runs.append((a, b))
+    return FetchState(con_id=metas[-1].con_id, fetched_at=metas[-1].fetched_at,
+                      partial_from=min(partial) if partial else None,
+                      asked_until=max(asked) if asked else None, empty_runs=tuple(runs))
 
 
 def _meta_of(schema: pa.Schema) -> PartitionMeta:
