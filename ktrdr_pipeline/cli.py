@@ -309,7 +309,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def cmd_coverage(args: argparse.Namespace) -> int:
     from .store.catalog import COVERAGE_COLUMNS, format_result
-    from .store.manifest import ManifestEntry, read_coverage
+    from .store.contents import read_coverage
+    from .store.manifest import ManifestEntry
 
     at = ManifestEntry.as_datetime
     rows = [(r.symbol, r.timeframe, at(r.first_bar), at(r.last_bar), r.rows, r.partitions)

@@ -364,7 +364,7 @@ def test_loads_tail_again_and_full_leave_an_agreeing_manifest(tmp_path: Path) ->
 
 
 def test_light_readers_answer_from_the_manifest_and_defer_repairs(tmp_path: Path) -> None:
-    from ktrdr_pipeline.store.manifest import read_coverage, read_entries
+    from ktrdr_pipeline.store.contents import read_coverage, read_entries
 
     assert read_entries(tmp_path) == [] and read_coverage(tmp_path) == []
     store = BarStore(tmp_path)

@@ -266,7 +266,7 @@ def coverage_table(data_dir: Path | str) -> Any:
     no Parquet file is opened (an absent store has none)."""
     import pyarrow as pa
 
-    from .manifest import read_coverage
+    from .contents import read_coverage
 
     types = {"string": pa.string(), "int64": pa.int64(),
              "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC")}
