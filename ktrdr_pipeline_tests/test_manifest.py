@@ -452,3 +452,18 @@ def test_daily_files_of_seconds_bars_are_folded_into_months(tmp_path: Path,
     pd.testing.assert_frame_equal(store.read("5s", "AAPL", "2024-03"), want)
     assert store.migrate_daily_files() == 0
     assert_agrees(store)
+
+
+def test_an_unreadable_manifest_stops_writes_clearly_and_is_rebuilt(tmp_path: Path) -> None:
+    store = BarStore(tmp_path)
+    write(store, "1m", "AAPL", "2024-03", minute_frame("2024-03-04 14:30", 50))
+    for leftover in tmp_path.glob(MANIFEST_FILE + "*"):
+        leftover.unlink()
+    (tmp_path / MANIFEST_FILE).write_bytes(b"not a database" * 100)
+    with pytest.raises(OSError, match="manifest rebuild"):
+        write(store, "1m", "AAPL", "2024-04", minute_frame("2024-04-02 14:30", 5))
+    assert store.partitions() == [("1m", "AAPL", "2024-03")]  # nothing was written
+    assert [e.rows for e in store.entries()] == [50]  # a reader rebuilds it
+    assert list(tmp_path.glob(MANIFEST_FILE + ".unreadable-*"))
+    write(store, "1m", "AAPL", "2024-04", minute_frame("2024-04-02 14:30", 5))
+    assert_agrees(store)

@@ -353,6 +353,24 @@ class SqliteManifest:
                 raise
         return [Intent(*r) for r in rows]
 
+    def _set_aside_if_unreadable(self) -> None:
+        """Rename a manifest SQLite cannot read (not a database, corrupt) out of the way, so
+        that a rebuild starts afresh; the files are the truth."""
+        if not self.exists():
+            return
+        try:
+            with self._connect() as con:
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as exc:
+            if is_sqlite_locked(exc):
+                raise
+            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+            log.warning("manifest %s is unreadable (%s): set aside as %s, rebuilding",
+                        self.path, exc, aside.name)
+            os.replace(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
     # -- writing --------------------------------------------------------------------------
     def begin_write(self, timeframe: str, symbol: str, period: str,
                     has_files: Callable[[], bool]) -> str:
@@ -360,12 +378,19 @@ class SqliteManifest:
         returns the token :meth:`put`/:meth:`delete` clear it with. ``has_files`` tells,
         when the manifest has to be created, whether the store holds files already."""
         token = f"{os.getpid()}.{os.urandom(6).hex()}"
-        with self._connect(create=True) as con:
-            self._ensure_schema(con, has_files)
-            with self._transaction(con):
-                con.execute("INSERT INTO intents VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (timeframe, symbol, period, token, socket.gethostname(),
-                             os.getpid(), time.time()))
+        try:
+            with self._connect(create=True) as con:
+                self._ensure_schema(con, has_files)
+                with self._transaction(con):
+                    con.execute("INSERT INTO intents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                (timeframe, symbol, period, token, socket.gethostname(),
+                                 os.getpid(), time.time()))
+        except sqlite3.DatabaseError as exc:
+            if is_sqlite_locked(exc):
+                raise
+            raise OSError(f"the partition manifest {self.path} cannot be written ({exc}); "
+                          "nothing was written. `ktrdr-pipeline manifest rebuild` recreates "
+                          "it from the Parquet files") from exc
         return token
 
     def put(self, entry: ManifestEntry, *, token: str | None = None) -> None:
@@ -398,6 +423,7 @@ class SqliteManifest:
         commit. Intents for which ``keep_intents`` is false (dead writers') are dropped:
         their partitions were just read from the files."""
         fresh = {e.key: e for e in entries}
+        self._set_aside_if_unreadable()
         with self._connect(create=True) as con:
             if self.path.stat().st_size == 0 or not con.execute(
                     "SELECT 1 FROM sqlite_master WHERE name = 'state'").fetchone():
