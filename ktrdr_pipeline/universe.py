@@ -42,6 +42,8 @@ from .locking import exclusive_file_lock
 
 log = logging.getLogger(__name__)
 
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 @dataclass(frozen=True)
 class UniverseEntry:
@@ -120,7 +122,9 @@ def load_universe(path: Path) -> Universe:
     if not path.exists():
         return Universe([], [])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        # libyaml's loader when built in: 2,000 entries parse in ~25 ms instead of ~250 ms
+        # (the tail-fill sensor loads the file on every evaluation)
+        raw = yaml.load(path.read_text(), Loader=_SAFE_LOADER) or {}
     except (OSError, yaml.YAMLError) as exc:
         return Universe([], [f"cannot read {path}: {exc}"], unreadable=True)
     items = raw.get("symbols", []) if isinstance(raw, dict) else None
