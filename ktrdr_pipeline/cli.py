@@ -307,6 +307,45 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from .store.catalog import COVERAGE_COLUMNS, format_result
+    from .store.contents import read_coverage
+    from .store.manifest import ManifestEntry
+
+    at = ManifestEntry.as_datetime
+    rows = [(r.symbol, r.timeframe, at(r.first_bar), at(r.last_bar), r.rows, r.partitions)
+            for r in read_coverage(Settings.from_env().data_dir)]
+    print(format_result(rows, [c for c, _ in COVERAGE_COLUMNS], args.format), end="")
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from .store.parquet import BarStore
+
+    store = BarStore(Settings.from_env().data_dir)
+    if args.action == "rebuild":
+        count = store.rebuild_manifest()
+        print(json.dumps({"manifest": str(store.manifest), "partitions": count}))
+        return 0
+    problems = store.check_manifest()
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} disagreement(s) between {store.manifest} and the Parquet "
+              "files; `ktrdr-pipeline manifest rebuild` makes it agree", file=sys.stderr)
+        return 1
+    print(f"{store.manifest} agrees with the Parquet files")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .store.parquet import BarStore
+
+    folded = BarStore(Settings.from_env().data_dir).migrate_daily_files()
+    print(json.dumps({"daily_files_folded": folded}))
+    return 0
+
+
 def cmd_symbols(args: argparse.Namespace) -> int:
     from . import commands
 
@@ -380,6 +419,34 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query", help="e.g. \"SELECT * FROM coverage\"")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("coverage", help="what is stored per symbol and timeframe (first and "
+                                        "last bar, rows, partitions), from the manifest")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_coverage)
+
+    p = sub.add_parser(
+        "manifest", help="the partition manifest: rebuild it from the Parquet files, or "
+                         "check that it agrees with them",
+        description="The manifest (KTRDR_DATA_DIR/manifest.sqlite) lists every stored "
+                    "partition with its rows, first and last bar and file size, so coverage, "
+                    "ranges and the tail-fill sensor need not open the Parquet files. Every "
+                    "write keeps it current and readers repair it after a killed writer; "
+                    "rebuild re-reads every file's footer (after files were copied, restored "
+                    "or deleted by hand, or when the manifest was lost: readers rebuild a "
+                    "missing one by themselves); check lists each disagreement and exits 1 "
+                    "if there is any.")
+    p.add_argument("action", choices=("rebuild", "check"))
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser(
+        "migrate", help="bring the store's layout up to date: fold the daily files of "
+                        "seconds bars into monthly files",
+        description="Seconds bars (1s..30s) are stored one file per symbol and month, one "
+                    "row group per day; stores written before kept a file per day, which "
+                    "readers now ignore. This folds them into their months (merged with what "
+                    "the month holds), then removes them. Safe to interrupt and to repeat.")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser(
         "symbols", help="manage the symbol universe: the universe file and the 'symbols' "

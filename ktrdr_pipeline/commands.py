@@ -132,15 +132,15 @@ async def ranges(ctx: PipelineContext, symbol: str) -> dict[str, Any]:
     use_rth = ctx.rth_overrides.get(key, default_use_rth(contract.sec_type))
     head = await ctx.heads.get(contract, contract.what_to_show, use_rth)
     stored: dict[str, Any] = {}
-    for tf_name, _, period in ctx.store.partitions(symbol=key):  # each file read once
-        bars = ctx.store.read(tf_name, key, period)
-        entry = stored.setdefault(tf_name, {"first_bar": None, "last_bar": None, "rows": 0,
-                                            "partitions": 0})
+    for part in ctx.store.entries(symbol=key):  # the manifest: no Parquet file is opened
+        entry = stored.setdefault(part.timeframe, {"first_bar": None, "last_bar": None,
+                                                   "rows": 0, "partitions": 0})
         entry["partitions"] += 1
-        entry["rows"] += len(bars)
-        if len(bars):
-            entry["first_bar"] = entry["first_bar"] or bars.index[0].isoformat()
-            entry["last_bar"] = bars.index[-1].isoformat()
+        entry["rows"] += part.rows
+        if part.rows:
+            entry["first_bar"] = entry["first_bar"] or part.as_datetime(
+                part.first_bar).isoformat()
+            entry["last_bar"] = part.as_datetime(part.last_bar).isoformat()
     return {"symbol": key, "con_id": contract.con_id, "sec_type": contract.sec_type,
             "local_symbol": contract.local_symbol, "what_to_show": contract.what_to_show,
             "use_rth": use_rth, "ib_earliest": head.isoformat(), "stored": stored,

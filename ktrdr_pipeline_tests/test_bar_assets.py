@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -200,7 +200,8 @@ def test_mixing_rth_is_refused_unless_full(env):
 
 
 # -- a thin stock: TRADES bars only where something traded --------------------------------
-def _load(gw, data_dir: Path, symbol: str, tf: str, period: str, mode: str = "fill"):
+def _load(gw, data_dir: Path, symbol: str, tf: str, period: str, mode: str = "fill",
+          window: tuple[datetime, datetime] | None = None):
     from ktrdr_pipeline.loader import PipelineContext, load_partition
     from ktrdr_pipeline.settings import Settings
 
@@ -208,7 +209,7 @@ def _load(gw, data_dir: Path, symbol: str, tf: str, period: str, mode: str = "fi
         ctx = PipelineContext.from_settings(Settings(ib_port=gw.port, data_dir=data_dir,
                                                      ib_client_id=71))
         try:
-            return await load_partition(ctx, symbol, tf, period, mode=mode)
+            return await load_partition(ctx, symbol, tf, period, mode=mode, window=window)
         finally:
             await ctx.close()
 
@@ -411,28 +412,38 @@ def test_backfill_mode_ranges_and_symbols_commands(env, tmp_path):
     assert load_universe(data_dir / "universe.yaml").keys == ["EURUSD"]
 
 
+def _day(day: str) -> tuple[datetime, datetime]:
+    """[start, end) of one exchange-time day (a window inside a month of seconds bars)."""
+    start = pd.Timestamp(day, tz="US/Eastern")
+    return start.tz_convert(UTC).to_pydatetime(), (start + pd.Timedelta(days=1)).tz_convert(
+        UTC).to_pydatetime()
+
+
 def test_thin_stock_second_bars_and_what_ib_no_longer_keeps(env):
     gw, _, _, data_dir, audit_path = env
     inst = gw.server.universe.by_symbol("ILLQ", "STK")[0]
-    # yesterday's 5-second bars: most seconds see no trade; asked for once
-    first = _load(gw, data_dir, "ILLQ", "5s", "2026-11-17")
-    start, end = get_timeframe("5s").period_bounds("2026-11-17")
+    # yesterday's 5-second bars (a day of the November partition: seconds bars are stored
+    # by month since issue 15): most seconds see no trade; asked for once
+    first = _load(gw, data_dir, "ILLQ", "5s", "2026-11", window=_day("2026-11-17"))
+    start, end = _day("2026-11-17")
     traded = gw.server.market.bars(inst, "5 secs", start, end, True, MARKET_OPEN, trades=True)
-    stored = BarStore(data_dir).read("5s", "ILLQ", "2026-11-17")
+    stored = BarStore(data_dir).read("5s", "ILLQ", "2026-11")
     np.testing.assert_array_equal(stored.index.asi8 // 10**9, traded[:, T].astype(np.int64))
     assert first.known_empty_bars == 390 * 12 - len(traded) > 0
-    assert first.ib_requests_made == 4  # 6.5 hours in 2-hour requests
+    # 6.5 trading hours = 4,680 bars: two requests under the default budget of 2,730 bars
+    # per request (issue 12's planner; before it, four 2-hour requests)
+    assert first.ib_requests_made == 2
     before = len(_requests(audit_path))
-    again = _load(gw, data_dir, "ILLQ", "5s", "2026-11-17")
+    again = _load(gw, data_dir, "ILLQ", "5s", "2026-11", window=_day("2026-11-17"))
     assert again.ib_requests_made == 0 and len(_requests(audit_path)) == before
     # IB keeps no 5-second bars older than about six months: nothing is asked for, and the
     # bars are not taken for "IB answered without" either — they stay missing
-    old = _load(gw, data_dir, "ILLQ", "5s", "2026-03-02")
+    old = _load(gw, data_dir, "ILLQ", "5s", "2026-03", window=_day("2026-03-02"))
     assert old.ib_requests_made == 0 and old.known_empty_bars == 0 and old.rows == 0
     assert old.missing_bars == 390 * 12
     # ... and the empty result says why, with no empty file written (issue 14 case 7)
     assert old.status == "empty" and "older than IB keeps 5 secs bars" in old.reason
-    assert not BarStore(data_dir).path("5s", "ILLQ", "2026-03-02").exists()
+    assert not BarStore(data_dir).path("5s", "ILLQ", "2026-03").exists()
 
 
 CHECK_NAMES = ("ohlc_valid", "unique_sorted_in_session", "calendar_gaps", "fresh",

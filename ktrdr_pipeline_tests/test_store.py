@@ -296,7 +296,7 @@ def test_paths_are_validated_before_touching_the_filesystem(tmp_path: Path, tf: 
 
 def test_valid_keys_stay_inside_the_store(tmp_path: Path) -> None:
     store = BarStore(tmp_path)
-    for tf, sym, period in [("1m", "BRK.B", "2024-03"), ("1s", "ES_FUT_202612", "2026-11-27"),
+    for tf, sym, period in [("1m", "BRK.B", "2024-03"), ("1s", "ES_FUT_202612", "2026-11"),
                             ("1d", "EURUSD", "2026"), ("1mo", "SPY", "2026")]:
         path = store.path(tf, sym, period).resolve()
         assert path.is_relative_to((tmp_path / "bars").resolve())

@@ -2,6 +2,11 @@
 
 - :mod:`.parquet`: :class:`~.parquet.BarStore`, atomic per-partition Parquet files under
   ``data_dir/bars/timeframe=<tf>/symbol=<SYM>/period=<key>/data.parquet``.
+- :mod:`.manifest`: the partition manifest (``data_dir/manifest.sqlite``): one row per
+  partition (rows, first/last bar, fetch state, file size), kept by every write, repaired
+  and rebuilt from the files; what ``coverage``, ``ranges`` and the sensor read.
+- :mod:`.contents`: the manifest's answers for fast-starting readers (``read_entries``:
+  each partition's file; ``read_coverage``), without pandas or pyarrow.
 - :mod:`.locks`: :class:`~.locks.PartitionLock`, the write lock of one partition, and its
   one-machine implementation :class:`~.locks.FilePartitionLock` (``flock`` files).
 - :mod:`.schema`: the pandera schema of a bar frame and the checks the asset checks reuse.

@@ -14,7 +14,10 @@ Views (identical in the catalog file and in :func:`query`'s in-memory database):
     only AAPL's 1-minute files (and a ``ts`` range skips row groups by their statistics).
 ``coverage``
     per symbol and timeframe: ``first_bar``, ``last_bar``, ``rows``, ``partitions``
-    (periods holding at least one bar).
+    (periods holding at least one bar). In :func:`query`'s database it is the store's
+    partition manifest (:mod:`.manifest`, no Parquet file opened: milliseconds at any size);
+    in the catalog file, which external tools open without the pipeline's code, it is a view
+    aggregating ``bars`` (every file read).
 ``symbol_bars(timeframe, symbol)``
     a table macro: one symbol's bars of one timeframe, the columns of ``bars_<tf>``. It
     reads only ``timeframe=<tf>/symbol=<SYM>/``, whereas a filter on ``symbol`` over a view
@@ -173,7 +176,8 @@ def _empty(columns: Sequence[str]) -> str:
 
 
 def view_statements(data_dir: Path,
-                    timeframes: Iterable[str | Timeframe] | None = None) -> list[str]:
+                    timeframes: Iterable[str | Timeframe] | None = None, *,
+                    coverage: bool = True) -> list[str]:
     """The ``CREATE OR REPLACE VIEW`` statements of the catalog, in order.
 
     ``bars`` globs every timeframe (so it also sees timeframes stored later);
@@ -182,7 +186,9 @@ def view_statements(data_dir: Path,
     relation of the same types instead. ``timeframes`` get a ``bars_<tf>`` view even
     when nothing is stored for them (default:
     :data:`~ktrdr_pipeline.domain.timeframes.DEFAULT_TIMEFRAMES`; callers holding settings
-    pass ``settings.timeframes``); stored timeframes always do.
+    pass ``settings.timeframes``); stored timeframes always do. ``coverage`` adds the
+    ``coverage`` view aggregating ``bars`` (the catalog file's; :func:`define_views` gives
+    an in-memory database the manifest's instead).
     """
     wanted = [t.name if isinstance(t, Timeframe) else t
               for t in (timeframes if timeframes is not None else DEFAULT_TIMEFRAMES)]
@@ -199,10 +205,11 @@ def view_statements(data_dir: Path,
         source = _read_parquet(_glob(data_dir, name), per_tf) if name in stored else _empty(
             per_tf)
         statements.append(f"CREATE OR REPLACE VIEW {_ident('bars_' + name)} AS {source}")
-    statements.append(
-        "CREATE OR REPLACE VIEW coverage AS SELECT symbol, timeframe, min(ts) AS first_bar, "
-        "max(ts) AS last_bar, count(*) AS \"rows\", count(DISTINCT period) AS partitions "
-        "FROM bars GROUP BY symbol, timeframe")
+    if coverage:
+        statements.append(
+            "CREATE OR REPLACE VIEW coverage AS SELECT symbol, timeframe, min(ts) AS first_bar, "
+            "max(ts) AS last_bar, count(*) AS \"rows\", count(DISTINCT period) AS partitions "
+            "FROM bars GROUP BY symbol, timeframe")
     return statements
 
 
@@ -237,9 +244,44 @@ def macro_statements(data_dir: Path) -> list[str]:
 
 def define_views(con: duckdb.DuckDBPyConnection, data_dir: Path,
                  timeframes: Iterable[str | Timeframe] | None = None) -> list[str]:
-    """Create (or replace) the views and macros on ``con``; returns the view names.
-    ``bars_*`` views of timeframes no longer wanted are dropped."""
-    return _apply(con, view_statements(data_dir, timeframes), macro_statements(data_dir))
+    """Create (or replace) the views and macros on ``con`` (an in-memory database);
+    returns the view names. ``bars_*`` views of timeframes no longer wanted are dropped;
+    ``coverage`` comes from the manifest (:func:`define_coverage`)."""
+    names = _apply(con, view_statements(data_dir, timeframes, coverage=False),
+                   macro_statements(data_dir))
+    define_coverage(con, data_dir)
+    return [*names, "coverage"]
+
+
+#: The ``coverage`` relation's columns and their Arrow types (DuckDB: VARCHAR,
+#: TIMESTAMP WITH TIME ZONE, BIGINT), as the catalog file's view has them.
+COVERAGE_COLUMNS = [("symbol", "string"), ("timeframe", "string"),
+                    ("first_bar", "timestamp[us, tz=UTC]"), ("last_bar", "timestamp[us, tz=UTC]"),
+                    ("rows", "int64"), ("partitions", "int64")]
+
+
+def coverage_table(data_dir: Path | str) -> Any:
+    """Per symbol and timeframe: ``first_bar``, ``last_bar``, ``rows`` and ``partitions``
+    (periods holding at least one bar), from the store's manifest as a ``pyarrow.Table``:
+    no Parquet file is opened (an absent store has none)."""
+    import pyarrow as pa
+
+    from .contents import read_coverage
+
+    types = {"string": pa.string(), "int64": pa.int64(),
+             "timestamp[us, tz=UTC]": pa.timestamp("us", tz="UTC")}
+    schema = pa.schema([(name, types[t]) for name, t in COVERAGE_COLUMNS])
+    rows = read_coverage(data_dir)
+    columns = list(zip(*[(r.symbol, r.timeframe, r.first_bar, r.last_bar, r.rows,
+                          r.partitions) for r in rows], strict=True)) or [()] * 6
+    return pa.Table.from_arrays([pa.array(list(c), type=f.type)
+                                 for c, f in zip(columns, schema, strict=True)], schema=schema)
+
+
+def define_coverage(con: duckdb.DuckDBPyConnection, data_dir: Path | str) -> None:
+    """``coverage`` on ``con``: the manifest's :func:`coverage_table`, registered as a
+    relation (read when this is called; an in-memory connection lives for one query)."""
+    con.register("coverage", coverage_table(data_dir))
 
 
 def _view_names(statements: Sequence[str]) -> list[str]:

@@ -26,6 +26,12 @@ Writers of one partition take turns: :meth:`BarStore.write` holds the partition'
 merge and the write with :meth:`BarStore.locked`, so a second writer merges onto what the
 first wrote instead of replacing it.
 
+Every write and delete also updates the partition's row in the store's manifest
+(:mod:`.manifest`, ``data_dir/manifest.sqlite``) under the same lock, journaled around the
+rename: :meth:`BarStore.entries` and :meth:`BarStore.coverage` answer what is stored without
+opening the files, and repair (or rebuild) the manifest from the files when a writer died
+between its rename and its row.
+
 Every timeframe, symbol and period is validated *before* it becomes a path component, so
 no caller-supplied string can point outside ``data_dir/bars``.
 """
@@ -42,7 +48,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +61,14 @@ from ..domain.bars import BAR_COLUMNS, FORMAT_VERSION, FetchState, PartitionMeta
 from ..domain.symbols import check_storage_key
 from ..domain.timeframes import TIMEFRAMES, Timeframe
 from .locks import FilePartitionLock, PartitionLock
+from .manifest import (
+    MANIFEST_FILE,
+    CoverageRow,
+    Key,
+    ManifestEntry,
+    PartitionManifest,
+    SqliteManifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,19 +167,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _write_table(table: pa.Table, sink: Any) -> None:
-    """Encode ``table`` as Parquet into the open binary file ``sink``.
+def _write_table(table: pa.Table, sink: Any, row_groups: list[int] | None = None) -> None:
+    """Encode ``table`` as Parquet into the open binary file ``sink``; ``row_groups``: the
+    row offsets where a new row group starts (:func:`day_row_groups`), else one group.
 
     Timestamps and counts are delta-encoded, prices dictionary-encoded and everything zstd
     compressed: about a fifth of the bytes of the same bars as CSV (see
     ``benchmarks/bench_store.py``). A separate function so tests can make it fail midway.
     """
-    pq.write_table(
-        table, sink, compression="zstd", compression_level=3,
-        use_dictionary=FLOAT_COLUMNS,
+    options: dict[str, Any] = dict(
+        compression="zstd", compression_level=3, use_dictionary=FLOAT_COLUMNS,
         column_encoding={"ts": "DELTA_BINARY_PACKED", "bar_count": "DELTA_BINARY_PACKED"},
-        write_statistics=True,
-    )
+        write_statistics=True)
+    if not row_groups:
+        pq.write_table(table, sink, **options)
+        return
+    with pq.ParquetWriter(sink, table.schema, **options) as writer:
+        for a, b in zip(row_groups, [*row_groups[1:], table.num_rows], strict=True):
+            writer.write_table(table.slice(a, b - a), row_group_size=max(b - a, 1))
+
+
+def day_row_groups(tf: Timeframe, ts_us: np.ndarray) -> list[int] | None:
+    """Where a seconds timeframe's month starts a new day (exchange time, as the daily
+    files of before were cut): one row group per day, so a reader of one day reads one
+    group (its ``ts`` statistics let DuckDB and pyarrow skip the others). None for other
+    timeframes (one row group)."""
+    if tf.seconds >= 60 or tf.period != "monthly" or not len(ts_us):
+        return None
+    local = pd.DatetimeIndex(pd.to_datetime(ts_us, unit="us", utc=True)).tz_convert(tf.tz)
+    day = local.normalize().asi8
+    return [0, *(np.flatnonzero(day[1:] != day[:-1]) + 1).tolist()]
 
 
 class BarStore:
@@ -180,10 +211,13 @@ class BarStore:
     around its re-read and its write loses nobody's bars.
     """
 
-    def __init__(self, data_dir: Path | str, *, lock: PartitionLock | None = None):
+    def __init__(self, data_dir: Path | str, *, lock: PartitionLock | None = None,
+                 manifest: PartitionManifest | None = None):
         self.data_dir = Path(data_dir)
         self.root = self.data_dir / "bars"
         self.lock: PartitionLock = lock if lock is not None else FilePartitionLock(data_dir)
+        self.manifest: PartitionManifest = manifest if manifest is not None else \
+            SqliteManifest(self.data_dir / MANIFEST_FILE)
         self._held = threading.local()  # partitions this thread holds (re-entrancy)
         self._swept: set[tuple[str, str]] = set()  # (timeframe, symbol) swept of leftovers
         self._swept_guard = threading.Lock()
@@ -361,10 +395,16 @@ class BarStore:
         with self.locked(timeframe, symbol, period):
             directory.mkdir(parents=True, exist_ok=True)
             self._clean_stale_tmp(directory)
+            token = self.manifest.begin_write(timeframe.name, symbol, period, self._has_files)
             tmp = directory / f"{FILE_NAME}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+            ts = table.column("ts").cast(pa.int64()).to_numpy()
+            groups = day_row_groups(timeframe, ts)
             try:
                 with open(tmp, "xb") as fh:
-                    _write_table(table, fh)
+                    if groups is None:
+                        _write_table(table, fh)
+                    else:
+                        _write_table(table, fh, groups)
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
@@ -373,6 +413,8 @@ class BarStore:
                     tmp.unlink()
                 raise
             _fsync_dir(directory)
+            self.manifest.put(self._entry(timeframe.name, symbol, period, path, ts,
+                                          json.loads(encoded)), token=token)
         log.debug("wrote %d bars to %s", table.num_rows, path)
         return path
 
@@ -382,18 +424,261 @@ class BarStore:
         path = self.path(tf, symbol, period)
         directory = path.parent
         doomed = directory / f"{FILE_NAME}.{os.getpid()}.{secrets.token_hex(6)}.deleted.tmp"
+        timeframe = check_timeframe(tf).name
         with self.locked(tf, symbol, period):
+            token = self.manifest.begin_write(timeframe, symbol, period, self._has_files)
             try:
                 os.replace(path, doomed)
             except FileNotFoundError:
+                self.manifest.delete(timeframe, symbol, period, token=token)
                 return False
             doomed.unlink()
             _fsync_dir(directory)
+            self.manifest.delete(timeframe, symbol, period, token=token)
             self._clean_stale_tmp(directory)
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only when empty
         log.debug("deleted %s", path)
         return True
+
+    # -- the manifest ---------------------------------------------------------------------
+    def _has_files(self) -> bool:
+        return next(self.root.glob(f"timeframe=*/symbol=*/period=*/{FILE_NAME}"), None) \
+            is not None
+
+    def _entry(self, tf_name: str, symbol: str, period: str, path: Path, ts: np.ndarray,
+               meta: Mapping[str, Any]) -> ManifestEntry:
+        """The manifest row of a file just written (or read): ``ts`` its bar starts (epoch
+        µs, sorted), ``meta`` its metadata JSON."""
+        st = path.stat()
+        parsed = PartitionMeta.from_json(meta)
+        partial = parsed.partial_from
+        completed = ts if partial is None else ts[ts < partial * 1_000_000]
+        return ManifestEntry(
+            timeframe=tf_name, symbol=symbol, period=period, rows=len(ts),
+            first_bar=int(ts[0]) if len(ts) else None,
+            last_bar=int(ts[-1]) if len(ts) else None,
+            last_completed=int(completed[-1]) if len(completed) else None,
+            use_rth=parsed.use_rth, what_to_show=parsed.what_to_show,
+            path=path.relative_to(self.data_dir).as_posix(), size=st.st_size,
+            mtime_ns=st.st_mtime_ns, meta_json=json.dumps(parsed.to_json(), sort_keys=True,
+                                                          default=_json_default))
+
+    def entry_from_file(self, tf: str | Timeframe, symbol: str,
+                        period: str) -> ManifestEntry | None:
+        """The partition's manifest row as its file says (the footer; the ``ts`` column
+        only when the bar in progress at the fetch must be told apart); None when the
+        partition does not exist."""
+        timeframe, path, _ = self._validated(tf, symbol, period)
+        try:
+            footer = pq.read_metadata(path)
+        except FileNotFoundError:
+            return None
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise OSError(f"cannot read bar file {path}: {exc}") from exc
+        raw = (footer.metadata or {}).get(META_KEY)
+        meta = {} if raw is None else json.loads(raw)
+        meta.update(timeframe=timeframe.name, symbol=symbol, period=period)
+        ends = _ts_bounds(footer)
+        partial = PartitionMeta.from_json(meta).partial_from
+        if ends is not None and (partial is None or ends[1] < partial * 1_000_000):
+            ts = np.array(ends if footer.num_rows > 1 else ends[:1], dtype=np.int64)
+            entry = self._entry(timeframe.name, symbol, period, path, ts, meta)
+            return dataclasses.replace(entry, rows=footer.num_rows)
+        table = pq.read_table(path, columns=["ts"])
+        return self._entry(timeframe.name, symbol, period, path,
+                           table.column("ts").cast(pa.int64()).to_numpy(), meta)
+
+    def _ensure_manifest(self) -> None:
+        """Rebuild the manifest when it is missing or incomplete while files exist."""
+        if self.manifest.complete() or not self._has_files():
+            return
+        log.warning("the partition manifest %s is missing or incomplete: rebuilding it from "
+                    "the Parquet files (`ktrdr-pipeline manifest rebuild` does the same)",
+                    self.manifest)
+        self.rebuild_manifest()
+
+    def _settle_intents(self) -> dict[Key, ManifestEntry | None]:
+        """Repair the rows of writers that died between their rename and their row (under
+        the partition's lock, from the file); returns the partitions live writers are
+        replacing right now, as their files say."""
+        in_flight: dict[Key, ManifestEntry | None] = {}
+        for intent in self.manifest.intents():
+            tf_name, symbol, period = intent.key
+            if intent.abandoned():
+                log.info("repairing the manifest row of %s %s %s: its writer (pid %d on %s) "
+                         "died mid-write", symbol, tf_name, period, intent.pid, intent.host)
+                with self.locked(tf_name, symbol, period):
+                    entry = self.entry_from_file(tf_name, symbol, period)
+                    if entry is None:
+                        self.manifest.delete(tf_name, symbol, period, token=intent.token)
+                    else:
+                        self.manifest.put(entry, token=intent.token)
+            else:
+                in_flight[intent.key] = self.entry_from_file(tf_name, symbol, period)
+        return in_flight
+
+    def entries(self, tf: str | Timeframe | None = None, symbol: str | None = None,
+                periods: list[str] | None = None) -> list[ManifestEntry]:
+        """What the manifest knows of the stored partitions (of ``tf``, ``symbol`` and
+        ``periods`` when given), sorted by timeframe, symbol and period, without opening a
+        Parquet file: rebuilt first when missing, rows of dead writers repaired, partitions
+        being written right now read from their files."""
+        tf_name = check_timeframe(tf).name if tf is not None else None
+        if symbol is not None:
+            check_storage_key(symbol)
+        self._ensure_manifest()
+        in_flight = self._settle_intents()
+        found = {e.key: e for e in self.manifest.scan(tf_name, symbol, periods)}
+        for key, entry in in_flight.items():
+            if ((tf_name is None or key[0] == tf_name) and (symbol is None or key[1] == symbol)
+                    and (periods is None or key[2] in periods)):
+                if entry is None:
+                    found.pop(key, None)
+                else:
+                    found[key] = entry
+        order = {name: i for i, name in enumerate(TIMEFRAMES)}
+        return sorted(found.values(), key=lambda e: (order.get(e.timeframe, -1), e.symbol,
+                                                     e.period))
+
+    def entry(self, tf: str | Timeframe, symbol: str, period: str) -> ManifestEntry | None:
+        """The manifest's row of one partition (see :meth:`entries`); None when absent."""
+        check_period(check_timeframe(tf), period)
+        found = self.entries(tf, symbol, [period])
+        return found[0] if found else None
+
+    def coverage(self) -> list[CoverageRow]:
+        """Per symbol and timeframe: first and last bar, rows and partitions holding bars,
+        from the manifest (no Parquet file is opened)."""
+        self._ensure_manifest()
+        self._settle_intents()
+        return self.manifest.coverage()
+
+    def rebuild_manifest(self) -> int:
+        """Rebuild the manifest from the Parquet footers (writers may keep writing: rows
+        they replace meanwhile are re-read, see :meth:`.manifest.SqliteManifest.rebuild`);
+        returns how many partitions it lists."""
+        entries = [e for t, s, p in self.partitions()
+                   if (e := self.entry_from_file(t, s, p)) is not None]
+
+        def recheck(key: Key, entry: ManifestEntry | None) -> ManifestEntry | None:
+            path = self.path(*key)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return None
+            if entry is not None and (st.st_size, st.st_mtime_ns) == (entry.size,
+                                                                     entry.mtime_ns):
+                return entry
+            return self.entry_from_file(*key)
+
+        self.manifest.rebuild(entries, recheck, keep_intents=lambda i: not i.abandoned())
+        log.info("manifest %s rebuilt: %d partitions", self.manifest, len(entries))
+        return len(entries)
+
+    def check_manifest(self) -> list[str]:
+        """Where the manifest and the files disagree, one line each (empty: they agree):
+        partitions without a row, rows without a file, rows whose file changed since
+        (size, modification time) or whose content differs from the file's footer."""
+        problems: list[str] = []
+        if not self.manifest.complete():
+            problems.append(f"the manifest {self.manifest} is missing or incomplete")
+        rows = {e.key: e for e in self.manifest.scan()}
+        files = self.partitions()
+        for key in files:
+            what = " ".join((key[1], key[0], key[2]))
+            row = rows.pop(key, None)
+            actual = self.entry_from_file(*key)
+            if actual is None:
+                continue  # deleted since the listing
+            if row is None:
+                problems.append(f"{what}: stored, but not in the manifest")
+            elif (row.size, row.mtime_ns) != (actual.size, actual.mtime_ns):
+                problems.append(f"{what}: the file changed since its manifest row was written "
+                                f"(size {row.size} -> {actual.size})")
+            elif row != actual:
+                diff = [f.name for f in dataclasses.fields(row)
+                        if getattr(row, f.name) != getattr(actual, f.name)]
+                problems.append(f"{what}: the manifest row differs from the file in "
+                                f"{', '.join(diff)}")
+        for key in rows:
+            problems.append(f"{key[1]} {key[0]} {key[2]}: in the manifest, but no file")
+        legacy = sum(len(v) for v in self.legacy_daily_files().values())
+        if legacy:
+            problems.append(f"{legacy} daily file(s) of seconds bars from before monthly "
+                            "periods, ignored by readers: `ktrdr-pipeline migrate` folds them "
+                            "into their months")
+        for intent in self.manifest.intents():
+            state = "dead" if intent.abandoned() else "live"
+            problems.append(f"{intent.symbol} {intent.timeframe} {intent.period}: a write in "
+                            f"flight by a {state} writer (pid {intent.pid} on {intent.host})")
+        return problems
+
+    # -- daily files of seconds bars (before issue 15) -------------------------------------
+    def legacy_daily_files(self) -> dict[Key, list[Path]]:
+        """Files of timeframes now split by month still in daily directories
+        (``period=YYYY-MM-DD``: seconds bars written before issue 15), per (timeframe,
+        symbol, month), in day order. Readers ignore them until :meth:`migrate_daily_files`
+        folds them into their months."""
+        found: dict[Key, list[Path]] = {}
+        for tf_name, tf_dir in self._children(self.root, "timeframe", None):
+            timeframe = TIMEFRAMES.get(tf_name)
+            if timeframe is None or timeframe.period != "monthly":
+                continue
+            for sym, sym_dir in self._children(tf_dir, "symbol", None):
+                try:
+                    check_storage_key(sym)
+                except ValueError:
+                    continue
+                for period, p_dir in sorted(self._children(sym_dir, "period", None)):
+                    if _PERIOD_SHAPE["daily"].match(period) and (p_dir / FILE_NAME).is_file():
+                        found.setdefault((tf_name, sym, period[:7]), []).append(
+                            p_dir / FILE_NAME)
+        return found
+
+    def migrate_daily_files(self) -> int:
+        """Fold every daily file of a monthly timeframe into its month (one row group per
+        day), then remove the daily files; returns how many were folded. Crash-safe and
+        repeatable: the month is written atomically first (under its lock, merged with what
+        the month holds already, whose bars win), the daily files removed after; a run
+        killed in between folds the remaining ones again next time. The fetch states are
+        merged: IB asked up to the latest ``asked_until``, the earliest bar in progress
+        (``partial_from``) stays incomplete, the known-empty spans are united."""
+        folded = 0
+        for (tf_name, symbol, month), paths in sorted(self.legacy_daily_files().items()):
+            with self.locked(tf_name, symbol, month):
+                frames, metas = [], []
+                for path in paths:
+                    try:
+                        table = pq.read_table(path, columns=SCHEMA.names)
+                    except (pa.ArrowInvalid, OSError) as exc:
+                        raise OSError(f"cannot read bar file {path}: {exc}") from exc
+                    frames.append(_table_to_frame(table))
+                    metas.append(_meta_of(table.schema))
+                current, meta = self.read_with_meta(tf_name, symbol, month)
+                if meta is not None:
+                    frames.append(current)
+                    metas.append(meta)
+                merged = pd.concat(frames)
+                merged = merged[~merged.index.duplicated(keep="last")].sort_index()
+                newest = metas[-1]
+                self.write(tf_name, symbol, month, merged, use_rth=newest.use_rth,
+                           what_to_show=newest.what_to_show, fetch=_merged_fetch(metas),
+                           extra_meta={k: v for k, v in newest.extra.items()
+                                       if k not in RESERVED_META})
+                for path in paths:
+                    doomed = path.with_name(
+                        f"{FILE_NAME}.{os.getpid()}.{secrets.token_hex(6)}.deleted.tmp")
+                    os.replace(path, doomed)
+                    doomed.unlink()
+                    _fsync_dir(path.parent)
+                    with contextlib.suppress(OSError):
+                        path.parent.rmdir()
+                    self.manifest.delete(tf_name, symbol, path.parent.name[len("period="):])
+            folded += len(paths)
+            log.info("folded %d daily file(s) of %s %s into %s", len(paths), symbol, tf_name,
+                     month)
+        return folded
 
     # -- leftovers of killed writers -------------------------------------------------------
     def sweep_stale_tmp(self, tf: str | Timeframe | None = None,
@@ -456,6 +741,47 @@ class BarStore:
                 os.unlink(entry.path)
                 removed += 1
         return removed
+
+
+def _ts_bounds(footer: pq.FileMetaData) -> tuple[int, int] | None:
+    """The first and last ``ts`` (epoch µs) from the row groups' statistics; None when the
+    file has no rows or no statistics (then the column must be read)."""
+    lo = hi = None
+    column = footer.schema.names.index("ts") if "ts" in footer.schema.names else None
+    if column is None or footer.num_rows == 0:
+        return None
+    for k in range(footer.num_row_groups):
+        group = footer.row_group(k)
+        if group.num_rows == 0:
+            continue
+        stats = group.column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        a, b = _epoch_us(stats.min), _epoch_us(stats.max)
+        lo = a if lo is None else min(lo, a)
+        hi = b if hi is None else max(hi, b)
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def _epoch_us(value: Any) -> int:
+    if isinstance(value, datetime):
+        return (value - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    return int(value)
+
+
+def _merged_fetch(metas: list[PartitionMeta]) -> FetchState:
+    """One fetch state for bars merged from several partitions (oldest first)."""
+    asked = [m.asked_until for m in metas if m.asked_until is not None]
+    partial = [m.partial_from for m in metas if m.partial_from is not None]
+    runs: list[tuple[int, int]] = []
+    for a, b in sorted(r for m in metas for r in m.empty_runs):
+        if runs and a <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], b))
+        else:
+            runs.append((a, b))
+    return FetchState(con_id=metas[-1].con_id, fetched_at=metas[-1].fetched_at,
+                      partial_from=min(partial) if partial else None,
+                      asked_until=max(asked) if asked else None, empty_runs=tuple(runs))
 
 
 def _meta_of(schema: pa.Schema) -> PartitionMeta:
