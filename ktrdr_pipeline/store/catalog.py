@@ -179,24 +179,23 @@ def _empty(columns: Sequence[str]) -> str:
 Narrowing = dict[str, frozenset[str] | None]
 
 
-def _bars_sources(data_dir: Path, timeframes: Sequence[str],
-                  narrow: Narrowing | None) -> list[str]:
-    """The sources of the ``bars`` view: one glob over every timeframe, or the narrowed
-    sources of each timeframe the filters allow."""
-    if not narrow or all(v is None for v in narrow.values()):
-        return [_glob(data_dir)] if timeframes else []
-    wanted = narrow.get("timeframe")
+def _narrowed_sources(data_dir: Path, timeframes: Sequence[str],
+                      narrow: Sequence[Narrowing]) -> list[str]:
+    """The union of the sources each narrowing allows, over ``timeframes``."""
     out: list[str] = []
-    for name in timeframes:
-        if wanted is None or name in wanted:
-            out += timeframe_sources(data_dir, name, narrow.get("symbol"), narrow.get("period"))
-    return out
+    for limits in narrow:
+        wanted = limits.get("timeframe")
+        for name in timeframes:
+            if wanted is None or name in wanted:
+                out += timeframe_sources(data_dir, name, limits.get("symbol"),
+                                         limits.get("period"))
+    return list(dict.fromkeys(out))
 
 
 def view_statements(data_dir: Path,
                     timeframes: Iterable[str | Timeframe] | None = None, *,
                     only: Iterable[str] | None = None,
-                    narrow: dict[str, Narrowing] | None = None) -> list[str]:
+                    narrow: dict[str, list[Narrowing]] | None = None) -> list[str]:
     """The ``CREATE OR REPLACE VIEW`` statements of the catalog, in order.
 
     ``bars`` globs every timeframe (so it also sees timeframes stored later);
@@ -232,7 +231,8 @@ def view_statements(data_dir: Path,
     cols = [c for c, _ in BARS_COLUMNS]
     statements = []
     if needed is None or "bars" in needed:
-        sources = _bars_sources(data_dir, stored, narrow.get("bars"))
+        sources = (_narrowed_sources(data_dir, stored, narrow["bars"]) if narrow.get("bars")
+                   else [_glob(data_dir)] if stored else [])
         source = _read_parquet(sources, cols) if sources else _empty(cols)
         statements.append(f"CREATE OR REPLACE VIEW bars AS {source}")
     per_tf = [c for c in cols if c != "timeframe"]
@@ -240,10 +240,8 @@ def view_statements(data_dir: Path,
         view = "bars_" + name
         sources = []
         if name in stored:
-            limits = narrow.get(view) or {}
-            sources = (timeframe_sources(data_dir, name, limits.get("symbol"),
-                                         limits.get("period"))
-                       if any(v is not None for v in limits.values()) else [_glob(data_dir, name)])
+            sources = (_narrowed_sources(data_dir, [name], narrow[view]) if narrow.get(view)
+                       else [_glob(data_dir, name)])
         source = _read_parquet(sources, per_tf) if sources else _empty(per_tf)
         statements.append(f"CREATE OR REPLACE VIEW {_ident(view)} AS {source}")
     if needed is None or "coverage" in needed:
@@ -582,10 +580,11 @@ def _restriction(expr: dict, qualifiers: set[str]) -> tuple[str, frozenset[str]]
 
 
 def partition_filters(con: duckdb.DuckDBPyConnection, statement: str,
-                      views: Iterable[str]) -> dict[str, Narrowing]:
+                      views: Iterable[str]) -> dict[str, list[Narrowing]]:
     """Per view of ``views`` that ``statement`` reads only through filtered references,
-    the partition values (``symbol``, ``period``, and ``timeframe`` for ``bars``) those
-    filters allow, from DuckDB's own parse tree (``json_serialize_sql``).
+    the partition values (``symbol``, ``period``, and ``timeframe`` for ``bars``) each
+    reference's filters allow, from DuckDB's own parse tree (``json_serialize_sql``); the
+    view then reads the union of those partitions.
 
     Sound by construction, so a narrowed view returns what the whole view would: a
     reference counts only when it is the sole ``FROM`` of a ``SELECT`` whose ``WHERE``
@@ -648,17 +647,16 @@ def partition_filters(con: duckdb.DuckDBPyConnection, statement: str,
             walk(value)
 
     walk(tree.get("statements"))
-    out: dict[str, Narrowing] = {}
+    out: dict[str, list[Narrowing]] = {}
     for name, seen in refs.items():
-        if any(r is None for r in seen) or any(name in s for s in strings):
+        if any(r is None or all(v is None for v in r.values()) for r in seen) or any(
+                name in s for s in strings):
             continue
-        merged: Narrowing = {}
-        for col in _PARTITION_COLUMNS[name]:
-            values = [r[col] for r in seen if r is not None]
-            merged[col] = (None if any(v is None for v in values)
-                           else frozenset().union(*values))
-        if any(v is not None for v in merged.values()):
-            out[name] = merged
+        unique: list[Narrowing] = []
+        for r in seen:
+            if r is not None and r not in unique:
+                unique.append(r)
+        out[name] = unique
     return out
 
 
@@ -813,11 +811,13 @@ def _query_error(exc: duckdb.Error, data_dir: Path) -> QueryError:
 
 @contextlib.contextmanager
 def open_query(data_dir: Path | str, sql: str,
-               timeframes: Iterable[str | Timeframe] | None = None,
-               ) -> Iterator[duckdb.DuckDBPyConnection]:
+               timeframes: Iterable[str | Timeframe] | None = None, *,
+               arrow: bool | int = False) -> Iterator[Any]:
     """Check ``sql``, build what it needs and run it; yields the executed connection,
-    whose result the caller fetches (``fetchmany``, ``to_arrow_reader``) inside the
-    ``with`` block. DuckDB's errors, then or while fetching, become :class:`QueryError`."""
+    whose result the caller fetches (``fetchmany``) inside the ``with`` block, or with
+    ``arrow`` a ``pyarrow.RecordBatchReader`` streaming that many rows at a time
+    (:data:`BATCH_ROWS` for True).
+    DuckDB's errors, then or while fetching, become :class:`QueryError`."""
     data_dir = Path(data_dir)
     statement = check_read_only(sql)
     try:
@@ -825,8 +825,11 @@ def open_query(data_dir: Path | str, sql: str,
     except duckdb.Error as exc:
         raise _query_error(exc, data_dir) from exc
     try:
-        con.execute(statement)
-        yield con
+        if arrow:
+            yield _arrow_reader(con, statement, arrow if arrow is not True else BATCH_ROWS)
+        else:
+            con.execute(statement)
+            yield con
     except duckdb.Error as exc:
         raise _query_error(exc, data_dir) from exc
     finally:
@@ -842,10 +845,16 @@ def run_query(data_dir: Path | str, sql: str,
     return QueryResult([d[0] for d in description], [str(d[1]) for d in description], rows)
 
 
-def _arrow_reader(cur: duckdb.DuckDBPyConnection, batch_rows: int) -> Any:
-    """The executed result as a ``pyarrow.RecordBatchReader`` streaming ``batch_rows`` at
-    a time (DuckDB 2: ``to_arrow_reader``; 1.x: ``fetch_record_batch``)."""
-    reader = getattr(cur, "to_arrow_reader", None) or cur.fetch_record_batch
+def _arrow_reader(con: duckdb.DuckDBPyConnection, statement: str, batch_rows: int) -> Any:
+    """``statement``'s result as a ``pyarrow.RecordBatchReader`` streaming ``batch_rows``
+    at a time, from a relation (DuckDB streams it; a DB-API result would be copied whole)
+    (DuckDB 2: ``to_arrow_reader``; 1.x: ``fetch_record_batch``)."""
+    import pyarrow as pa
+
+    rel = con.sql(statement)
+    if rel is None:  # a statement without a result
+        return pa.RecordBatchReader.from_batches(pa.schema([]), [])
+    reader = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch
     return reader(batch_rows)
 
 
@@ -855,8 +864,8 @@ def query_arrow(data_dir: Path | str, sql: str,
     a ``pyarrow.Table`` — for Python callers; :func:`iter_arrow` streams instead."""
     import pyarrow as pa
 
-    with open_query(data_dir, sql, timeframes) as cur:
-        return pa.Table.from_batches(list(_arrow_reader(cur, BATCH_ROWS)))
+    with open_query(data_dir, sql, timeframes, arrow=True) as reader:
+        return pa.Table.from_batches(list(reader), schema=reader.schema)
 
 
 def iter_arrow(data_dir: Path | str, sql: str,
@@ -865,8 +874,8 @@ def iter_arrow(data_dir: Path | str, sql: str,
     """Run one read-only statement and yield its result as ``pyarrow.RecordBatch``es of
     at most ``batch_rows`` rows, never holding the whole result (consume it fully, or
     close the generator, to release the connection)."""
-    with open_query(data_dir, sql, timeframes) as cur:
-        yield from _arrow_reader(cur, batch_rows)
+    with open_query(data_dir, sql, timeframes, arrow=batch_rows) as reader:
+        yield from reader
 
 
 def write_query(data_dir: Path | str, sql: str, fmt: str, out: Any,
@@ -883,9 +892,10 @@ def write_query(data_dir: Path | str, sql: str, fmt: str, out: Any,
         raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    if fmt == "parquet":
+        with open_query(data_dir, sql, timeframes, arrow=batch_rows) as reader:
+            return _write_parquet(reader, out)
     with open_query(data_dir, sql, timeframes) as cur:
-        if fmt == "parquet":
-            return _write_parquet(_arrow_reader(cur, batch_rows), out)
         columns = [d[0] for d in cur.description or []]
         if fmt == "table":
             rows = cur.fetchall() if columns else []

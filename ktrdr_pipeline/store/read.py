@@ -110,9 +110,20 @@ def _output(as_: str) -> str:
     return as_
 
 
-def _read_file(path: Path, columns: list[str], lo: int | None, hi: int | None) -> pa.Table:
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise OSError(f"cannot read bar file {path}: {exc}") from exc
+
+
+def _read_file(path: Path, columns: list[str], lo: int | None = None,
+               hi: int | None = None) -> pa.Table:
     """One partition's ``ts`` and ``columns``, cut to [lo, hi) when given."""
-    table = pq.ParquetFile(path).read(columns=["ts", *columns], use_threads=True)
+    try:
+        table = _open(path).read(columns=["ts", *columns], use_threads=True)
+    except pa.ArrowInvalid as exc:
+        raise OSError(f"cannot read bar file {path}: {exc}") from exc
     if lo is not None or hi is not None:
         ts = table.column("ts")
         mask = None
@@ -169,7 +180,7 @@ def _to_pandas(table: pa.Table, index: bool = True) -> pd.DataFrame:
     for name in table.column_names[1:]:
         col = table.column(name)
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            data[name] = col.to_pandas()
+            data[name] = col.to_pandas().array  # no index: aligned by position
         else:
             data[name] = col.to_numpy()
     if index:
@@ -223,7 +234,7 @@ def _newest_files(files: list[tuple[str, Path]], n: int) -> list[tuple[str, Path
         if rows >= n:
             break
         picked.append((period, path))
-        rows += pq.read_metadata(path).num_rows
+        rows += _open(path).metadata.num_rows
     return picked[::-1]
 
 
@@ -267,7 +278,7 @@ def latest_bars(timeframe: str | Timeframe, n: int, *, symbols: Sequence[str] | 
         for period, path in reversed(symbol_periods(root, tf.name, symbol) if n else []):
             if rows >= n:
                 break
-            table = pq.ParquetFile(path).read(columns=["ts", *file_cols], use_threads=True)
+            table = _read_file(path, file_cols)
             tables.append(_with_path_columns(table, cols, symbol, period))
             rows += table.num_rows
         table = pa.concat_tables(tables[::-1]) if tables else _empty_table(cols)
