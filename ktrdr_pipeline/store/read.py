@@ -14,7 +14,9 @@ WAP (NaN = not available), int64 ``bar_count``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -121,7 +123,7 @@ def _read_file(path: Path, columns: list[str], lo: int | None = None,
                hi: int | None = None) -> pa.Table:
     """One partition's ``ts`` and ``columns``, cut to [lo, hi) when given."""
     try:
-        table = _open(path).read(columns=["ts", *columns], use_threads=True)
+        table = _open(path).read(columns=["ts", *columns], use_threads=False)
     except pa.ArrowInvalid as exc:
         raise OSError(f"cannot read bar file {path}: {exc}") from exc
     if lo is not None or hi is not None:
@@ -151,19 +153,38 @@ def _with_path_columns(table: pa.Table, columns: list[str], symbol: str,
 def _bar_table(files: list[tuple[str, Path]], tf: Timeframe, symbol: str, columns: list[str],
                lo: int | None, hi: int | None) -> pa.Table:
     file_cols = [c for c in columns if c not in PATH_COLUMNS]
-    parts = []
+    jobs = []
     for period, path in files:
         p_lo, p_hi = (int(pd.Timestamp(b).value) // 1000 for b in tf.period_bounds(period))
         if (hi is not None and p_lo >= hi) or (lo is not None and p_hi <= lo):
             continue  # the period lies outside the range: its file is not opened
         cut_lo = lo if lo is not None and lo > p_lo else None
         cut_hi = hi if hi is not None and hi < p_hi else None
-        table = _read_file(path, file_cols, cut_lo, cut_hi)
-        parts.append(_with_path_columns(table, columns, symbol, period)
-                     if "period" in columns or "symbol" in columns else table)
-    if not parts:
+        jobs.append((period, path, cut_lo, cut_hi))
+    if not jobs:
         return _empty_table(columns)
+
+    def one(job: tuple[str, Path, int | None, int | None]) -> pa.Table:
+        period, path, cut_lo, cut_hi = job
+        table = _read_file(path, file_cols, cut_lo, cut_hi)
+        return (_with_path_columns(table, columns, symbol, period)
+                if "period" in columns or "symbol" in columns else table)
+
+    # files decode in parallel, one thread each (faster than one file at a time with
+    # pyarrow's threads per column: the files are small)
+    parts = list(_pool().map(one, jobs)) if len(jobs) > 1 else [one(jobs[0])]
     return pa.concat_tables(parts)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                   thread_name_prefix="read_bars")
+    return _POOL
 
 
 def _empty_table(columns: list[str]) -> pa.Table:
