@@ -715,9 +715,12 @@ def memory_connection(data_dir: Path | str,
     try:
         # after connecting: as a connect option it is applied before ICU is loaded
         con.execute("SET TimeZone = 'UTC'")
-        # an interactive session queries the same files again and again: keep their
-        # Parquet footers in memory (DuckDB re-validates them against the files)
-        con.execute("SET parquet_metadata_cache = true")
+        if statement is None:
+            # an interactive session queries the same files again and again: keep their
+            # Parquet footers in memory (DuckDB re-validates them against the files); one
+            # statement reads each file once, and a cache of every footer of a big scan
+            # would only hold memory
+            con.execute("SET parquet_metadata_cache = true")
         # a long query must not draw DuckDB's progress bar into the output
         con.execute("SET enable_progress_bar = false")
         for macro in macro_statements(data_dir):
@@ -894,7 +897,7 @@ def write_query(data_dir: Path | str, sql: str, fmt: str, out: Any,
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     if fmt == "parquet":
         with open_query(data_dir, sql, timeframes, arrow=batch_rows) as reader:
-            return _write_parquet(reader, out)
+            return _write_parquet(reader, out, batch_rows)
     with open_query(data_dir, sql, timeframes) as cur:
         columns = [d[0] for d in cur.description or []]
         if fmt == "table":
@@ -927,14 +930,29 @@ def _write_text(cur: duckdb.DuckDBPyConnection, columns: list[str], fmt: str, ou
     return n
 
 
-def _write_parquet(reader: Any, out: Any) -> int:
+def _write_parquet(reader: Any, out: Any, batch_rows: int = BATCH_ROWS) -> int:
+    """Write the record batches as Parquet row groups of about ``batch_rows`` rows:
+    DuckDB hands over one small batch per small file it scans, and a row group each
+    would bloat the file and the writer's memory (its footer grows with every group)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     n = 0
+    pending: list[Any] = []
+    rows = 0
     with pq.ParquetWriter(out, reader.schema, compression="zstd") as writer:
         for batch in reader:
-            writer.write_batch(batch)
-            n += batch.num_rows
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows >= batch_rows:
+                writer.write_table(pa.Table.from_batches(pending, schema=reader.schema),
+                                   row_group_size=max(rows, 1))
+                n += rows
+                pending, rows = [], 0
+        if pending:
+            writer.write_table(pa.Table.from_batches(pending, schema=reader.schema),
+                               row_group_size=max(rows, 1))
+            n += rows
     return n
 
 
