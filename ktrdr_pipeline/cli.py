@@ -1,9 +1,13 @@
-"""The ``ktrdr-pipeline`` command."""
+"""The ``ktrdr-pipeline`` command.
+
+Start-up is kept light: heavy modules (asyncio, pandas, the IB client, Dagster) are
+imported inside the commands that need them, so ``sql "select 1"`` loads DuckDB and
+little else (``python -X importtime -m ktrdr_pipeline.cli sql "select 1"``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import signal
@@ -81,6 +85,8 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
 
 
 async def _run_gateway(args: argparse.Namespace) -> None:
+    import asyncio
+
     from .simulator.server import GatewayServer
 
     gw = GatewayServer(
@@ -111,6 +117,8 @@ async def _run_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    import asyncio
+
     try:
         asyncio.run(_run_gateway(args))
     except ValueError as exc:
@@ -119,6 +127,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
     from .demo import demo_settings, run_demo
 
     try:
@@ -150,6 +160,8 @@ async def _status(settings: Settings) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
     from .ib.errors import GatewayUnreachable
 
     settings = Settings.from_env()
@@ -213,6 +225,8 @@ async def _with_context(fn, settings: Settings):
 
 def _run_data_command(coro_fn) -> object:
     """Run an async data command, turning user errors into clear CLI errors."""
+    import asyncio
+
     from .domain.symbols import SymbolError
     from .ib.errors import IBError
     from .loader import LoadError
@@ -297,12 +311,25 @@ def cmd_ranges(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from .store.catalog import CatalogLockedError, QueryError, query
+    from .store.catalog import CatalogLockedError, QueryError, write_query
 
     settings = Settings.from_env()
+    if args.format == "parquet" and args.output is None:
+        raise CliError("--format parquet writes a file: add --output FILE")
+    if args.output is not None and args.output.is_dir():
+        raise CliError(f"--output {args.output} is a directory; name a file")
     try:
-        print(query(settings.data_dir, args.query, args.format, settings.timeframes), end="")
-    except (QueryError, CatalogLockedError, ValueError) as exc:
+        if args.format == "parquet":
+            write_query(settings.data_dir, args.query, "parquet", args.output,
+                        settings.timeframes)
+        elif args.output is not None:
+            with args.output.open("w", encoding="utf-8", newline="") as out:
+                write_query(settings.data_dir, args.query, args.format, out,
+                            settings.timeframes)
+        else:
+            write_query(settings.data_dir, args.query, args.format, sys.stdout,
+                        settings.timeframes)
+    except (QueryError, CatalogLockedError, ValueError, OSError) as exc:
         raise CliError(str(exc)) from exc
     return 0
 
@@ -414,10 +441,16 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sql", help="run a read-only DuckDB query against the catalog",
         description="Run one read-only statement. Views: bars (all timeframes), bars_<tf>, "
-                    "coverage; table macro symbol_bars('<tf>', '<SYMBOL>') reads one "
-                    "symbol's bars (faster than filtering a view on symbol).")
+                    "coverage; table macros symbol_bars('<tf>', '<SYMBOL>') (one symbol's "
+                    "bars) and latest_bars('<tf>', n) (the last n bars of every symbol, "
+                    "reading only recent periods). Only the views the statement names are "
+                    "built, over the partitions its symbol/period filters allow.")
     p.add_argument("query", help="e.g. \"SELECT * FROM coverage\"")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table",
+                   help="table (aligned, for a terminal), csv, json (both streamed), parquet "
+                        "(streamed into --output)")
+    p.add_argument("--output", type=Path, default=None, metavar="FILE",
+                   help="write the result to FILE instead of stdout (required for parquet)")
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("coverage", help="what is stored per symbol and timeframe (first and "

@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from .domain.planning import DEFAULT_MAX_BARS_PER_REQUEST
+from .domain.request_budget import DEFAULT_MAX_BARS_PER_REQUEST
 from .domain.reset_window import DEFAULT_RESET_WINDOW, ResetWindow
 from .domain.timeframes import DEFAULT_TIMEFRAMES, Timeframe, get_timeframe
 

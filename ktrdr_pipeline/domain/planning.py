@@ -74,6 +74,7 @@ from .ib_rules import (
     is_small_bar,
     parse_duration,
 )
+from .request_budget import DEFAULT_MAX_BARS_PER_REQUEST
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +89,6 @@ _SECOND = timedelta(seconds=1)
 
 Interval = tuple[datetime, datetime]
 
-#: Bars one request may return unless configured (``KTRDR_MAX_BARS_PER_REQUEST``): LEAN's
-#: 7 D of regular-hours minute bars, 7 × 390 (see the module docstring for the sources).
-DEFAULT_MAX_BARS_PER_REQUEST = 7 * 390
 
 #: A request of 30-secs-or-smaller bars is not split below this many bars (the fetcher
 #: halves a timed-out request; this is its floor, the analogue of one session).

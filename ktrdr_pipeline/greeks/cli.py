@@ -6,7 +6,6 @@ Wire into ``ktrdr_pipeline/cli.py`` with ``add_greeks_parser(sub)``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import signal
@@ -51,6 +50,8 @@ def _json_rows(rows: list[dict[str, Any]]) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from .config import GreeksConfig
     from .runner import run_snapshots
 
@@ -74,6 +75,8 @@ async def _run(args: argparse.Namespace) -> int:
 def cmd_greeks(args: argparse.Namespace) -> int:
     """``ktrdr-pipeline greeks run [--once]``; exit 0, or 1 when no snapshot was taken
     with ``--once``. Setting errors raise :class:`SettingsError` (the CLI prints them)."""
+    import asyncio  # lazily: the ktrdr-pipeline command starts without it
+
     from .bridges import BridgeUnavailable
 
     if getattr(args, "greeks_command", "run") != "run":  # pragma: no cover - argparse

@@ -12,11 +12,26 @@
 - :mod:`.schema`: the pandera schema of a bar frame and the checks the asset checks reuse.
 - :mod:`.catalog`: DuckDB views over the Parquet files (``bars``, ``bars_<tf>``,
   ``coverage``), the ``catalog.duckdb`` file for external tools and read-only queries.
+- :mod:`.files`: which files hold a timeframe's, a symbol's, a period's bars (the seam for
+  the partition manifest).
+- :mod:`.read`: ``read_bars`` / ``latest_bars``, bars into pandas or Arrow for research.
 """
 
 from __future__ import annotations
 
-from .locks import FilePartitionLock, PartitionLock
-from .parquet import BarStore
+from typing import Any
 
 __all__ = ["BarStore", "FilePartitionLock", "PartitionLock"]
+
+
+def __getattr__(name: str) -> Any:
+    # imported on first use: the `sql` command reaches store.catalog without pandas
+    if name == "BarStore":
+        from .parquet import BarStore
+
+        return BarStore
+    if name in ("FilePartitionLock", "PartitionLock"):
+        from . import locks
+
+        return getattr(locks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

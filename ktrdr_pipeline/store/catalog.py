@@ -68,6 +68,7 @@ anything else fails with a :class:`QueryError` saying that queries may read only
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import decimal
@@ -78,7 +79,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,18 +89,25 @@ import duckdb
 from ..domain.symbols import STORAGE_KEY_PATTERN
 from ..domain.timeframes import DEFAULT_TIMEFRAMES, TIMEFRAMES, Timeframe
 from ..locking import is_duckdb_locked, retry_while_locked
-from .parquet import BarStore
+from .files import bars_root, glob_of, has_files, stored_symbols, timeframe_sources
 
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.duckdb"
 GREEKS_FILE = "greeks.duckdb"
 GREEKS_ALIAS = "greeks"
-FORMATS = ("table", "csv", "json")
+#: Output formats of :func:`write_query` (the ``sql`` command); :func:`query` returns text,
+#: so it takes the first three only.
+FORMATS = ("table", "csv", "json", "parquet")
+TEXT_FORMATS = ("table", "csv", "json")
+#: Rows fetched from DuckDB at a time when a result is streamed (csv, json, parquet).
+BATCH_ROWS = 65_536
 LOCK_TIMEOUT_S = 10.0
 _SIGNATURE_PREFIX = "ktrdr views "
 #: The table macro reading one symbol of one timeframe (see the module docstring).
 SYMBOL_BARS = "symbol_bars"
+#: The table macro reading the last ``n`` bars of every symbol of one timeframe.
+LATEST_BARS = "latest_bars"
 
 #: The ``bars`` view's columns and their DuckDB types, in order.
 BARS_COLUMNS: list[tuple[str, str]] = [
@@ -141,30 +149,24 @@ def _ident(name: str) -> str:
 
 
 def _bars_root(data_dir: Path) -> Path:
-    return Path(data_dir).resolve() / "bars"
+    return bars_root(data_dir)
 
 
 def _glob(data_dir: Path, timeframe: str = "*") -> str:
-    root = _bars_root(data_dir).as_posix()
-    if any(ch in root for ch in "*?[]{}"):
-        raise ValueError(f"data directory {root!r} contains glob characters (*?[]{{}}); "
-                         "DuckDB cannot read Parquet files below it — choose another path")
-    return f"{root}/timeframe={timeframe}/symbol=*/period=*/data.parquet"
+    return glob_of(data_dir, timeframe)
 
 
-def _has_files(root: Path, pattern: str) -> bool:
-    return next(iter(root.glob(pattern)), None) is not None
+def stored_timeframes(data_dir: Path, among: Iterable[str] | None = None) -> list[str]:
+    """Timeframes with at least one Parquet file (of ``among`` when given), in registry
+    order."""
+    names = set(among) if among is not None else set(TIMEFRAMES)
+    return [name for name in TIMEFRAMES if name in names and has_files(data_dir, name)]
 
 
-def stored_timeframes(data_dir: Path) -> list[str]:
-    """Timeframes with at least one Parquet file, in registry order."""
-    root = _bars_root(data_dir)
-    return [name for name in TIMEFRAMES
-            if _has_files(root / f"timeframe={name}", "symbol=*/period=*/data.parquet")]
-
-
-def _read_parquet(glob: str, columns: Sequence[str]) -> str:
-    return (f"SELECT {', '.join(columns)} FROM read_parquet({_sql_str(glob)}, "
+def _read_parquet(source: str | Sequence[str], columns: Sequence[str]) -> str:
+    files = (_sql_str(source) if isinstance(source, str)
+             else "[" + ", ".join(_sql_str(s) for s in source) + "]")
+    return (f"SELECT {', '.join(columns)} FROM read_parquet({files}, "
             "hive_partitioning = true, hive_types = {'timeframe': VARCHAR, "
             "'symbol': VARCHAR, 'period': VARCHAR})")
 
@@ -175,8 +177,28 @@ def _empty(columns: Sequence[str]) -> str:
     return f"SELECT {typed} WHERE false"
 
 
+#: Partition values a view's references are restricted to: per partition column, the
+#: values (None: any). See :func:`partition_filters`.
+Narrowing = dict[str, frozenset[str] | None]
+
+
+def _narrowed_sources(data_dir: Path, timeframes: Sequence[str],
+                      narrow: Sequence[Narrowing]) -> list[str]:
+    """The union of the sources each narrowing allows, over ``timeframes``."""
+    out: list[str] = []
+    for limits in narrow:
+        wanted = limits.get("timeframe")
+        for name in timeframes:
+            if wanted is None or name in wanted:
+                out += timeframe_sources(data_dir, name, limits.get("symbol"),
+                                         limits.get("period"))
+    return list(dict.fromkeys(out))
+
+
 def view_statements(data_dir: Path,
                     timeframes: Iterable[str | Timeframe] | None = None, *,
+                    only: Iterable[str] | None = None,
+                    narrow: dict[str, list[Narrowing]] | None = None,
                     coverage: bool = True) -> list[str]:
     """The ``CREATE OR REPLACE VIEW`` statements of the catalog, in order.
 
@@ -187,25 +209,49 @@ def view_statements(data_dir: Path,
     when nothing is stored for them (default:
     :data:`~ktrdr_pipeline.domain.timeframes.DEFAULT_TIMEFRAMES`; callers holding settings
     pass ``settings.timeframes``); stored timeframes always do. ``coverage`` adds the
-    ``coverage`` view aggregating ``bars`` (the catalog file's; :func:`define_views` gives
-    an in-memory database the manifest's instead).
+    ``coverage`` view aggregating ``bars`` (the catalog file's; in-memory connections
+    register the manifest's instead, :func:`define_coverage`).
+
+    ``only`` (the ``sql`` command: the relations its statement names) limits the views
+    to those names (``coverage`` brings ``bars`` when it is a view here); ``narrow``
+    restricts a view to the partitions its references are filtered to
+    (:func:`partition_filters`), so it lists only their files
+    (:func:`~ktrdr_pipeline.store.files.timeframe_sources`).
     """
     wanted = [t.name if isinstance(t, Timeframe) else t
               for t in (timeframes if timeframes is not None else DEFAULT_TIMEFRAMES)]
     for name in wanted:
         if name not in TIMEFRAMES:
             raise ValueError(f"unknown timeframe {name!r}; allowed: {', '.join(TIMEFRAMES)}")
-    stored = stored_timeframes(data_dir)
-    names = [n for n in TIMEFRAMES if n in set(wanted) | set(stored)]
+    narrow = narrow or {}
+    needed = None if only is None else {n.lower() for n in only}
+    if coverage and needed is not None and "coverage" in needed:
+        needed.add("bars")
+        narrow = {k: v for k, v in narrow.items() if k != "bars"}  # coverage reads all
+    if needed is None or "bars" in needed:
+        candidates = list(TIMEFRAMES)
+    else:
+        candidates = [n for n in TIMEFRAMES if f"bars_{n}" in needed]
+    stored = stored_timeframes(data_dir, candidates)
+    names = [n for n in TIMEFRAMES if n in set(wanted) | set(stored)
+             and (needed is None or f"bars_{n}" in needed)]
     cols = [c for c, _ in BARS_COLUMNS]
-    source = _read_parquet(_glob(data_dir), cols) if stored else _empty(cols)
-    statements = [f"CREATE OR REPLACE VIEW bars AS {source}"]
+    statements = []
+    if needed is None or "bars" in needed:
+        sources = (_narrowed_sources(data_dir, stored, narrow["bars"]) if narrow.get("bars")
+                   else [_glob(data_dir)] if stored else [])
+        source = _read_parquet(sources, cols) if sources else _empty(cols)
+        statements.append(f"CREATE OR REPLACE VIEW bars AS {source}")
     per_tf = [c for c in cols if c != "timeframe"]
     for name in names:
-        source = _read_parquet(_glob(data_dir, name), per_tf) if name in stored else _empty(
-            per_tf)
-        statements.append(f"CREATE OR REPLACE VIEW {_ident('bars_' + name)} AS {source}")
-    if coverage:
+        view = "bars_" + name
+        sources = []
+        if name in stored:
+            sources = (_narrowed_sources(data_dir, [name], narrow[view]) if narrow.get(view)
+                       else [_glob(data_dir, name)])
+        source = _read_parquet(sources, per_tf) if sources else _empty(per_tf)
+        statements.append(f"CREATE OR REPLACE VIEW {_ident(view)} AS {source}")
+    if coverage and (needed is None or "coverage" in needed):
         statements.append(
             "CREATE OR REPLACE VIEW coverage AS SELECT symbol, timeframe, min(ts) AS first_bar, "
             "max(ts) AS last_bar, count(*) AS \"rows\", count(DISTINCT period) AS partitions "
@@ -213,33 +259,58 @@ def view_statements(data_dir: Path,
     return statements
 
 
-def macro_statements(data_dir: Path) -> list[str]:
-    """The ``CREATE OR REPLACE MACRO`` statements of the catalog: ``symbol_bars``.
-
-    Its arguments are checked before they become a path: the timeframe against the
-    registry, the symbol against the storage-key shape (no separators, no ``..``), each
-    failure raised by DuckDB's ``error()`` with what is allowed.
-    """
-    prefix = _glob(data_dir).split("/timeframe=", 1)[0] + "/timeframe="
+def _validated_args(prefix: str) -> str:
+    """The CASE branches refusing a bad timeframe (``tf_name``) with what is allowed."""
     allowed = ", ".join(TIMEFRAMES)
     names = ", ".join(_sql_str(n) for n in TIMEFRAMES)
+    return (f"WHEN coalesce(tf_name NOT IN ({names}), true) THEN error("
+            f"'{prefix}: unknown timeframe ' || coalesce('''' || tf_name || '''', 'NULL') "
+            f"|| '; allowed: {allowed}') ")
+
+
+def macro_statements(data_dir: Path,
+                     recent: dict[str, list[str]] | None = None) -> list[str]:
+    """The ``CREATE OR REPLACE MACRO`` statements of the catalog: ``symbol_bars`` and
+    ``latest_bars``.
+
+    Their arguments are checked before they become a path: the timeframe against the
+    registry, the symbol against the storage-key shape (no separators, no ``..``), each
+    failure raised by DuckDB's ``error()`` with what is allowed.
+
+    ``latest_bars(tf, n)`` reads, per timeframe in ``recent``, only the files listed there
+    (each symbol's newest periods holding at least the ``n`` bars asked for, found by
+    :func:`ktrdr_pipeline.store.read.recent_files` when the ``sql`` command sees the call);
+    any other timeframe (and the catalog file, whose macro must serve every later call)
+    reads every period.
+    """
+    prefix = _glob(data_dir).split("/timeframe=", 1)[0] + "/timeframe="
     per_tf = ", ".join(c for c, _ in BARS_COLUMNS if c != "timeframe")
+    hive = ("hive_partitioning = true, hive_types = "
+            "{'timeframe': VARCHAR, 'symbol': VARCHAR, 'period': VARCHAR}")
     # the parameters must not be named like columns: a macro substitutes them everywhere
-    return [
+    symbol_bars = (
         f"CREATE OR REPLACE MACRO {SYMBOL_BARS}(tf_name, symbol_key) AS TABLE "
-        f"SELECT {per_tf} FROM read_parquet(CASE "
-        f"WHEN coalesce(tf_name NOT IN ({names}), true) THEN error("
-        f"'{SYMBOL_BARS}: unknown timeframe ' || coalesce('''' || tf_name || '''', 'NULL') "
-        f"|| '; allowed: {allowed}') "
+        f"SELECT {per_tf} FROM read_parquet(CASE {_validated_args(SYMBOL_BARS)}"
         f"WHEN coalesce(NOT regexp_full_match(symbol_key, {_sql_str(STORAGE_KEY_PATTERN)}) "
         f"OR contains(symbol_key, '..'), true) THEN error("
         f"'{SYMBOL_BARS}: invalid symbol ' || coalesce('''' || symbol_key || '''', 'NULL') "
         f"|| '; expected a storage key as in the symbol column: upper-case letters, digits, "
         f"''.'', ''-'', ''_'' (e.g. ''AAPL'', ''EURUSD'')') "
         f"ELSE {_sql_str(prefix)} || tf_name || '/symbol=' || symbol_key || "
-        f"'/period=*/data.parquet' END, hive_partitioning = true, hive_types = "
-        "{'timeframe': VARCHAR, 'symbol': VARCHAR, 'period': VARCHAR})"
-    ]
+        f"'/period=*/data.parquet' END, {hive})")
+    lists = "".join(
+        f"WHEN tf_name = {_sql_str(tf)} THEN [{', '.join(_sql_str(f) for f in files)}] "
+        for tf, files in (recent or {}).items() if files)
+    latest = (
+        f"CREATE OR REPLACE MACRO {LATEST_BARS}(tf_name, n_bars) AS TABLE "
+        f"SELECT {per_tf} FROM (SELECT *, row_number() OVER (PARTITION BY symbol "
+        f"ORDER BY ts DESC) AS _latest_rank FROM read_parquet(CASE "
+        f"{_validated_args(LATEST_BARS)}"
+        f"WHEN coalesce(n_bars < 0, true) THEN error('{LATEST_BARS}: the number of bars "
+        f"must be an integer >= 0, got ' || coalesce(CAST(n_bars AS VARCHAR), 'NULL')) "
+        f"{lists}ELSE [{_sql_str(prefix)} || tf_name || '/symbol=*/period=*/data.parquet'] "
+        f"END, {hive})) WHERE _latest_rank <= n_bars")
+    return [symbol_bars, latest]
 
 
 def define_views(con: duckdb.DuckDBPyConnection, data_dir: Path,
@@ -471,21 +542,231 @@ def check_read_only(sql: str) -> str:
         f"SUMMARIZE, EXPLAIN, PRAGMA table_info); got {kind.name}")
 
 
+#: Relations whose names tell nothing about the views a statement needs: the catalog's own
+#: description (SHOW TABLES, duckdb_views(), information_schema, ...). A statement naming
+#: one gets every view, as does one whose relations DuckDB cannot tell.
+_INTROSPECTION = re.compile(r"^(duckdb_\w+|information_schema|pg_\w+|sqlite_master|show|"
+                            r"show_tables\w*|table_info|pragma_\w+)$", re.IGNORECASE)
+
+
+def relations_named(con: duckdb.DuckDBPyConnection, statement: str) -> set[str] | None:
+    """The relations (lower-case bare names) ``statement`` reads, as DuckDB's binder
+    tells them (:func:`duckdb.get_table_names`, which also sees ``query_table('bars_1m')``),
+    else every word of the statement; None when every view may be needed: the statement
+    inspects the catalog itself, or names a relation by a computed string. ``con`` must have the macros (and be confined already: telling
+    the names binds table functions)."""
+    toks = {t.strip('"').lower() for _, t in _tokens(statement)}
+    if any(_INTROSPECTION.match(t) for t in toks):
+        return None
+    if duckdb.extract_statements(statement)[0].type == duckdb.StatementType.PRAGMA:
+        return None
+    try:
+        return {n.lower() for n in duckdb.get_table_names(statement, connection=con)}
+    except duckdb.Error:
+        pass
+    # DuckDB could not tell (it cannot bind a table macro's call here): every word of the
+    # statement, those inside strings too, is a name it may read (a superset)
+    words: set[str] = set()
+    for _, text in _tokens(statement):
+        words.update(re.findall(r"[a-z0-9_]+", text.lower()))
+    if words & {"query", "query_table"}:  # a relation named by a computed string
+        return None
+    return words
+
+
+_PARTITION_COLUMNS = {"bars": ("timeframe", "symbol", "period"),
+                      **{f"bars_{tf}": ("symbol", "period") for tf in TIMEFRAMES}}
+
+
+def _conjuncts(expr: Any) -> list[dict]:
+    if not isinstance(expr, dict):
+        return []
+    if expr.get("type") == "CONJUNCTION_AND":
+        return [c for child in expr.get("children", []) for c in _conjuncts(child)]
+    return [expr]
+
+
+def _string_constant(expr: Any) -> str | None:
+    if isinstance(expr, dict) and expr.get("class") == "CONSTANT":
+        literal = expr.get("literal") or {}
+        if literal.get("kind") == "STRING" and isinstance(literal.get("text"), str):
+            return literal["text"]
+    return None
+
+
+def _column_of(expr: Any, qualifiers: set[str]) -> str | None:
+    if not isinstance(expr, dict) or expr.get("class") != "COLUMN_REF":
+        return None
+    names = [str(n).lower() for n in expr.get("column_names", [])]
+    if len(names) == 1 or (len(names) == 2 and names[0] in qualifiers):
+        return names[-1]
+    return None
+
+
+def _restriction(expr: dict, qualifiers: set[str]) -> tuple[str, frozenset[str]] | None:
+    """``column = 'x'``, ``'x' = column`` or ``column IN ('x', 'y')``: (column, values)."""
+    kind = expr.get("type")
+    if kind == "COMPARE_EQUAL":
+        left, right = expr.get("left"), expr.get("right")
+        for col_expr, const_expr in ((left, right), (right, left)):
+            col, value = _column_of(col_expr, qualifiers), _string_constant(const_expr)
+            if col is not None and value is not None:
+                return col, frozenset([value])
+    if kind == "COMPARE_IN":
+        children = expr.get("children") or []
+        col = _column_of(children[0], qualifiers) if children else None
+        values = [_string_constant(c) for c in children[1:]]
+        if col is not None and values and all(v is not None for v in values):
+            return col, frozenset(v for v in values if v is not None)
+    return None
+
+
+def partition_filters(con: duckdb.DuckDBPyConnection, statement: str,
+                      views: Iterable[str]) -> dict[str, list[Narrowing]]:
+    """Per view of ``views`` that ``statement`` reads only through filtered references,
+    the partition values (``symbol``, ``period``, and ``timeframe`` for ``bars``) each
+    reference's filters allow, from DuckDB's own parse tree (``json_serialize_sql``); the
+    view then reads the union of those partitions.
+
+    Sound by construction, so a narrowed view returns what the whole view would: a
+    reference counts only when it is the sole ``FROM`` of a ``SELECT`` whose ``WHERE``
+    is a conjunction with ``col = 'x'`` or ``col IN ('x', ...)`` on a partition column
+    (unqualified or qualified by that table): every row that ``SELECT`` sees then lies in
+    those partitions. A view referenced any other way (a join, no such filter, a string
+    naming it as in ``query('...')``), and every statement DuckDB cannot serialise
+    (DESCRIBE, EXPLAIN, ...), leaves the view whole.
+    """
+    views = {v.lower() for v in views if v.lower() in _PARTITION_COLUMNS}
+    if not views:
+        return {}
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [statement]).fetchone()[0])
+    except (duckdb.Error, ValueError, TypeError):
+        return {}
+    if not isinstance(tree, dict) or tree.get("error"):
+        return {}
+    refs: dict[str, list[Narrowing | None]] = {}
+    claimed: set[int] = set()
+    strings: list[str] = []
+
+    def view_of(table: dict) -> str | None:
+        if (str(table.get("schema_name") or "").lower() not in ("", "main")
+                or str(table.get("catalog_name") or "").lower() not in ("", "memory")):
+            return None
+        name = str(table.get("table_name") or "").lower()
+        return name if name in views else None
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        if node.get("type") == "SELECT_NODE":
+            table = node.get("from_table")
+            if isinstance(table, dict) and table.get("type") == "BASE_TABLE":
+                name = view_of(table)
+                if name is not None:
+                    claimed.add(id(table))
+                    quals = {str(table.get("alias") or "").lower() or name, name}
+                    limits: Narrowing = dict.fromkeys(_PARTITION_COLUMNS[name])
+                    for cond in _conjuncts(node.get("where_clause")):
+                        found = _restriction(cond, quals)
+                        if found and found[0] in limits:
+                            col, values = found
+                            old = limits[col]
+                            limits[col] = values if old is None else old & values
+                    refs.setdefault(name, []).append(limits)
+        elif node.get("type") == "BASE_TABLE" and id(node) not in claimed:
+            name = view_of(node)
+            if name is not None:
+                refs.setdefault(name, []).append(None)
+        text = _string_constant(node)
+        if text is not None:
+            strings.append(text.lower())
+        for value in node.values():
+            walk(value)
+
+    walk(tree.get("statements"))
+    out: dict[str, list[Narrowing]] = {}
+    for name, seen in refs.items():
+        if any(r is None or all(v is None for v in r.values()) for r in seen) or any(
+                name in s for s in strings):
+            continue
+        unique: list[Narrowing] = []
+        for r in seen:
+            if r is not None and r not in unique:
+                unique.append(r)
+        out[name] = unique
+    return out
+
+
+def _latest_calls(con: duckdb.DuckDBPyConnection, statement: str) -> dict[str, int] | None:
+    """The ``latest_bars('<tf>', n)`` calls of ``statement`` with constant arguments: the
+    largest ``n`` per timeframe; None when there are none (or they are not constants)."""
+    if LATEST_BARS not in statement.lower():
+        return None
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [statement]).fetchone()[0])
+    except (duckdb.Error, ValueError, TypeError):
+        return None
+    calls: dict[str, int] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        if (node.get("class") == "FUNCTION"
+                and str(node.get("function_name", "")).lower() == LATEST_BARS):
+            args = node.get("children") or [a.get("expression") for a in
+                                            node.get("arguments") or [] if isinstance(a, dict)]
+            if len(args) == 2:
+                tf = _string_constant(args[0])
+                lit = (args[1] or {}).get("literal") or {} if isinstance(args[1], dict) else {}
+                try:
+                    n = int(lit.get("text", lit.get("value")))
+                except (TypeError, ValueError):
+                    n = -1
+                if tf in TIMEFRAMES and n >= 0:
+                    calls[tf] = max(calls.get(tf, 0), n)
+        for value in node.values():
+            walk(value)
+
+    walk(tree.get("statements"))
+    return calls or None
+
+
 def memory_connection(data_dir: Path | str,
                       timeframes: Iterable[str | Timeframe] | None = None,
-                      *, confined: bool = True) -> duckdb.DuckDBPyConnection:
+                      *, confined: bool = True,
+                      statement: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the catalog's views over the Parquet files (no file lock)
     and ``greeks.duckdb`` attached read-only as ``greeks`` when available; ``confined``
-    (the default) leaves it able to read only those (see the module docstring)."""
+    (the default) leaves it able to read only those (see the module docstring).
+
+    With ``statement`` (the ``sql`` command) only the views it names are created, each
+    narrowed to the partitions its filters allow (:func:`relations_named`,
+    :func:`partition_filters`): a statement pays for the files it touches, not for the
+    whole store. Without, every view is created (an interactive session)."""
     data_dir = Path(data_dir)
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
     try:
         # after connecting: as a connect option it is applied before ICU is loaded
         con.execute("SET TimeZone = 'UTC'")
-        # an interactive session queries the same files again and again: keep their
-        # Parquet footers in memory (DuckDB re-validates them against the files)
-        con.execute("SET parquet_metadata_cache = true")
-        define_views(con, data_dir, timeframes)
+        if statement is None:
+            # an interactive session queries the same files again and again: keep their
+            # Parquet footers in memory (DuckDB re-validates them against the files); one
+            # statement reads each file once, and a cache of every footer of a big scan
+            # would only hold memory
+            con.execute("SET parquet_metadata_cache = true")
+        # a long query must not draw DuckDB's progress bar into the output
+        con.execute("SET enable_progress_bar = false")
+        for macro in macro_statements(data_dir):
+            con.execute(macro)
         greeks = data_dir / GREEKS_FILE
         if greeks.is_file():
             def attach() -> None:
@@ -502,27 +783,57 @@ def memory_connection(data_dir: Path | str,
             except duckdb.Error as exc:  # locked by its writer, or not a DuckDB file
                 log.info("not attaching %s: %s", greeks, exc)
         if confined:
-            confine(con, data_dir)
+            _restrict(con, data_dir)
+        if statement is None:
+            _apply(con, view_statements(data_dir, timeframes, coverage=False))
+            define_coverage(con, data_dir)
+        else:
+            _define_for(con, data_dir, timeframes, statement)
+        if confined:
+            con.execute("SET lock_configuration = true")
     except BaseException:
         con.close()
         raise
     return con
 
 
-def confine(con: duckdb.DuckDBPyConnection, data_dir: Path | str) -> None:
-    """Let ``con`` read no file but the store's bars from now on (databases attached
-    before stay readable), and lock its configuration so no statement can undo it."""
+def _define_for(con: duckdb.DuckDBPyConnection, data_dir: Path,
+                timeframes: Iterable[str | Timeframe] | None, statement: str) -> None:
+    """The views (and the ``latest_bars`` file lists) ``statement`` needs, and no more."""
+    named = relations_named(con, statement)
+    narrow = partition_filters(con, statement, named) if named else {}
+    for st in view_statements(data_dir, timeframes, only=named, narrow=narrow,
+                              coverage=False):
+        con.execute(st)
+    if named is None or "coverage" in {n.lower() for n in named}:
+        define_coverage(con, data_dir)  # from the manifest: no Parquet file is opened
+    latest = _latest_calls(con, statement)
+    if latest:
+        from .read import recent_files  # pyarrow: only when the macro is called
+
+        recent = {tf: [str(p) for p in recent_files(data_dir, tf, n)]
+                  for tf, n in latest.items()}
+        con.execute(macro_statements(data_dir, recent)[1])
+
+
+def _restrict(con: duckdb.DuckDBPyConnection, data_dir: Path | str) -> None:
     root = _bars_root(Path(data_dir)).as_posix() + "/"
     con.execute(f"SET allowed_directories = [{_sql_str(root)}]")
     con.execute("SET enable_external_access = false")
+
+
+def confine(con: duckdb.DuckDBPyConnection, data_dir: Path | str) -> None:
+    """Let ``con`` read no file but the store's bars from now on (databases attached
+    before stay readable), and lock its configuration so no statement can undo it."""
+    _restrict(con, data_dir)
     con.execute("SET lock_configuration = true")
 
 
 def _outside_the_store(text: str, data_dir: Path) -> QueryError:
     return QueryError(
         f"queries may read only the store: the bar files under {_bars_root(data_dir)} "
-        f"(through the views bars, bars_<tf>, coverage and {SYMBOL_BARS}()) and the attached "
-        f"Greeks database; DuckDB refused: {' '.join(text.split())}")
+        f"(through the views bars, bars_<tf>, coverage, {SYMBOL_BARS}() and {LATEST_BARS}()) "
+        f"and the attached Greeks database; DuckDB refused: {' '.join(text.split())}")
 
 
 #: DuckDB's error for a ``symbol_bars`` call whose symbol has no file at that timeframe.
@@ -538,36 +849,168 @@ def _query_error(exc: duckdb.Error, data_dir: Path) -> QueryError:
     found = _NOTHING_STORED.search(text)
     if found:
         tf, symbol = found.groups()
-        stored = BarStore(data_dir).symbols(tf)
+        if symbol == "*":
+            return QueryError(f"{LATEST_BARS}: no {tf} bars stored (see the coverage view)")
+        stored = stored_symbols(data_dir, tf)
         return QueryError(
             f"{SYMBOL_BARS}: no {tf} bars stored for symbol {symbol!r}; symbols with {tf} "
             f"bars: {', '.join(stored) if stored else 'none'} (see the coverage view)")
     return QueryError(text)
 
 
+@contextlib.contextmanager
+def open_query(data_dir: Path | str, sql: str,
+               timeframes: Iterable[str | Timeframe] | None = None, *,
+               arrow: bool | int = False) -> Iterator[Any]:
+    """Check ``sql``, build what it needs and run it; yields the executed connection,
+    whose result the caller fetches (``fetchmany``) inside the ``with`` block, or with
+    ``arrow`` a ``pyarrow.RecordBatchReader`` streaming that many rows at a time
+    (:data:`BATCH_ROWS` for True).
+    DuckDB's errors, then or while fetching, become :class:`QueryError`."""
+    data_dir = Path(data_dir)
+    statement = check_read_only(sql)
+    try:
+        con = memory_connection(data_dir, timeframes, statement=statement)
+    except duckdb.Error as exc:
+        raise _query_error(exc, data_dir) from exc
+    try:
+        if arrow:
+            yield _arrow_reader(con, statement, arrow if arrow is not True else BATCH_ROWS)
+        else:
+            con.execute(statement)
+            yield con
+    except duckdb.Error as exc:
+        raise _query_error(exc, data_dir) from exc
+    finally:
+        con.close()
+
+
 def run_query(data_dir: Path | str, sql: str,
               timeframes: Iterable[str | Timeframe] | None = None) -> QueryResult:
     """Run one read-only statement over the store; see the module docstring."""
-    statement = check_read_only(sql)
-    con = memory_connection(data_dir, timeframes)
-    try:
-        cur = con.execute(statement)
+    with open_query(data_dir, sql, timeframes) as cur:
         description = cur.description or []
         rows = cur.fetchall() if description else []
-    except duckdb.Error as exc:
-        raise _query_error(exc, Path(data_dir)) from exc
-    finally:
-        con.close()
     return QueryResult([d[0] for d in description], [str(d[1]) for d in description], rows)
+
+
+def _arrow_reader(con: duckdb.DuckDBPyConnection, statement: str, batch_rows: int) -> Any:
+    """``statement``'s result as a ``pyarrow.RecordBatchReader`` streaming ``batch_rows``
+    at a time, from a relation (DuckDB streams it; a DB-API result would be copied whole)
+    (DuckDB 2: ``to_arrow_reader``; 1.x: ``fetch_record_batch``)."""
+    import pyarrow as pa
+
+    rel = con.sql(statement)
+    if rel is None:  # a statement without a result
+        return pa.RecordBatchReader.from_batches(pa.schema([]), [])
+    reader = getattr(rel, "to_arrow_reader", None) or rel.fetch_record_batch
+    return reader(batch_rows)
+
+
+def query_arrow(data_dir: Path | str, sql: str,
+                timeframes: Iterable[str | Timeframe] | None = None) -> Any:
+    """Run one read-only statement (as the ``sql`` command does) and return the result as
+    a ``pyarrow.Table`` — for Python callers; :func:`iter_arrow` streams instead."""
+    import pyarrow as pa
+
+    with open_query(data_dir, sql, timeframes, arrow=True) as reader:
+        return pa.Table.from_batches(list(reader), schema=reader.schema)
+
+
+def iter_arrow(data_dir: Path | str, sql: str,
+               timeframes: Iterable[str | Timeframe] | None = None,
+               batch_rows: int = BATCH_ROWS) -> Iterator[Any]:
+    """Run one read-only statement and yield its result as ``pyarrow.RecordBatch``es of
+    at most ``batch_rows`` rows, never holding the whole result (consume it fully, or
+    close the generator, to release the connection)."""
+    with open_query(data_dir, sql, timeframes, arrow=batch_rows) as reader:
+        yield from reader
+
+
+def write_query(data_dir: Path | str, sql: str, fmt: str, out: Any,
+                timeframes: Iterable[str | Timeframe] | None = None, *,
+                batch_rows: int = BATCH_ROWS) -> int:
+    """Run one read-only statement and write its result to ``out``; returns the rows.
+
+    ``csv`` and ``json`` are streamed ``batch_rows`` at a time, so a result of any size
+    needs the memory of one batch (``out`` is a text stream); ``parquet`` writes Arrow
+    record batches to ``out`` (a path or a binary file) as they come; ``table`` aligns
+    its columns over every row, so it holds the whole result (it is meant for a
+    terminal)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    if fmt == "parquet":
+        with open_query(data_dir, sql, timeframes, arrow=batch_rows) as reader:
+            return _write_parquet(reader, out, batch_rows)
+    with open_query(data_dir, sql, timeframes) as cur:
+        columns = [d[0] for d in cur.description or []]
+        if fmt == "table":
+            rows = cur.fetchall() if columns else []
+            out.write(format_result(rows, columns, "table"))
+            return len(rows)
+        return _write_text(cur, columns, fmt, out, batch_rows)
+
+
+def _write_text(cur: duckdb.DuckDBPyConnection, columns: list[str], fmt: str, out: Any,
+                batch_rows: int) -> int:
+    n = 0
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+        writer.writerow(columns)
+    while columns:
+        rows = cur.fetchmany(batch_rows)
+        if not rows:
+            break
+        if fmt == "csv":
+            writer.writerows([_text(v) for v in row] for row in rows)
+        else:
+            out.write("[\n" if n == 0 else ",\n")
+            out.write(",\n".join(
+                json.dumps({c: _json_value(v) for c, v in zip(columns, row, strict=True)},
+                           ensure_ascii=False) for row in rows))
+        n += len(rows)
+    if fmt == "json":
+        out.write("\n]\n" if n else "[]\n")
+    return n
+
+
+def _write_parquet(reader: Any, out: Any, batch_rows: int = BATCH_ROWS) -> int:
+    """Write the record batches as Parquet row groups of about ``batch_rows`` rows:
+    DuckDB hands over one small batch per small file it scans, and a row group each
+    would bloat the file and the writer's memory (its footer grows with every group)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 0
+    pending: list[Any] = []
+    rows = 0
+    with pq.ParquetWriter(out, reader.schema, compression="zstd") as writer:
+        for batch in reader:
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows >= batch_rows:
+                writer.write_table(pa.Table.from_batches(pending, schema=reader.schema),
+                                   row_group_size=max(rows, 1))
+                n += rows
+                pending, rows = [], 0
+        if pending:
+            writer.write_table(pa.Table.from_batches(pending, schema=reader.schema),
+                               row_group_size=max(rows, 1))
+            n += rows
+    return n
 
 
 def query(data_dir: Path | str, sql: str, fmt: str = "table",
           timeframes: Iterable[str | Timeframe] | None = None) -> str:
     """Run one read-only statement and format the result (``table``, ``csv``, ``json``)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    result = run_query(data_dir, sql, timeframes)
-    return format_result(result.rows, result.columns, fmt)
+    if fmt not in TEXT_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(TEXT_FORMATS)} "
+                         "(parquet: write_query with an output file)")
+    buf = io.StringIO()
+    write_query(data_dir, sql, fmt, buf, timeframes)
+    return buf.getvalue()
 
 
 # -- output formats -------------------------------------------------------------------------

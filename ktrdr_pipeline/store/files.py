@@ -1,0 +1,126 @@
+"""Which Parquet files hold the bars of a timeframe, a symbol, a period: the one place
+readers (the ``sql`` views, :func:`~ktrdr_pipeline.store.read.read_bars`) ask.
+
+Today the answers come from the directory layout of :mod:`.parquet`
+(``bars/timeframe=<tf>/symbol=<SYM>/period=<key>/data.parquet``): DuckDB globs for the
+views, one directory listing for a symbol's periods. This module is the seam for the
+partition manifest: once it knows every partition's file, :func:`timeframe_sources` can
+return explicit paths (and :func:`symbol_periods` the manifest's rows) instead of globs
+and listings, and no reader changes.
+
+Light on purpose (no pandas, no pyarrow, no DuckDB): the ``sql`` command imports it at
+start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..domain.symbols import STORAGE_KEY_PATTERN
+from ..domain.timeframes import TIMEFRAMES
+
+FILE_NAME = "data.parquet"
+_GLOB_CHARS = "*?[]{}"
+
+
+def bars_root(data_dir: Path | str) -> Path:
+    """The absolute directory holding every bar file."""
+    return Path(data_dir).resolve() / "bars"
+
+
+def _root_text(data_dir: Path | str) -> str:
+    root = bars_root(data_dir).as_posix()
+    if any(ch in root for ch in _GLOB_CHARS):
+        raise ValueError(f"data directory {root!r} contains glob characters (*?[]{{}}); "
+                         "DuckDB cannot read Parquet files below it — choose another path")
+    return root
+
+
+def glob_of(data_dir: Path | str, timeframe: str = "*", symbol: str = "*",
+            period: str = "*") -> str:
+    """The DuckDB glob (or, without ``*``, the path) of the files of ``timeframe`` /
+    ``symbol`` / ``period`` (each ``*`` for all)."""
+    return (f"{_root_text(data_dir)}/timeframe={timeframe}/symbol={symbol}/period={period}/"
+            f"{FILE_NAME}")
+
+
+def _is_key(text: str) -> bool:
+    """A string that can name a stored symbol or period: no separators, no glob
+    characters, no ``..`` (anything else names no file, so it can be dropped)."""
+    return (bool(re.fullmatch(STORAGE_KEY_PATTERN, text)) and ".." not in text)
+
+
+def has_files(data_dir: Path | str, timeframe: str, symbol: str | None = None) -> bool:
+    """Whether at least one file of ``timeframe`` (and ``symbol``) exists; stops at the
+    first one found."""
+    base = bars_root(data_dir) / f"timeframe={timeframe}"
+    pattern = f"symbol={symbol or '*'}/period=*/{FILE_NAME}"
+    return next(iter(base.glob(pattern)), None) is not None
+
+
+def timeframe_sources(data_dir: Path | str, timeframe: str,
+                      symbols: Iterable[str] | None = None,
+                      periods: Iterable[str] | None = None) -> list[str]:
+    """What DuckDB should read for the bars of ``timeframe``, narrowed to ``symbols`` and
+    ``periods`` when given (None: all): a list of globs and paths, empty when nothing
+    stored can match (the caller then defines an empty relation, since DuckDB refuses a
+    glob that matches nothing).
+
+    A symbol or period that cannot name a file (not a storage key) is dropped: a filter
+    on it selects no stored bar anyway. Each remaining glob is checked to match at least
+    one file (one directory look-up each). Seam: with the partition manifest this returns
+    the partitions' file paths and lists no directory.
+    """
+    if timeframe not in TIMEFRAMES:
+        raise ValueError(f"unknown timeframe {timeframe!r}; allowed: {', '.join(TIMEFRAMES)}")
+    if symbols is None and periods is None:
+        return [glob_of(data_dir, timeframe)] if has_files(data_dir, timeframe) else []
+    syms = sorted({s for s in symbols if _is_key(s)}) if symbols is not None else ["*"]
+    pers = sorted({p for p in periods if _is_key(p)}) if periods is not None else ["*"]
+    out = []
+    base = bars_root(data_dir) / f"timeframe={timeframe}"
+    for sym in syms:
+        if sym != "*" and not (base / f"symbol={sym}").is_dir():
+            continue
+        for per in pers:
+            if sym != "*" and per != "*":
+                if not (base / f"symbol={sym}" / f"period={per}" / FILE_NAME).is_file():
+                    continue
+            elif next(iter(base.glob(f"symbol={sym}/period={per}/{FILE_NAME}")), None) is None:
+                continue
+            out.append(glob_of(data_dir, timeframe, sym, per))
+    return out
+
+
+def symbol_periods(data_dir: Path | str, timeframe: str, symbol: str) -> list[tuple[str, Path]]:
+    """``(period, file)`` of every stored partition of ``symbol`` at ``timeframe``, in
+    period order (one directory listing; the caller validates its arguments). Seam: the
+    manifest's rows once it exists."""
+    base = bars_root(data_dir) / f"timeframe={timeframe}" / f"symbol={symbol}"
+    try:
+        entries = list(os.scandir(base))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for e in entries:
+        if not e.name.startswith("period=") or not e.is_dir(follow_symlinks=False):
+            continue
+        path = Path(e.path) / FILE_NAME
+        if path.is_file():
+            out.append((e.name[len("period="):], path))
+    return sorted(out)
+
+
+def stored_symbols(data_dir: Path | str, timeframe: str) -> list[str]:
+    """Symbols with at least one file at ``timeframe`` (for error messages)."""
+    base = bars_root(data_dir) / f"timeframe={timeframe}"
+    try:
+        entries = list(os.scandir(base))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(e.name[len("symbol="):] for e in entries
+                  if e.name.startswith("symbol=") and e.is_dir(follow_symlinks=False)
+                  and next(iter(Path(e.path).glob(f"period=*/{FILE_NAME}")), None) is not None)

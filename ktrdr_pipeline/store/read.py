@@ -1,0 +1,320 @@
+"""Bars into pandas or Arrow for research: :func:`read_bars` and :func:`latest_bars`.
+
+Both read the Parquet files directly with pyarrow (no SQL engine in between), and only
+the files they need: the partitions of the symbol whose periods overlap the range
+(:func:`read_bars`), each symbol's newest periods (:func:`latest_bars`). Which files exist
+comes from :mod:`.files` (the seam for the partition manifest). Columns are decoded only
+when asked for; the constant ``symbol`` and ``period`` columns are added only when asked
+for; the pandas frame is built from the Arrow columns without a row-wise conversion.
+
+The frames are the store's bar frames (as :meth:`~.parquet.BarStore.read_range` returns
+them): a UTC ``DatetimeIndex`` named ``ts`` (nanoseconds) and float64 prices, volume and
+WAP (NaN = not available), int64 ``bar_count``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..domain.bars import BAR_COLUMNS
+from ..domain.symbols import check_storage_key
+from ..domain.timeframes import TIMEFRAMES, Timeframe, get_timeframe
+from .files import stored_symbols, symbol_periods
+
+#: Columns one may ask for besides the bar columns (constants of each file's path).
+PATH_COLUMNS = ("symbol", "period")
+ALLOWED_COLUMNS = (*BAR_COLUMNS, *PATH_COLUMNS)
+OUTPUTS = ("pandas", "arrow")
+_TS = pa.timestamp("us", tz="UTC")
+
+
+class BarReadError(ValueError):
+    """A request :func:`read_bars` / :func:`latest_bars` cannot answer: the message says
+    what was wrong and what is allowed."""
+
+
+def _data_dir(data_dir: Path | str | None) -> Path:
+    if data_dir is not None:
+        return Path(data_dir)
+    from ..settings import Settings
+
+    return Settings.from_env().data_dir
+
+
+def _timeframe(timeframe: str | Timeframe) -> Timeframe:
+    if isinstance(timeframe, Timeframe):
+        return timeframe
+    if not isinstance(timeframe, str):
+        raise BarReadError(f"invalid timeframe {timeframe!r}; allowed: {', '.join(TIMEFRAMES)}")
+    try:
+        return get_timeframe(timeframe)
+    except ValueError as exc:
+        raise BarReadError(str(exc)) from None
+
+
+def _symbol(symbol: str) -> str:
+    try:
+        return check_storage_key(symbol)
+    except ValueError as exc:
+        raise BarReadError(f"{exc} (the symbol column's form, e.g. 'AAPL', 'EURUSD')") from None
+
+
+def _bound(value: datetime | date | str | pd.Timestamp | None, name: str) -> int | None:
+    """``value`` as microseconds since the epoch (UTC); dates mean 00:00 UTC."""
+    if value is None:
+        return None
+    try:
+        ts = pd.Timestamp(value)
+    except (ValueError, TypeError):
+        raise BarReadError(f"invalid {name} {value!r}: expected a date, a timezone-aware "
+                           "datetime or an ISO 8601 string with an offset") from None
+    if ts is pd.NaT:
+        raise BarReadError(f"invalid {name} {value!r}: not a time")
+    if ts.tzinfo is None:
+        if isinstance(value, date) and not isinstance(value, datetime) or (
+                isinstance(value, str) and len(value.strip()) == 10):
+            ts = ts.tz_localize(UTC)  # a date: 00:00 UTC, as in BarStore.read_range
+        else:
+            raise BarReadError(f"naive {name} {value!r}: pass a timezone-aware time (UTC "
+                               "inside) or a date")
+    return int(ts.tz_convert(UTC).value) // 1000  # .value: nanoseconds, whatever the unit
+
+
+def _columns(columns: Sequence[str] | None) -> list[str]:
+    if columns is None:
+        return list(BAR_COLUMNS)
+    if isinstance(columns, str):
+        columns = [columns]
+    wanted = [c for c in columns if c != "ts"]  # ts is always there (the index)
+    unknown = [c for c in wanted if c not in ALLOWED_COLUMNS]
+    if unknown:
+        raise BarReadError(f"unknown column(s) {', '.join(map(repr, unknown))}; allowed: "
+                           f"{', '.join(ALLOWED_COLUMNS)} (ts is always included)")
+    if len(set(wanted)) != len(wanted):
+        raise BarReadError(f"columns named twice: {list(columns)}")
+    return wanted
+
+
+def _output(as_: str) -> str:
+    if as_ not in OUTPUTS:
+        raise BarReadError(f"unknown output {as_!r}; allowed: {', '.join(OUTPUTS)}")
+    return as_
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise OSError(f"cannot read bar file {path}: {exc}") from exc
+
+
+def _read_file(path: Path, columns: list[str], lo: int | None = None,
+               hi: int | None = None) -> pa.Table:
+    """One partition's ``ts`` and ``columns``, cut to [lo, hi) when given."""
+    try:
+        table = _open(path).read(columns=["ts", *columns], use_threads=False)
+    except pa.ArrowInvalid as exc:
+        raise OSError(f"cannot read bar file {path}: {exc}") from exc
+    if lo is not None or hi is not None:
+        ts = table.column("ts")
+        mask = None
+        if lo is not None:
+            mask = pc.greater_equal(ts, pa.scalar(lo, _TS))
+        if hi is not None:
+            upper = pc.less(ts, pa.scalar(hi, _TS))
+            mask = upper if mask is None else pc.and_(mask, upper)
+        table = table.filter(mask)
+    return table
+
+
+def _with_path_columns(table: pa.Table, columns: list[str], symbol: str,
+                       period: str | pa.Array) -> pa.Table:
+    n = table.num_rows
+    for col in PATH_COLUMNS:
+        if col in columns:
+            value = symbol if col == "symbol" else period
+            array = value if isinstance(value, pa.Array | pa.ChunkedArray) else pa.array(
+                [value] * n, pa.string())
+            table = table.append_column(col, array)
+    return table.select(["ts", *columns])
+
+
+def _bar_table(files: list[tuple[str, Path]], tf: Timeframe, symbol: str, columns: list[str],
+               lo: int | None, hi: int | None) -> pa.Table:
+    file_cols = [c for c in columns if c not in PATH_COLUMNS]
+    jobs = []
+    for period, path in files:
+        p_lo, p_hi = (int(pd.Timestamp(b).value) // 1000 for b in tf.period_bounds(period))
+        if (hi is not None and p_lo >= hi) or (lo is not None and p_hi <= lo):
+            continue  # the period lies outside the range: its file is not opened
+        cut_lo = lo if lo is not None and lo > p_lo else None
+        cut_hi = hi if hi is not None and hi < p_hi else None
+        jobs.append((period, path, cut_lo, cut_hi))
+    if not jobs:
+        return _empty_table(columns)
+
+    def one(job: tuple[str, Path, int | None, int | None]) -> pa.Table:
+        period, path, cut_lo, cut_hi = job
+        table = _read_file(path, file_cols, cut_lo, cut_hi)
+        return (_with_path_columns(table, columns, symbol, period)
+                if "period" in columns or "symbol" in columns else table)
+
+    # files decode in parallel, one thread each (faster than one file at a time with
+    # pyarrow's threads per column: the files are small)
+    parts = list(_pool().map(one, jobs)) if len(jobs) > 1 else [one(jobs[0])]
+    return pa.concat_tables(parts)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                   thread_name_prefix="read_bars")
+    return _POOL
+
+
+def _empty_table(columns: list[str]) -> pa.Table:
+    types = {"bar_count": pa.int64(), "symbol": pa.string(), "period": pa.string()}
+    return pa.table({"ts": pa.array([], _TS),
+                     **{c: pa.array([], types.get(c, pa.float64())) for c in columns}})
+
+
+def _to_pandas(table: pa.Table, index: bool = True) -> pd.DataFrame:
+    """A bar frame from an Arrow table of ``ts`` and bar columns (no row-wise work)."""
+    us = table.column("ts").cast(pa.int64()).to_numpy()
+    ts = pd.DatetimeIndex((us * 1000).view("datetime64[ns]")).tz_localize(UTC)
+    data: dict[str, Any] = {}
+    for name in table.column_names[1:]:
+        col = table.column(name)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            data[name] = col.to_pandas().array  # no index: aligned by position
+        else:
+            data[name] = col.to_numpy()
+    if index:
+        return pd.DataFrame(data, index=ts.rename("ts"), copy=False)
+    return pd.DataFrame({"ts": ts, **data}, copy=False)
+
+
+def read_bars(symbol: str, timeframe: str | Timeframe,
+              start: datetime | date | str | None = None,
+              end: datetime | date | str | None = None, *,
+              columns: Sequence[str] | None = None, as_: str = "pandas",
+              data_dir: Path | str | None = None) -> Any:
+    """The stored bars of ``symbol`` at ``timeframe`` with ``start <= ts < end``, as a
+    pandas DataFrame (index ``ts``) or, with ``as_="arrow"``, a ``pyarrow.Table`` (``ts``
+    first).
+
+    ``start``/``end``: a timezone-aware datetime, a date (00:00 UTC, as
+    :meth:`~.parquet.BarStore.read_range`), an ISO 8601 string with an offset, or None
+    (from the first / to the last stored bar). ``columns``: any of ``open``, ``high``,
+    ``low``, ``close``, ``volume``, ``wap``, ``bar_count`` (default all of them), plus
+    ``symbol`` and ``period`` when wanted. ``data_dir`` defaults to ``KTRDR_DATA_DIR``.
+    Only the partitions whose periods overlap the range are opened, and only the asked
+    columns decoded. A symbol with nothing stored at ``timeframe`` is a
+    :class:`BarReadError` naming the symbols that have bars; a range with no bars is an
+    empty frame.
+    """
+    tf = _timeframe(timeframe)
+    symbol = _symbol(symbol)
+    lo, hi = _bound(start, "start"), _bound(end, "end")
+    if lo is not None and hi is not None and lo >= hi:
+        raise BarReadError(f"empty range: start {start!r} is not before end {end!r} "
+                           "(bars with start <= ts < end)")
+    cols = _columns(columns)
+    _output(as_)
+    root = _data_dir(data_dir)
+    files = symbol_periods(root, tf.name, symbol)
+    if not files:
+        stored = stored_symbols(root, tf.name)
+        raise BarReadError(f"no {tf.name} bars stored for symbol {symbol!r} under {root}; "
+                           f"symbols with {tf.name} bars: {', '.join(stored) or 'none'}")
+    table = _bar_table(files, tf, symbol, cols, lo, hi)
+    return table if as_ == "arrow" else _to_pandas(table)
+
+
+def _newest_files(files: list[tuple[str, Path]], n: int) -> list[tuple[str, Path]]:
+    """The newest partitions holding at least ``n`` bars together (all when fewer); row
+    counts from the Parquet footers."""
+    picked: list[tuple[str, Path]] = []
+    rows = 0
+    for period, path in reversed(files):
+        if rows >= n:
+            break
+        picked.append((period, path))
+        rows += _open(path).metadata.num_rows
+    return picked[::-1]
+
+
+def recent_files(data_dir: Path | str, timeframe: str, n: int) -> list[Path]:
+    """Per symbol of ``timeframe``, the files of its newest periods that hold its last
+    ``n`` bars (what ``latest_bars`` reads)."""
+    out: list[Path] = []
+    for symbol in stored_symbols(data_dir, timeframe):
+        out += [p for _, p in _newest_files(symbol_periods(data_dir, timeframe, symbol), n)]
+    return out
+
+
+def latest_bars(timeframe: str | Timeframe, n: int, *, symbols: Sequence[str] | None = None,
+                columns: Sequence[str] | None = None, as_: str = "pandas",
+                data_dir: Path | str | None = None) -> Any:
+    """The last ``n`` stored bars of every symbol (or of ``symbols``) at ``timeframe``,
+    reading only each symbol's newest periods: a frame (or ``pyarrow.Table``) with the
+    columns ``symbol``, ``ts`` and the bar columns (``columns`` as in :func:`read_bars`),
+    sorted by symbol and time. The ``sql`` command's ``latest_bars('<tf>', n)`` macro
+    returns the same bars."""
+    tf = _timeframe(timeframe)
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise BarReadError(f"invalid number of bars {n!r}: an integer >= 0")
+    cols = [c for c in _columns(columns) if c != "symbol"]
+    _output(as_)
+    root = _data_dir(data_dir)
+    stored = stored_symbols(root, tf.name)
+    if symbols is None:
+        wanted = stored
+    else:
+        wanted = [_symbol(s) for s in ([symbols] if isinstance(symbols, str) else symbols)]
+        missing = [s for s in wanted if s not in stored]
+        if missing:
+            raise BarReadError(f"no {tf.name} bars stored for {', '.join(map(repr, missing))}; "
+                               f"symbols with {tf.name} bars: {', '.join(stored) or 'none'}")
+    file_cols = [c for c in cols if c not in PATH_COLUMNS]
+    parts = []
+    for symbol in wanted:
+        tables: list[pa.Table] = []
+        rows = 0
+        for period, path in reversed(symbol_periods(root, tf.name, symbol) if n else []):
+            if rows >= n:
+                break
+            table = _read_file(path, file_cols)
+            tables.append(_with_path_columns(table, cols, symbol, period))
+            rows += table.num_rows
+        table = pa.concat_tables(tables[::-1]) if tables else _empty_table(cols)
+        table = table.slice(max(table.num_rows - n, 0))
+        parts.append(table.add_column(0, "symbol", pa.array([symbol] * table.num_rows,
+                                                            pa.string())))
+    if not parts:
+        empty = _empty_table(cols)
+        parts = [empty.add_column(0, "symbol", pa.array([], pa.string()))]
+    table = pa.concat_tables(parts)
+    if as_ == "arrow":
+        return table
+    frame = _to_pandas(table.select(["ts", *[c for c in table.column_names if c != "ts"]]),
+                       index=False)
+    return frame[["symbol", "ts", *cols]]
+
+
+__all__ = ["ALLOWED_COLUMNS", "BarReadError", "latest_bars", "read_bars", "recent_files"]

@@ -1,0 +1,350 @@
+"""``sql`` that pays for what it touches, streamed output, and the research read API
+(``read_bars``, ``latest_bars``) — issue 15."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import ktrdr_pipeline
+from ktrdr_pipeline.store import catalog as cat
+from ktrdr_pipeline.store.parquet import BarStore
+from ktrdr_pipeline.store.read import BarReadError
+
+from .test_store import minute_frame, subprocess_env, write
+
+UTC = "UTC"
+
+
+@pytest.fixture(autouse=True)
+def _default_timeframes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KTRDR_TIMEFRAMES", raising=False)
+
+
+def _fill(data_dir: Path) -> BarStore:
+    """AAPL and SPY 1-minute bars over three months (crossing period boundaries in
+    exchange time), AAPL hourly bars over two years."""
+    store = BarStore(data_dir)
+    for sym, n in (("AAPL", 3), ("SPY", 2)):
+        for key, start in (("2024-02", "2024-02-29 14:30"), ("2024-03", "2024-03-01 14:30"),
+                           ("2024-04", "2024-04-01 13:30")):
+            if key == "2024-04" and n == 2:
+                continue
+            frame = minute_frame(start, 40 + n)
+            write(store, "1m", sym, key, frame)
+    write(store, "1h", "AAPL", "2023", minute_frame("2023-12-28 14:00", 5, "1h"))
+    write(store, "1h", "AAPL", "2024", minute_frame("2024-01-02 14:00", 6, "1h"))
+    return store
+
+
+def _files(data_dir: Path, tf: str, symbol: str = "*") -> list[Path]:
+    return sorted((data_dir / "bars").glob(f"timeframe={tf}/symbol={symbol}/period=*/"
+                                           "data.parquet"))
+
+
+def _spoil(paths: list[Path]) -> None:
+    """Make files unreadable for DuckDB (not Parquet any more): a query that opens one
+    fails."""
+    assert paths
+    for p in paths:
+        p.write_bytes(b"not parquet")
+
+
+# == read_bars =================================================================================
+@pytest.mark.parametrize("start, end", [
+    (None, None),
+    ("2024-02-29T15:00:00+00:00", "2024-03-01T14:50:00+00:00"),  # across a period boundary
+    (pd.Timestamp("2024-03-01 14:35", tz=UTC), pd.Timestamp("2024-04-01 13:45", tz=UTC)),
+    (pd.Timestamp("2024-03-01", tz=UTC).date(), None),
+    (None, "2024-03-01T00:00:00+00:00"),
+    ("2025-01-01T00:00:00+00:00", None),  # nothing in range: an empty frame
+])
+def test_read_bars_equals_the_stored_bars(tmp_path: Path, start, end) -> None:
+    store = _fill(tmp_path)
+    lo = start if start is not None else pd.Timestamp("2000-01-01", tz=UTC)
+    hi = end if end is not None else pd.Timestamp("2100-01-01", tz=UTC)
+    expected = store.read_range("1m", "AAPL", lo, hi)
+    got = ktrdr_pipeline.read_bars("AAPL", "1m", start, end, data_dir=tmp_path)
+    if expected.empty:
+        assert got.empty and list(got.columns) == list(expected.columns)
+    else:
+        pd.testing.assert_frame_equal(got, expected)
+    table = ktrdr_pipeline.read_bars("AAPL", "1m", start, end, data_dir=tmp_path, as_="arrow")
+    assert isinstance(table, pa.Table) and table.column_names[0] == "ts"
+    assert table.num_rows == len(expected)
+    assert table.column("close").to_pylist() == expected["close"].tolist()
+
+
+def test_read_bars_columns_and_path_columns(tmp_path: Path) -> None:
+    store = _fill(tmp_path)
+    full = store.read_range("1m", "SPY", pd.Timestamp("2024-01-01", tz=UTC),
+                            pd.Timestamp("2025-01-01", tz=UTC))
+    got = ktrdr_pipeline.read_bars("SPY", "1m", columns=["close", "volume"], data_dir=tmp_path)
+    pd.testing.assert_frame_equal(got, full[["close", "volume"]])
+    # no constant symbol/period columns unless asked
+    assert "symbol" not in got.columns and "period" not in got.columns
+    tagged = ktrdr_pipeline.read_bars("SPY", "1m", columns=["symbol", "period", "close"],
+                                      data_dir=tmp_path, as_="arrow")
+    assert tagged.column_names == ["ts", "symbol", "period", "close"]
+    assert set(tagged.column("symbol").to_pylist()) == {"SPY"}
+    assert sorted(set(tagged.column("period").to_pylist())) == ["2024-02", "2024-03"]
+    # the same answer as the catalog's view
+    res = cat.run_query(tmp_path, "SELECT period, count(*) FROM bars_1m WHERE symbol = 'SPY' "
+                                  "GROUP BY period ORDER BY period")
+    counts = pd.Series(tagged.column("period").to_pylist()).value_counts().sort_index()
+    assert [tuple(r) for r in res.rows] == list(counts.items())
+
+
+def test_read_bars_reads_only_the_periods_of_the_range(tmp_path: Path) -> None:
+    _fill(tmp_path)
+    _spoil(_files(tmp_path, "1m", "AAPL")[:1])  # 2024-02: outside the range below
+    got = ktrdr_pipeline.read_bars("AAPL", "1m", "2024-03-02", "2024-05-01", data_dir=tmp_path)
+    assert len(got) and got.index.min() >= pd.Timestamp("2024-03-02", tz=UTC)
+    with pytest.raises(OSError):  # the premise: that file cannot be read
+        ktrdr_pipeline.read_bars("AAPL", "1m", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"symbol": "aapl"}, r"invalid symbol 'aapl'.*'AAPL'"),
+    ({"symbol": "../AAPL"}, r"invalid symbol"),
+    ({"symbol": "MSFT"}, r"no 1m bars stored for symbol 'MSFT'.*symbols with 1m bars: "
+                         r"AAPL, SPY"),
+    ({"timeframe": "1x"}, r"unknown timeframe '1x'; allowed: .*\b1m\b"),
+    ({"timeframe": "1M"}, r"ambiguous timeframe"),
+    ({"start": "2024-03-01 10:00"}, r"naive start.*timezone-aware"),
+    ({"start": "yesterday-ish"}, r"invalid start"),
+    ({"start": "2024-03-02", "end": "2024-03-01"}, r"empty range: start"),
+    ({"columns": ["close", "vwap"]}, r"unknown column\(s\) 'vwap'; allowed: open, high"),
+    ({"as_": "polars"}, r"unknown output 'polars'; allowed: pandas, arrow"),
+])
+def test_read_bars_refuses_bad_requests_clearly(tmp_path: Path, kwargs, message) -> None:
+    _fill(tmp_path)
+    args = {"symbol": "AAPL", "timeframe": "1m", **kwargs}
+    with pytest.raises(BarReadError, match=message):
+        ktrdr_pipeline.read_bars(args.pop("symbol"), args.pop("timeframe"), data_dir=tmp_path,
+                                 **args)
+
+
+def test_latest_bars_python_and_sql_agree_with_the_store(tmp_path: Path) -> None:
+    store = _fill(tmp_path)
+    everything = {s: store.read_range("1m", s, pd.Timestamp("2024-01-01", tz=UTC),
+                                      pd.Timestamp("2025-01-01", tz=UTC)) for s in ("AAPL",
+                                                                                    "SPY")}
+    for n in (1, 5, 60, 500):  # 60 and 500 need more than the newest period
+        got = ktrdr_pipeline.latest_bars("1m", n, data_dir=tmp_path)
+        assert list(got.columns) == ["symbol", "ts", "open", "high", "low", "close", "volume",
+                                     "wap", "bar_count"]
+        for sym, frame in everything.items():
+            mine = got[got["symbol"] == sym].set_index("ts").drop(columns="symbol")
+            pd.testing.assert_frame_equal(mine, frame.tail(n), check_names=False)
+        res = cat.run_query(tmp_path, f"SELECT symbol, ts, close FROM latest_bars('1m', {n}) "
+                                      "ORDER BY symbol, ts")
+        assert [(r[0], pd.Timestamp(r[1]), r[2]) for r in res.rows] == [
+            (s, t, c) for s, t, c in zip(got["symbol"], got["ts"], got["close"], strict=True)]
+    one = ktrdr_pipeline.latest_bars("1m", 2, symbols=["SPY"], columns=["close"],
+                                     data_dir=tmp_path, as_="arrow")
+    assert one.column_names == ["symbol", "ts", "close"] and one.num_rows == 2
+    with pytest.raises(BarReadError, match="no 1m bars stored for 'MSFT'"):
+        ktrdr_pipeline.latest_bars("1m", 2, symbols=["MSFT"], data_dir=tmp_path)
+    with pytest.raises(BarReadError, match="an integer >= 0"):
+        ktrdr_pipeline.latest_bars("1m", -1, data_dir=tmp_path)
+    with pytest.raises(cat.QueryError, match="latest_bars: unknown timeframe '1x'"):
+        cat.run_query(tmp_path, "SELECT * FROM latest_bars('1x', 3)")
+
+
+def test_latest_bars_sql_reads_only_recent_periods(tmp_path: Path) -> None:
+    _fill(tmp_path)
+    old = [p for p in _files(tmp_path, "1m") if "period=2024-02" in str(p)]
+    _spoil(old)
+    res = cat.run_query(tmp_path, "SELECT symbol, count(*) FROM latest_bars('1m', 3) "
+                                  "GROUP BY symbol ORDER BY symbol")
+    assert res.rows == [("AAPL", 3), ("SPY", 3)]
+    with pytest.raises(cat.QueryError):  # the premise: reading every period fails
+        cat.run_query(tmp_path, "SELECT count(*) FROM bars_1m")
+
+
+# == views only for what a statement names ======================================================
+def _views(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {r[0] for r in con.execute(
+        "SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+
+
+def test_sql_builds_only_the_views_a_statement_names(tmp_path: Path) -> None:
+    _fill(tmp_path)
+    for sql, views in [
+        ("SELECT count(*) FROM bars_1h", {"bars_1h"}),
+        ("SELECT 1", set()),
+        # coverage comes from the partition manifest (issue 15): no bars view behind it
+        ("SELECT * FROM coverage", {"coverage"}),
+        ("SELECT count(*) FROM symbol_bars('1m', 'AAPL')", set()),
+        ("WITH x AS (SELECT * FROM bars_1m) SELECT count(*) FROM x JOIN bars_1d USING (ts)",
+         {"bars_1m", "bars_1d"}),
+        ("SELECT * FROM query_table('bars_5m')", {"bars_5m"}),
+        ("SHOW TABLES", {"bars", "coverage", "bars_1m", "bars_5m", "bars_15m", "bars_1h",
+                         "bars_1d"}),
+    ]:
+        con = cat.memory_connection(tmp_path, statement=sql)
+        try:
+            assert _views(con) == views, sql
+        finally:
+            con.close()
+    # a statement naming bars_1h does not touch the 1-minute files: they may be unreadable
+    _spoil(_files(tmp_path, "1m"))
+    assert cat.run_query(tmp_path, "SELECT count(*) FROM bars_1h").rows == [(11,)]
+    assert cat.run_query(tmp_path, "SELECT 1 AS x").rows == [(1,)]
+    with pytest.raises(cat.QueryError):  # the premise: a statement naming bars_1m fails
+        cat.run_query(tmp_path, "SELECT count(*) FROM bars_1m")
+
+
+def test_views_are_narrowed_to_the_partitions_the_filters_allow(tmp_path: Path) -> None:
+    _fill(tmp_path)
+    spy = len(ktrdr_pipeline.read_bars("SPY", "1m", data_dir=tmp_path))
+    periods = ktrdr_pipeline.read_bars("AAPL", "1m", data_dir=tmp_path, columns=["period"])
+    aapl_march = int((periods["period"] == "2024-03").sum())
+    assert 0 < aapl_march < len(periods)
+    _spoil(_files(tmp_path, "1m", "AAPL")[::2])  # AAPL 2024-02 and 2024-04
+    ok = {
+        "SELECT count(*) FROM bars_1m WHERE symbol = 'SPY'": spy,
+        "SELECT count(*) FROM bars_1m b WHERE 'SPY' = b.symbol AND ts > '2000-01-01'": spy,
+        "SELECT count(*) FROM bars_1m WHERE symbol IN ('SPY', 'NOPE', 'x/../y')": spy,
+        "SELECT count(*) FROM bars_1m WHERE period = '2024-03' AND symbol = 'AAPL'":
+            aapl_march,
+        "SELECT count(*) FROM bars WHERE timeframe = '1m' AND symbol = 'SPY'": spy,
+        "SELECT (SELECT count(*) FROM bars_1m WHERE symbol = 'SPY') + (SELECT count(*) "
+        "FROM bars_1m WHERE symbol = 'AAPL' AND period = '2024-03')": spy + aapl_march,
+        "SELECT count(*) FROM bars_1m WHERE symbol = 'aapl'": 0,
+    }
+    for sql, n in ok.items():
+        assert cat.run_query(tmp_path, sql).rows == [(n,)], sql
+    # a reference that is not filtered (or joined, or named in a string) reads every file
+    for sql in ("SELECT count(*) FROM bars_1m",
+                "SELECT count(*) FROM bars_1m WHERE symbol = 'SPY' OR close > 0",
+                "SELECT count(*) FROM bars_1m a JOIN bars_1h b USING (ts) WHERE symbol = 'SPY'",
+                "SELECT count(*) FROM bars_1m WHERE symbol = 'SPY' AND ts IN (SELECT ts FROM "
+                "query('SELECT * FROM bars_1m'))",
+                "SELECT count(*) FROM bars_1m WHERE symbol = 'SPY' UNION ALL "
+                "SELECT count(*) FROM bars_1m"):
+        with pytest.raises(cat.QueryError):
+            cat.run_query(tmp_path, sql)
+
+
+def test_partition_filters_are_read_from_the_parse_tree(tmp_path: Path) -> None:
+    con = cat.memory_connection(tmp_path, statement="SELECT 1")
+    try:
+        f = cat.partition_filters
+        assert f(con, "SELECT * FROM bars_1m WHERE symbol = 'A' AND period IN ('2024-01', "
+                      "'2024-02')", {"bars_1m"}) == {
+            "bars_1m": [{"symbol": frozenset({"A"}), "period": frozenset({"2024-01",
+                                                                          "2024-02"})}]}
+        assert f(con, "SELECT * FROM bars_1m WHERE symbol = 'A' UNION ALL SELECT * FROM "
+                      "bars_1m WHERE symbol = 'B' AND period = 'P'", {"bars_1m"}) == {
+            "bars_1m": [{"symbol": frozenset({"A"}), "period": None},
+                        {"symbol": frozenset({"B"}), "period": frozenset({"P"})}]}
+        assert f(con, "SELECT * FROM bars_1m x WHERE y.symbol = 'A'", {"bars_1m"}) == {}
+        assert f(con, "SELECT * FROM bars_1m WHERE symbol = 'A' AND symbol = 'B'",
+                 {"bars_1m"}) == {"bars_1m": [{"symbol": frozenset(), "period": None}]}
+        assert f(con, "DESCRIBE bars_1m", {"bars_1m"}) == {}
+    finally:
+        con.close()
+
+
+# == output ====================================================================================
+def test_streamed_csv_and_json_equal_the_whole_result(tmp_path: Path) -> None:
+    _fill(tmp_path)
+    sql = "SELECT symbol, ts, close, volume, bar_count FROM bars_1m ORDER BY symbol, ts"
+    result = cat.run_query(tmp_path, sql)
+    assert len(result.rows) > 10
+    for fmt in ("csv", "json"):
+        writes: list[str] = []
+
+        class Out(io.StringIO):
+            def write(self, text: str, _log: list[str] = writes) -> int:
+                _log.append(text)
+                return super().write(text)
+
+        out = Out()
+        n = cat.write_query(tmp_path, sql, fmt, out, batch_rows=3)
+        assert n == len(result.rows)
+        assert out.getvalue() == cat.format_result(result.rows, result.columns, fmt)
+        # written batch by batch, never as one string of the whole result
+        assert max(map(len, writes)) < len(out.getvalue()) / 3
+    assert cat.query(tmp_path, "SELECT 1 AS x WHERE false", "json") == "[]\n"
+    empty = io.StringIO()
+    cat.write_query(tmp_path, "SELECT 1 AS x WHERE false", "csv", empty)
+    assert empty.getvalue() == "x\n"
+
+
+def test_parquet_output_round_trips(tmp_path: Path) -> None:
+    _fill(tmp_path)
+    sql = "SELECT * FROM bars_1m ORDER BY symbol, ts"
+    out = tmp_path / "out.parquet"
+    n = cat.write_query(tmp_path, sql, "parquet", out, batch_rows=7)
+    back = pq.read_table(out)
+    expected = cat.query_arrow(tmp_path, sql)
+    assert n == expected.num_rows == back.num_rows and back.equals(expected)
+    assert back.schema.field("ts").type == pa.timestamp("us", tz="UTC")
+    batches = list(cat.iter_arrow(tmp_path, sql, batch_rows=7))
+    assert max(b.num_rows for b in batches) <= 7 and sum(b.num_rows for b in batches) == n
+    with pytest.raises(ValueError, match="parquet"):
+        cat.query(tmp_path, sql, "parquet")
+
+
+def test_sql_command_parquet_output_and_formats(tmp_path: Path) -> None:
+    _fill(tmp_path)
+    env = {**subprocess_env(), "KTRDR_DATA_DIR": str(tmp_path)}
+
+    def sql(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ktrdr_pipeline.cli", "sql", *args],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    out = tmp_path / "result.parquet"
+    done = sql("SELECT symbol, ts, close FROM bars_1m ORDER BY symbol, ts", "--format",
+               "parquet", "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    frame = pq.read_table(out).to_pandas()
+    assert list(frame.columns) == ["symbol", "ts", "close"]
+    assert len(frame) == len(cat.run_query(tmp_path, "SELECT * FROM bars_1m").rows)
+    refused = sql("SELECT 1", "--format", "parquet")
+    assert refused.returncode == 2 and "--output FILE" in refused.stderr
+    text_out = tmp_path / "result.csv"
+    done = sql("SELECT count(*) AS n FROM bars_1h", "--format", "csv", "--output",
+               str(text_out))
+    assert done.returncode == 0 and done.stdout == ""
+    assert list(csv.reader(text_out.open())) == [["n"], ["11"]]
+    done = sql("SELECT count(*) AS n FROM bars_1h", "--format", "json")
+    assert json.loads(done.stdout) == [{"n": 11}]
+
+
+def test_sql_command_starts_without_pandas_dagster_or_the_ib_client(tmp_path: Path) -> None:
+    env = {**subprocess_env(), "KTRDR_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "ktrdr_pipeline.cli",
+                           "sql", "select 1"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    modules = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+               if line.startswith("import time:") and "|" in line}
+    assert "duckdb" in modules  # the premise: -X importtime lists what was imported
+    heavy = {m for m in modules if m.split(".")[0] in (
+        "pandas", "dagster", "ib_async", "pyarrow", "asyncio", "pandera",
+        "exchange_calendars")}
+    assert not heavy, sorted(heavy)[:10]
+
+
+def test_the_research_api_is_exported_lazily() -> None:
+    code = ("import sys, ktrdr_pipeline; assert 'pandas' not in sys.modules; "
+            "f = ktrdr_pipeline.read_bars; assert callable(f) and "
+            "callable(ktrdr_pipeline.latest_bars)")
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
