@@ -162,10 +162,13 @@ def test_an_unrecognised_162_that_goes_away_is_served(gateway):
 
 
 def test_no_data_is_empty_with_ibs_reason(gateway):
-    saturday = _req(end=datetime(2026, 11, 14, 21, tzinfo=UTC))
-    result = asyncio.run(_fetch(gateway, AAPL, saturday))
+    # before RBLX's listing (2021-03-10) IB has no data (a request ending on a Saturday
+    # reaches back to Friday's session: durations count trading time, docs/ib-facts.md §2)
+    rblx = Contract(symbol="RBLX", secType="STK", exchange="SMART", currency="USD")
+    before_listing = _req(end=datetime(2021, 3, 1, 21, tzinfo=UTC))
+    result = asyncio.run(_fetch(gateway, rblx, before_listing))
     assert len(result.frame) == 0
-    assert result.no_data_reasons == [P + "HMDS query returned no data: AAPL@SMART Trades"]
+    assert result.no_data_reasons == [P + "HMDS query returned no data: RBLX@SMART Trades"]
 
 
 def test_invalid_end_is_10314_with_ibs_text(gateway, ib):
