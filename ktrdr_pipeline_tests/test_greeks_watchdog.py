@@ -181,11 +181,16 @@ async def _wait_for(cond, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_a_reset_that_closes_the_socket_leaves_no_unretrieved_future(tmp_path, caplog):
+def test_a_reset_that_closes_the_socket_leaves_no_unretrieved_future(tmp_path, caplog,
+                                                                     monkeypatch):
     """After a reset ending in 1102, ib_async re-requests the account summary (which the
-    simulator, like a slow gateway, leaves unanswered); a later reset ending in a close
-    fails that request. The bridge retrieves it: no "Future exception was never
+    simulator, made a slow gateway here, leaves unanswered); a later reset ending in a
+    close fails that request. The bridge retrieves it: no "Future exception was never
     retrieved" (asyncio logs it at ERROR when the failed future is collected)."""
+    from ktrdr_pipeline.simulator.session import ClientSession
+
+    # the simulator answers reqAccountSummary (issue 12); a slow gateway does not yet
+    monkeypatch.setitem(ClientSession.HANDLERS, 62, lambda session, fields: None)
     with GatewayThread(clock=WEEKEND, latency="none", tick_interval=0.2) as gw:
         cfg = GreeksConfig.from_env({"KTRDR_DATA_DIR": str(tmp_path), "IB_PORT": str(gw.port),
                                      "IB_API_MODE": "SOCKET", "BRIDGE_POLL_INTERVAL": "1",
