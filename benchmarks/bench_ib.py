@@ -603,7 +603,7 @@ def bench_b(
     return {
         "description": (
             f"{lim.global_max * windows} distinct `{B_BAR}` requests per run "
-            f"({windows} global windows' worth), 2-hour chunks from plan_requests, "
+            f"({windows} global windows' worth), chunks from plan_requests (the default bar budget), "
             f"over {len(B_STOCKS)} stocks (TRADES, RTH) and {len(B_FX)} FX pairs "
             "(MIDPOINT, all hours), one fetch per contract, all concurrent on "
             "one connection and one governor; latency=realistic"
@@ -780,7 +780,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"- Repetitions: {res['reps']} per contender, alternating; medians reported. "
         f"Total benchmark time {res['total_s']:.0f} s.",
         f"- Simulator: {GATEWAY_MODES[res['gateway_mode']]}; clock {CLOCK.isoformat()}, "
-        "latency `realistic` (250 ms + 0.1 ms per bar per historical answer, at most 4 "
+        "latency `realistic` (an answer's time grows with its bars: simulator/latency.py; at most 4 "
         "requests for bars of 1 min and larger served at once).",
         "",
         "## (a) 1-min bars, one symbol, one month: ours vs. sequential 2-s loader",
@@ -811,8 +811,8 @@ def markdown(res: dict[str, Any]) -> str:
         "Why the global rule binds: every request is distinct (its own end time), so the "
         "identical-request rule never applies. The fetcher keeps at most one small-bar "
         "request in flight per contract and an answer takes "
-        f"{b['median_answer_s']:.2f} s (median; 250 ms + 0.1 ms x 1440 bars plus "
-        f"processing), so one contract offers at most ~{1 / b['median_answer_s']:.1f} "
+        f"{b['median_answer_s']:.2f} s (median, "
+        f"processing included), so one contract offers at most ~{1 / b['median_answer_s']:.1f} "
         "requests per second, i.e. at most one per "
         f"{b['same_contract_window_s']:g} s same-contract window where 5 are allowed. The "
         f"{b['contracts']} contracts together offer ~{b['contracts'] / b['median_answer_s']:.0f} "
