@@ -473,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmarks/.arcticdb-venv/bin/python)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     p.add_argument("--keep", type=Path, help="build the data here and keep it")
+    p.add_argument("--quick", action="store_true",
+                   help="only the DataFrame read and the bytes (parts 1-2), logged; skips "
+                        "the sql command at scale and the streaming, writes no results")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     arctic_py, why = arctic_python(args.arcticdb_python)
@@ -484,7 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         frame, files = symbol_year(data_dir)
         log.info("%d rows in %d files", len(frame), len(files))
         read = read_contenders(data_dir, frame, files, work, args.reps, arctic_py)
-        log.info("read: %s", read["median_ms"])
+        log.info("read: %s (%.2fx of ArcticDB)", read["median_ms"],
+                 read.get("ratio_vs_arcticdb", float("nan")))
+        log.info("bytes: %s", read["bytes"])
+        if args.quick:
+            return 0 if read["met_speed"] and read["met_bytes"] else 1
         sql, dirs = sql_scaling(work, files, args.sql_reps)
         log.info("sql: %s", sql["median_s"])
         stream = streaming(dirs, work)
