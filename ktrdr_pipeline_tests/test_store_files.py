@@ -32,6 +32,8 @@ def _answers(data_dir: Path) -> dict[str, object]:
         "periods_none": files.symbol_periods(data_dir, "1m", "NOPE"),
         "periods_1h": files.symbol_periods(data_dir, "1h", "AAPL"),
         "symbols_1m": files.stored_symbols(data_dir, "1m"),
+        "universe_1m": files.timeframe_files(data_dir, "1m"),
+        "universe_1d": files.timeframe_files(data_dir, "1d"),
         "symbols_1d": files.stored_symbols(data_dir, "1d"),
         "has_1m": files.has_files(data_dir, "1m"),
         "has_1m_spy": files.has_files(data_dir, "1m", "SPY"),
@@ -81,6 +83,8 @@ def test_manifest_and_listing_give_the_same_files(tmp_path: Path) -> None:
     # the premise of the comparison: the questions have non-trivial answers
     assert [p for p, _ in from_listing["periods_aapl"]] == ["2024-02", "2024-03", "2024-04"]
     assert from_listing["symbols_1m"] == ["AAPL", "SPY"]
+    assert from_listing["universe_1m"] == {"AAPL": from_listing["periods_aapl"],
+                                           "SPY": from_listing["periods_spy"]}
     assert len(from_listing["spy"]) == 2 and len(from_listing["march"]) == 2
     assert len(from_listing["aapl_march"]) == 1 and from_listing["nothing"] == []
     assert from_listing["has_1m_spy"] and not from_listing["has_1d"]
@@ -92,6 +96,8 @@ def test_a_settled_manifest_answers_without_listing_a_directory(tmp_path: Path,
     expected = store.read_range("1m", "SPY", date(2000, 1, 1), date(2100, 1, 1))
     request.getfixturevalue("no_listing")
     assert files.stored_symbols(tmp_path, "1m") == ["AAPL", "SPY"]
+    assert list(files.timeframe_files(tmp_path, "1m")) == ["AAPL", "SPY"]
+    assert len(ktrdr_pipeline.latest_bars("1m", 3, data_dir=tmp_path)) == 6
     assert [p for p, _ in files.symbol_periods(tmp_path, "1m", "AAPL")] == [
         "2024-02", "2024-03", "2024-04"]
     sources = files.timeframe_sources(tmp_path, "1m", ["SPY"])

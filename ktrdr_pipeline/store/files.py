@@ -140,6 +140,21 @@ def symbol_periods(data_dir: Path | str, timeframe: str, symbol: str) -> list[tu
     return sorted(out)
 
 
+def timeframe_files(data_dir: Path | str,
+                    timeframe: str) -> dict[str, list[tuple[str, Path]]]:
+    """Per stored symbol of ``timeframe`` (sorted), its :func:`symbol_periods`: one manifest
+    query for the whole universe when it is settled (instead of a query per symbol), else a
+    listing per symbol."""
+    listed = _manifest(data_dir).settled_files(timeframe)
+    if listed is None:
+        return {sym: symbol_periods(data_dir, timeframe, sym)
+                for sym in stored_symbols(data_dir, timeframe)}
+    out: dict[str, list[tuple[str, Path]]] = {}
+    for sym, period, rel in listed:
+        out.setdefault(sym, []).append((period, _file(data_dir, rel)))
+    return out
+
+
 def stored_symbols(data_dir: Path | str, timeframe: str) -> list[str]:
     """Symbols with at least one file at ``timeframe``: the manifest's when it is settled,
     else one listing of the timeframe's directory."""

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from ..domain.bars import BAR_COLUMNS
 from ..domain.symbols import check_storage_key
 from ..domain.timeframes import TIMEFRAMES, Timeframe, get_timeframe
-from .files import stored_symbols, symbol_periods
+from .files import stored_symbols, symbol_periods, timeframe_files
 
 #: Columns one may ask for besides the bar columns (constants of each file's path).
 PATH_COLUMNS = ("symbol", "period")
@@ -273,8 +273,8 @@ def recent_files(data_dir: Path | str, timeframe: str, n: int) -> list[Path]:
     """Per symbol of ``timeframe``, the files of its newest periods that hold its last
     ``n`` bars (what ``latest_bars`` reads)."""
     out: list[Path] = []
-    for symbol in stored_symbols(data_dir, timeframe):
-        out += [p for _, p in _newest_files(symbol_periods(data_dir, timeframe, symbol), n)]
+    for periods in timeframe_files(data_dir, timeframe).values():
+        out += [p for _, p in _newest_files(periods, n)]
     return out
 
 
@@ -292,12 +292,13 @@ def latest_bars(timeframe: str | Timeframe, n: int, *, symbols: Sequence[str] | 
     cols = [c for c in _columns(columns) if c != "symbol"]
     _output(as_)
     root = _data_dir(data_dir)
-    stored = stored_symbols(root, tf.name)
+    universe = timeframe_files(root, tf.name)  # one manifest query, not one per symbol
+    stored = list(universe)
     if symbols is None:
         wanted = stored
     else:
         wanted = [_symbol(s) for s in ([symbols] if isinstance(symbols, str) else symbols)]
-        missing = [s for s in wanted if s not in stored]
+        missing = [s for s in wanted if s not in universe]
         if missing:
             raise BarReadError(f"no {tf.name} bars stored for {', '.join(map(repr, missing))}; "
                                f"symbols with {tf.name} bars: {', '.join(stored) or 'none'}")
@@ -306,7 +307,7 @@ def latest_bars(timeframe: str | Timeframe, n: int, *, symbols: Sequence[str] | 
     for symbol in wanted:
         tables: list[pa.Table] = []
         rows = 0
-        for period, path in reversed(symbol_periods(root, tf.name, symbol) if n else []):
+        for period, path in reversed(universe[symbol] if n else []):
             if rows >= n:
                 break
             table = _read_file(path, file_cols)
