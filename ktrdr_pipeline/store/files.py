@@ -54,9 +54,10 @@ def _manifest(data_dir: Path | str) -> SqliteManifest:
     return SqliteManifest(Path(data_dir) / MANIFEST_FILE)
 
 
-def _file(data_dir: Path | str, relative: str) -> Path:
-    """A manifest path (relative to the data directory) as the listing would give it."""
-    return Path(data_dir).resolve() / relative
+def _file(root: Path, relative: str) -> Path:
+    """A manifest path (relative to the data directory) as the listing would give it;
+    ``root``: the resolved data directory (resolved once per answer, not per file)."""
+    return root / relative
 
 
 def _is_key(text: str) -> bool:
@@ -102,7 +103,8 @@ def timeframe_sources(data_dir: Path | str, timeframe: str,
     listed = _manifest(data_dir).settled_files(timeframe, syms, pers)
     if listed is not None:
         _root_text(data_dir)  # DuckDB reads a path as a glob too: refuse glob characters
-        return [_file(data_dir, rel).as_posix() for _, _, rel in listed]
+        root = Path(data_dir).resolve()
+        return [_file(root, rel).as_posix() for _, _, rel in listed]
     out = []
     base = bars_root(data_dir) / f"timeframe={timeframe}"
     for sym in syms if syms is not None else ["*"]:
@@ -124,7 +126,8 @@ def symbol_periods(data_dir: Path | str, timeframe: str, symbol: str) -> list[tu
     caller validates its arguments)."""
     listed = _manifest(data_dir).settled_files(timeframe, [symbol])
     if listed is not None:
-        return [(period, _file(data_dir, rel)) for _, period, rel in listed]
+        root = Path(data_dir).resolve()
+        return [(period, _file(root, rel)) for _, period, rel in listed]
     base = bars_root(data_dir) / f"timeframe={timeframe}" / f"symbol={symbol}"
     try:
         entries = list(os.scandir(base))
@@ -150,8 +153,9 @@ def timeframe_files(data_dir: Path | str,
         return {sym: symbol_periods(data_dir, timeframe, sym)
                 for sym in stored_symbols(data_dir, timeframe)}
     out: dict[str, list[tuple[str, Path]]] = {}
+    root = Path(data_dir).resolve()
     for sym, period, rel in listed:
-        out.setdefault(sym, []).append((period, _file(data_dir, rel)))
+        out.setdefault(sym, []).append((period, _file(root, rel)))
     return out
 
 
