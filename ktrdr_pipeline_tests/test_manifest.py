@@ -127,6 +127,27 @@ def test_a_deleted_manifest_is_rebuilt_by_the_command_and_by_readers(tmp_path: P
     assert_agrees(store)
 
 
+def test_coverage_command_starts_without_pandas_pyarrow_or_the_calendars(
+        tmp_path: Path) -> None:
+    """With a settled manifest, ``coverage`` is one SQLite query: its process imports
+    neither the Parquet layer (pandas, pyarrow) nor the calendars, Dagster or the IB
+    client (issue 15: coverage under 1 s end to end)."""
+    store = BarStore(tmp_path)
+    write(store, "1m", "AAPL", "2024-03", minute_frame("2024-03-04 14:30", 50))
+    env = {**subprocess_env(), "KTRDR_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "ktrdr_pipeline.cli",
+                           "coverage", "--format", "json"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [r["rows"] for r in json.loads(done.stdout)] == [50]
+    modules = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+               if line.startswith("import time:") and "|" in line}
+    assert "sqlite3" in modules  # the premise: -X importtime lists what was imported
+    heavy = {m for m in modules if m.split(".")[0] in (
+        "pandas", "pyarrow", "dagster", "ib_async", "exchange_calendars", "pandera")}
+    assert not heavy, sorted(heavy)[:10]
+
+
 def dataclass_without_mtime(entry: ManifestEntry) -> tuple:
     return (*entry.key, entry.rows, entry.first_bar, entry.last_bar, entry.size)
 

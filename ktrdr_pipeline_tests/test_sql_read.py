@@ -105,6 +105,36 @@ def test_read_bars_columns_and_path_columns(tmp_path: Path) -> None:
     assert [tuple(r) for r in res.rows] == list(counts.items())
 
 
+def test_files_written_with_the_earlier_options_read_the_same(tmp_path: Path) -> None:
+    """New writes use LZ4 and no Arrow schema in the footer; a partition written before
+    (zstd, dictionary, Arrow schema stored) reads back the same bars and metadata next to
+    the new ones, through read_bars, the store and the sql views."""
+    store = _fill(tmp_path)
+    lo, hi = pd.Timestamp("2024-01-01", tz=UTC), pd.Timestamp("2025-01-01", tz=UTC)
+    expected = store.read_range("1m", "AAPL", lo, hi)
+    meta = store.read_meta("1m", "AAPL", "2024-03")
+    new = pq.ParquetFile(store.path("1m", "AAPL", "2024-03"))
+    assert new.metadata.row_group(0).column(0).compression == "LZ4"  # LZ4_RAW in the file
+    assert b"ARROW:schema" not in new.metadata.metadata and b"ktrdr" in new.metadata.metadata
+    assert new.schema_arrow.field("ts").type == pa.timestamp("us", tz="UTC")
+    old = store.path("1m", "AAPL", "2024-03")
+    table = pq.read_table(old)
+    pq.write_table(table, old, compression="zstd", compression_level=3,
+                   use_dictionary=["open", "high", "low", "close", "volume", "wap"],
+                   column_encoding={"ts": "DELTA_BINARY_PACKED",
+                                    "bar_count": "DELTA_BINARY_PACKED"})
+    assert pq.ParquetFile(old).metadata.row_group(0).column(0).compression == "ZSTD"
+    assert b"ARROW:schema" in pq.ParquetFile(old).metadata.metadata
+    pd.testing.assert_frame_equal(ktrdr_pipeline.read_bars("AAPL", "1m", data_dir=tmp_path),
+                                  expected)
+    pd.testing.assert_frame_equal(store.read_range("1m", "AAPL", lo, hi), expected)
+    assert store.read_meta("1m", "AAPL", "2024-03") == meta
+    res = cat.run_query(tmp_path, "SELECT count(*), sum(close) FROM bars_1m "
+                                  "WHERE symbol = 'AAPL'")
+    assert res.rows[0][0] == len(expected)
+    assert res.rows[0][1] == pytest.approx(expected["close"].sum())
+
+
 def test_read_bars_reads_only_the_periods_of_the_range(tmp_path: Path) -> None:
     _fill(tmp_path)
     _spoil(_files(tmp_path, "1m", "AAPL")[:1])  # 2024-02: outside the range below

@@ -1,12 +1,14 @@
 """Which Parquet files hold the bars of a timeframe, a symbol, a period: the one place
 readers (the ``sql`` views, :func:`~ktrdr_pipeline.store.read.read_bars`) ask.
 
-Today the answers come from the directory layout of :mod:`.parquet`
-(``bars/timeframe=<tf>/symbol=<SYM>/period=<key>/data.parquet``): DuckDB globs for the
-views, one directory listing for a symbol's periods. This module is the seam for the
-partition manifest: once it knows every partition's file, :func:`timeframe_sources` can
-return explicit paths (and :func:`symbol_periods` the manifest's rows) instead of globs
-and listings, and no reader changes.
+The answers come from the partition manifest (:mod:`.manifest`) when it is settled
+(complete, this version, no write in flight): one SQLite query, no directory listed, so a
+one-symbol query at 2,000 symbols opens that symbol's files and nothing else. Otherwise
+(no manifest yet, a write in flight, a manifest to rebuild) they come from the directory
+layout of :mod:`.parquet` (``bars/timeframe=<tf>/symbol=<SYM>/period=<key>/data.parquet``):
+DuckDB globs for the views, one directory listing for a symbol's periods. Both give the
+same files; readers never repair the manifest here (the store's own reads and ``manifest
+rebuild`` do), so a reader never waits on a rebuild.
 
 Light on purpose (no pandas, no pyarrow, no DuckDB): the ``sql`` command imports it at
 start-up.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from ..domain.symbols import STORAGE_KEY_PATTERN
 from ..domain.timeframes import TIMEFRAMES
+from .manifest import MANIFEST_FILE, SqliteManifest
 
 FILE_NAME = "data.parquet"
 _GLOB_CHARS = "*?[]{}"
@@ -47,6 +50,16 @@ def glob_of(data_dir: Path | str, timeframe: str = "*", symbol: str = "*",
             f"{FILE_NAME}")
 
 
+def _manifest(data_dir: Path | str) -> SqliteManifest:
+    return SqliteManifest(Path(data_dir) / MANIFEST_FILE)
+
+
+def _file(root: Path, relative: str) -> Path:
+    """A manifest path (relative to the data directory) as the listing would give it;
+    ``root``: the resolved data directory (resolved once per answer, not per file)."""
+    return root / relative
+
+
 def _is_key(text: str) -> bool:
     """A string that can name a stored symbol or period: no separators, no glob
     characters, no ``..`` (anything else names no file, so it can be dropped)."""
@@ -54,8 +67,12 @@ def _is_key(text: str) -> bool:
 
 
 def has_files(data_dir: Path | str, timeframe: str, symbol: str | None = None) -> bool:
-    """Whether at least one file of ``timeframe`` (and ``symbol``) exists; stops at the
-    first one found."""
+    """Whether at least one file of ``timeframe`` (and ``symbol``) exists: one manifest
+    query, else the directory walk stops at the first file found."""
+    found = _manifest(data_dir).settled_files(
+        timeframe, None if symbol is None else [symbol], limit=1)
+    if found is not None:
+        return bool(found)
     base = bars_root(data_dir) / f"timeframe={timeframe}"
     pattern = f"symbol={symbol or '*'}/period=*/{FILE_NAME}"
     return next(iter(base.glob(pattern)), None) is not None
@@ -70,22 +87,30 @@ def timeframe_sources(data_dir: Path | str, timeframe: str,
     glob that matches nothing).
 
     A symbol or period that cannot name a file (not a storage key) is dropped: a filter
-    on it selects no stored bar anyway. Each remaining glob is checked to match at least
-    one file (one directory look-up each). Seam: with the partition manifest this returns
-    the partitions' file paths and lists no directory.
+    on it selects no stored bar anyway. With a settled manifest a narrowed answer is the
+    partitions' file paths (no directory listed; DuckDB opens exactly those), and the
+    whole timeframe is its glob when the manifest holds any of its files. Without, each
+    glob is checked to match at least one file (one directory look-up each).
     """
     if timeframe not in TIMEFRAMES:
         raise ValueError(f"unknown timeframe {timeframe!r}; allowed: {', '.join(TIMEFRAMES)}")
-    if symbols is None and periods is None:
+    syms = sorted({s for s in symbols if _is_key(s)}) if symbols is not None else None
+    pers = sorted({p for p in periods if _is_key(p)}) if periods is not None else None
+    if syms == [] or pers == []:
+        return []
+    if syms is None and pers is None:
         return [glob_of(data_dir, timeframe)] if has_files(data_dir, timeframe) else []
-    syms = sorted({s for s in symbols if _is_key(s)}) if symbols is not None else ["*"]
-    pers = sorted({p for p in periods if _is_key(p)}) if periods is not None else ["*"]
+    listed = _manifest(data_dir).settled_files(timeframe, syms, pers)
+    if listed is not None:
+        _root_text(data_dir)  # DuckDB reads a path as a glob too: refuse glob characters
+        root = Path(data_dir).resolve()
+        return [_file(root, rel).as_posix() for _, _, rel in listed]
     out = []
     base = bars_root(data_dir) / f"timeframe={timeframe}"
-    for sym in syms:
+    for sym in syms if syms is not None else ["*"]:
         if sym != "*" and not (base / f"symbol={sym}").is_dir():
             continue
-        for per in pers:
+        for per in pers if pers is not None else ["*"]:
             if sym != "*" and per != "*":
                 if not (base / f"symbol={sym}" / f"period={per}" / FILE_NAME).is_file():
                     continue
@@ -97,8 +122,12 @@ def timeframe_sources(data_dir: Path | str, timeframe: str,
 
 def symbol_periods(data_dir: Path | str, timeframe: str, symbol: str) -> list[tuple[str, Path]]:
     """``(period, file)`` of every stored partition of ``symbol`` at ``timeframe``, in
-    period order (one directory listing; the caller validates its arguments). Seam: the
-    manifest's rows once it exists."""
+    period order: the manifest's rows when it is settled, else one directory listing (the
+    caller validates its arguments)."""
+    listed = _manifest(data_dir).settled_files(timeframe, [symbol])
+    if listed is not None:
+        root = Path(data_dir).resolve()
+        return [(period, _file(root, rel)) for _, period, rel in listed]
     base = bars_root(data_dir) / f"timeframe={timeframe}" / f"symbol={symbol}"
     try:
         entries = list(os.scandir(base))
@@ -114,8 +143,28 @@ def symbol_periods(data_dir: Path | str, timeframe: str, symbol: str) -> list[tu
     return sorted(out)
 
 
+def timeframe_files(data_dir: Path | str,
+                    timeframe: str) -> dict[str, list[tuple[str, Path]]]:
+    """Per stored symbol of ``timeframe`` (sorted), its :func:`symbol_periods`: one manifest
+    query for the whole universe when it is settled (instead of a query per symbol), else a
+    listing per symbol."""
+    listed = _manifest(data_dir).settled_files(timeframe)
+    if listed is None:
+        return {sym: symbol_periods(data_dir, timeframe, sym)
+                for sym in stored_symbols(data_dir, timeframe)}
+    out: dict[str, list[tuple[str, Path]]] = {}
+    root = Path(data_dir).resolve()
+    for sym, period, rel in listed:
+        out.setdefault(sym, []).append((period, _file(root, rel)))
+    return out
+
+
 def stored_symbols(data_dir: Path | str, timeframe: str) -> list[str]:
-    """Symbols with at least one file at ``timeframe`` (for error messages)."""
+    """Symbols with at least one file at ``timeframe``: the manifest's when it is settled,
+    else one listing of the timeframe's directory."""
+    listed = _manifest(data_dir).settled_symbols(timeframe)
+    if listed is not None:
+        return listed
     base = bars_root(data_dir) / f"timeframe={timeframe}"
     try:
         entries = list(os.scandir(base))

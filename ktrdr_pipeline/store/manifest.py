@@ -353,6 +353,58 @@ class SqliteManifest:
                 raise
         return [Intent(*r) for r in rows]
 
+    # -- one-connection answers for readers that list files (:mod:`.files`) --------------
+    def _settled_select(self, sql: str, args: Sequence) -> list[tuple] | None:
+        """``sql``'s rows when the manifest is settled (complete, this version, no write in
+        flight), read in one connection and one read transaction (one snapshot); None
+        otherwise (the caller then lists the files). Costs one connection (~0.4 ms), a
+        third of :meth:`complete` + :meth:`intents` + :meth:`scan`."""
+        if not self.exists():
+            return None
+        try:
+            with self._connect() as con:
+                def read() -> list[tuple] | None:
+                    con.execute("BEGIN")
+                    try:
+                        state = dict(con.execute("SELECT key, value FROM state").fetchall())
+                        if (state.get("complete") != "1"
+                                or state.get("version") != str(SCHEMA_VERSION)
+                                or con.execute("SELECT 1 FROM intents LIMIT 1").fetchone()):
+                            return None
+                        return con.execute(sql, args).fetchall()
+                    finally:
+                        if con.in_transaction:
+                            con.execute("COMMIT")
+
+                return self._retry(read)  # type: ignore[return-value]
+        except sqlite3.DatabaseError as exc:  # not a database, no tables yet
+            if is_sqlite_locked(exc):
+                raise
+            log.debug("manifest %s unusable: %s", self.path, exc)
+            return None
+
+    def settled_files(self, timeframe: str, symbols: Sequence[str] | None = None,
+                      periods: Sequence[str] | None = None, *,
+                      limit: int | None = None) -> list[tuple[str, str, str]] | None:
+        """``(symbol, period, path)`` of the partitions of ``timeframe`` (of ``symbols`` /
+        ``periods`` when given), sorted by symbol and period, ``path`` relative to the data
+        directory; None when the manifest is not settled (see :meth:`_settled_select`)."""
+        where, args = ["timeframe = ?"], [timeframe]
+        for column, values in (("symbol", symbols), ("period", periods)):
+            if values is not None:
+                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                args.extend(values)
+        sql = (f"SELECT symbol, period, path FROM partitions WHERE {' AND '.join(where)} "
+               "ORDER BY symbol, period" + (f" LIMIT {int(limit)}" if limit else ""))
+        return self._settled_select(sql, args)  # type: ignore[return-value]
+
+    def settled_symbols(self, timeframe: str) -> list[str] | None:
+        """The symbols with at least one partition of ``timeframe``, sorted; None when the
+        manifest is not settled."""
+        rows = self._settled_select("SELECT DISTINCT symbol FROM partitions WHERE "
+                                    "timeframe = ? ORDER BY symbol", (timeframe,))
+        return None if rows is None else [r[0] for r in rows]
+
     def _set_aside_if_unreadable(self) -> None:
         """Rename a manifest SQLite cannot read (not a database, corrupt) out of the way, so
         that a rebuild starts afresh; the files are the truth."""
