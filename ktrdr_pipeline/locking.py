@@ -113,3 +113,19 @@ def retry_while_locked(
                 on_retry(exc, delay)
         sleep(delay)
         delay = min(delay * 2, max_delay_s)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a zombie counts as alive until reaped);
+    used to tell a dead writer's lease, intent or temporary file from a live one's."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True

@@ -58,8 +58,8 @@ from ktrdr_pipeline.ib.ledger import (
     Reservation,
     SlotPolicy,
     SqlitePacingLedger,
-    pid_alive,
 )
+from ktrdr_pipeline.locking import pid_alive
 
 FAST = PacingLimits(time_scale=0.01)  # identical 0.15 s, contract 20 ms, global 6 s
 #: Where virtual time starts (any moment well past the epoch will do).

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from ..domain.ib_rules import MAX_OPEN_HISTORICAL_REQUESTS, PacingLimits
 from ..domain.pacing import PacedRequest, PacingEvent, PacingWindow
-from ..locking import is_sqlite_locked, retry_while_locked
+from ..locking import is_sqlite_locked, pid_alive, retry_while_locked
 
 log = logging.getLogger(__name__)
 
@@ -223,19 +223,6 @@ def penalty_key(paced: bool) -> str:
 
 def _lease_wait(leases: list[Lease], now: float) -> float:
     return max(0.0, min((lease.expires_at for lease in leases), default=now) - now)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (a zombie counts as alive until reaped)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 def _lease_is_stale(lease: Lease, now: float, host: str, alive: dict[int, bool]) -> bool:

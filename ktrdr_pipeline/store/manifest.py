@@ -53,7 +53,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ..locking import is_sqlite_locked, retry_while_locked
+from ..locking import is_sqlite_locked, pid_alive, retry_while_locked
 
 if TYPE_CHECKING:
     from ..domain.bars import PartitionMeta
@@ -129,7 +129,7 @@ class Intent:
             return True
         if self.host != socket.gethostname():
             return False  # another machine's writer: only its age tells
-        return not _pid_alive(self.pid)
+        return not pid_alive(self.pid)
 
 
 @dataclass(frozen=True)
@@ -176,18 +176,6 @@ class PartitionManifest(Protocol):
     def rebuild(self, entries: Iterable[ManifestEntry],
                 recheck: Callable[[Key, ManifestEntry | None], ManifestEntry | None],
                 keep_intents: Callable[[Intent], bool]) -> int: ...
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 _COLUMNS = ("timeframe", "symbol", "period", "rows", "first_bar", "last_bar", "last_completed",

@@ -60,6 +60,7 @@ import pyarrow.parquet as pq
 from ..domain.bars import BAR_COLUMNS, FORMAT_VERSION, FetchState, PartitionMeta, empty_bars
 from ..domain.symbols import check_storage_key
 from ..domain.timeframes import TIMEFRAMES, Timeframe
+from ..locking import pid_alive
 from .locks import FilePartitionLock, PartitionLock
 from .manifest import (
     MANIFEST_FILE,
@@ -153,18 +154,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def _write_table(table: pa.Table, sink: Any, row_groups: list[int] | None = None) -> None:
@@ -744,7 +733,7 @@ class BarStore:
                 except FileNotFoundError:
                     continue
                 # a live writer's (this process's other threads included) is left alone
-                if _pid_alive(pid) and age < STALE_TMP_AGE_S:
+                if pid_alive(pid) and age < STALE_TMP_AGE_S:
                     continue
             log.info("removing stale temporary file %s", entry.path)
             with contextlib.suppress(FileNotFoundError):
