@@ -621,6 +621,30 @@ def _restriction(expr: dict, qualifiers: set[str]) -> tuple[str, frozenset[str]]
     return None
 
 
+def _parse_tree(con: duckdb.DuckDBPyConnection, statement: str) -> dict | None:
+    """DuckDB's own parse tree of ``statement`` (``json_serialize_sql``); None when DuckDB
+    cannot serialise it (DESCRIBE, EXPLAIN, a syntax error, ...)."""
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [statement]).fetchone()[0])
+    except (duckdb.Error, ValueError, TypeError):
+        return None
+    if not isinstance(tree, dict) or tree.get("error"):
+        return None
+    return tree
+
+
+def _dict_nodes(node: Any) -> Iterator[dict]:
+    """Every object of a parse tree, each before the objects inside it (pre-order)."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            yield item
+            stack.extend(reversed(list(item.values())))
+
+
 def partition_filters(con: duckdb.DuckDBPyConnection, statement: str,
                       views: Iterable[str]) -> dict[str, list[Narrowing]]:
     """Per view of ``views`` that ``statement`` reads only through filtered references,
@@ -639,11 +663,8 @@ def partition_filters(con: duckdb.DuckDBPyConnection, statement: str,
     views = {v.lower() for v in views if v.lower() in _PARTITION_COLUMNS}
     if not views:
         return {}
-    try:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [statement]).fetchone()[0])
-    except (duckdb.Error, ValueError, TypeError):
-        return {}
-    if not isinstance(tree, dict) or tree.get("error"):
+    tree = _parse_tree(con, statement)
+    if tree is None:
         return {}
     refs: dict[str, list[Narrowing | None]] = {}
     claimed: set[int] = set()
@@ -656,13 +677,7 @@ def partition_filters(con: duckdb.DuckDBPyConnection, statement: str,
         name = str(table.get("table_name") or "").lower()
         return name if name in views else None
 
-    def walk(node: Any) -> None:
-        if isinstance(node, list):
-            for item in node:
-                walk(item)
-            return
-        if not isinstance(node, dict):
-            return
+    for node in _dict_nodes(tree.get("statements")):  # a SELECT before its FROM table
         if node.get("type") == "SELECT_NODE":
             table = node.get("from_table")
             if isinstance(table, dict) and table.get("type") == "BASE_TABLE":
@@ -685,10 +700,6 @@ def partition_filters(con: duckdb.DuckDBPyConnection, statement: str,
         text = _string_constant(node)
         if text is not None:
             strings.append(text.lower())
-        for value in node.values():
-            walk(value)
-
-    walk(tree.get("statements"))
     out: dict[str, list[Narrowing]] = {}
     for name, seen in refs.items():
         if any(r is None or all(v is None for v in r.values()) for r in seen) or any(
@@ -707,19 +718,11 @@ def _latest_calls(con: duckdb.DuckDBPyConnection, statement: str) -> dict[str, i
     largest ``n`` per timeframe; None when there are none (or they are not constants)."""
     if LATEST_BARS not in statement.lower():
         return None
-    try:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [statement]).fetchone()[0])
-    except (duckdb.Error, ValueError, TypeError):
+    tree = _parse_tree(con, statement)
+    if tree is None:
         return None
     calls: dict[str, int] = {}
-
-    def walk(node: Any) -> None:
-        if isinstance(node, list):
-            for item in node:
-                walk(item)
-            return
-        if not isinstance(node, dict):
-            return
+    for node in _dict_nodes(tree.get("statements")):
         if (node.get("class") == "FUNCTION"
                 and str(node.get("function_name", "")).lower() == LATEST_BARS):
             args = node.get("children") or [a.get("expression") for a in
@@ -733,10 +736,6 @@ def _latest_calls(con: duckdb.DuckDBPyConnection, statement: str) -> dict[str, i
                     n = -1
                 if tf in TIMEFRAMES and n >= 0:
                     calls[tf] = max(calls.get(tf, 0), n)
-        for value in node.values():
-            walk(value)
-
-    walk(tree.get("statements"))
     return calls or None
 
 
