@@ -29,6 +29,12 @@ it), medians reported:
    cache parsed per symbol, each newest partition read whole, the expected bars computed per
    symbol). Targets: under 5 s at 2,000 symbols, growth from 500 to 2,000 at most linear.
    ``--profile`` adds a cProfile of one evaluation at the largest size.
+3. the ``sql`` command end to end (a subprocess forked from a small launcher, as from a
+   shell: interpreter, imports, the views the statement names, the query) and its peak RSS:
+   ``sql "select 1"`` and a one-symbol query over the universe's finest timeframe (``bars_1m``
+   or ``bars_5s``, one symbol's year), the universes alternating within each round.
+   Targets: the one-symbol query under 0.5 s on every universe and, on the 1-minute
+   universes, within 1.5x of its time at the smallest.
 
 Results go to ``benchmarks/results/scale.{json,md}``. Building the 2,000-symbol universe
 writes ~26,000 files (about 15 minutes on 2 shared cores) and 500 × 125 days of 5-second
@@ -86,6 +92,10 @@ SEED = 20250101
 TARGET_SENSOR_S = 5.0
 TARGET_COVERAGE_S = 1.0
 TARGET_COVERAGE_MB = 300.0
+TARGET_SQL_S = 0.5
+TARGET_SQL_GROWTH = 1.5
+#: The symbol of the one-symbol queries (present in every universe of 50 symbols or more).
+PROBE = "S0042"  # symbol_names(n)[42]
 
 
 # -- the universe ---------------------------------------------------------------------------
@@ -511,12 +521,60 @@ def run_size(data_dir: Path, label: str, timeframes: str, reps: int,
     return out
 
 
+def sql_statements(timeframes: str) -> dict[str, str]:
+    """The ``sql`` command's statements measured on a universe: ``select 1`` (the set-up
+    every call pays) and a one-symbol query over its finest timeframe's view."""
+    tf = timeframes.split(",")[0]
+    lo, hi = f"{YEAR}-01-01", f"{YEAR + 1}-01-01"
+    return {"select_1": "select 1",
+            "one_symbol": f"SELECT max(high), count(*) FROM bars_{tf} WHERE symbol = '{PROBE}' "
+                          f"AND ts >= '{lo}' AND ts < '{hi}'"}
+
+
+def sql_across(universes: list[tuple[str, Path, str, dict]],
+               reps: int) -> dict[str, dict[str, Any]]:
+    """The ``sql`` command end to end (a subprocess from a small launcher, as from a shell:
+    interpreter, imports, views, query) with its peak RSS, on every universe, the universes
+    alternating within each round (round 0 warms the file system caches and is not
+    counted). Returns per universe label the medians, peaks and answers."""
+    from benchmarks.bench_read import run_sql_rss
+
+    times: dict[str, dict[str, list[float]]] = {u[0]: {} for u in universes}
+    peaks: dict[str, dict[str, int]] = {u[0]: {} for u in universes}
+    answers: dict[str, dict[str, set[str]]] = {u[0]: {} for u in universes}
+    for k in range(reps + 1):
+        for label, d, tfs, _ in universes:
+            for name, stmt in sql_statements(tfs).items():
+                dt, peak_kb, out = run_sql_rss(d, [stmt, "--format", "csv"])
+                answers[label].setdefault(name, set()).add(out)
+                if k:
+                    times[label].setdefault(name, []).append(dt)
+                    peaks[label][name] = max(peaks[label].get(name, 0), peak_kb)
+            log.info("  sql on %s: %s", label,
+                     {n: round(v[-1], 3) for n, v in times[label].items()})
+    out: dict[str, dict[str, Any]] = {}
+    for label, per in times.items():
+        for name, outs in answers[label].items():
+            if len(outs) != 1:
+                raise AssertionError(f"{label}: {name} answered differently: {outs}")
+        one = answers[label]["one_symbol"].pop().splitlines()[-1]
+        if int(one.split(",")[-1]) == 0:
+            raise AssertionError(f"{label}: the one-symbol query found no bars of {PROBE}")
+        out[label] = {
+            "sql_statements": sql_statements(next(u[2] for u in universes if u[0] == label)),
+            **{f"sql_{n}_s": round(statistics.median(v), 4) for n, v in per.items()},
+            **{f"sql_{n}_peak_mb": round(kb / 1024, 1) for n, kb in peaks[label].items()},
+            "sql_one_symbol_answer": one,
+            "sql_runs_s": {n: [round(x, 4) for x in v] for n, v in per.items()}}
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     def ok(flag: bool) -> str:
         return "met" if flag else "**not met**"
 
     lines = [
-        "# Scale: coverage and the tail-fill sensor from 50 to 2,000 symbols", "",
+        "# Scale: coverage, the sql command and the tail-fill sensor from 50 to 2,000 symbols", "",
         f"{res['date']}, {res['cores']} cores, Python {res['python']}. Produced by "
         f"`python -m benchmarks.bench_scale {' '.join(res['argv'])}`; medians of "
         f"alternating runs, each in a fresh process (each universe's date and command in "
@@ -525,6 +583,16 @@ def markdown(res: dict[str, Any]) -> str:
         "| its work | peak | `sql` coverage | sensor | sensor before | stale |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    sql_rows = ["", "The `sql` command end to end (a subprocess, as from a shell), medians and "
+                "peak RSS; the universes alternate within each round:", "",
+                "| universe | `sql \"select 1\"` | peak | one-symbol query | peak | statement |",
+                "|---|---|---|---|---|---|"]
+    for label, r in res["sizes"].items():
+        if "sql_select_1_s" in r:
+            sql_rows.append(
+                f"| {label} | {r['sql_select_1_s'] * 1000:.0f} ms | "
+                f"{r['sql_select_1_peak_mb']:.0f} MB | {r['sql_one_symbol_s'] * 1000:.0f} ms | "
+                f"{r['sql_one_symbol_peak_mb']:.0f} MB | `{r['sql_statements']['one_symbol']}` |")
     for label, r in res["sizes"].items():
         lines.append(
             f"| {label} | {r['build']['files']:,} | {r['coverage_wall_s']:.2f} s | "
@@ -533,6 +601,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['coverage_scan_s']:.2f} s | "
             f"{r['coverage_scan_peak_mb']:.0f} MB | {r['coverage_sql_s'] * 1000:.0f} ms | "
             f"{r['sensor_s']:.2f} s | {r['sensor_legacy_s']:.2f} s | {r['sensor_requests']} |")
+    lines += sql_rows
     t = res["targets"]
     lines += ["", "Targets:", ""]
     for name, (value, met) in t.items():
@@ -571,6 +640,18 @@ def judge(sizes: dict[str, dict[str, Any]]) -> dict[str, tuple[str, bool]]:
             f"{r['coverage_peak_mb']:.0f} MB", r["coverage_peak_mb"] < TARGET_COVERAGE_MB)
     by_n = {r["build"]["symbols"]: r for r in sizes.values() if not r["build"].get(
         "seconds_sessions")}
+    base = by_n.get(min(by_n)) if by_n else None
+    for label, r in sizes.items():
+        if "sql_one_symbol_s" not in r:
+            continue
+        t = r["sql_one_symbol_s"]
+        targets[f"sql one-symbol query under {TARGET_SQL_S:g} s end to end ({label})"] = (
+            f"{t * 1000:.0f} ms", t < TARGET_SQL_S)
+        if base is not None and r is not base and "sql_one_symbol_s" in base:
+            ratio = t / base["sql_one_symbol_s"]
+            targets[f"sql one-symbol query within {TARGET_SQL_GROWTH:g}x of "
+                    f"{base['build']['symbols']} symbols ({label})"] = (
+                f"{ratio:.2f}x", ratio <= TARGET_SQL_GROWTH)
     if 2000 in by_n:
         sensor = by_n[2000]["sensor_s"]
         targets[f"sensor under {TARGET_SENSOR_S:g} s at 2,000 symbols"] = (
@@ -628,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, d, tfs, built in universes:
             prof = work / "sensor.prof.txt" if args.profile and d == largest[1] else None
             results[label] = {"build": built, **run_size(d, label, tfs, args.reps, prof)}
+        log.info("measuring the sql command on every universe")
+        for label, figures in sql_across(universes, args.reps).items():
+            results[label].update(figures)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -105,6 +105,26 @@ def test_read_bars_columns_and_path_columns(tmp_path: Path) -> None:
     assert [tuple(r) for r in res.rows] == list(counts.items())
 
 
+def test_unreadable_and_missing_files_are_named(tmp_path: Path) -> None:
+    """A file that is not Parquet is the same clear error, naming it, for the research read
+    and the store's own reads; a partition never written reads as empty in the store, and
+    a file the manifest lists but which is gone is an error for the research read."""
+    store = _fill(tmp_path)
+    spoilt = store.path("1m", "AAPL", "2024-03")
+    spoilt.write_bytes(b"not parquet")
+    for read in (lambda: ktrdr_pipeline.read_bars("AAPL", "1m", data_dir=tmp_path),
+                 lambda: store.read("1m", "AAPL", "2024-03"),
+                 lambda: store.read_meta("1m", "AAPL", "2024-03")):
+        with pytest.raises(OSError, match=f"cannot read bar file {spoilt}"):
+            read()
+    assert store.read("1m", "AAPL", "2019-01").empty
+    assert store.read_meta("1m", "AAPL", "2019-01") is None
+    gone = store.path("1m", "SPY", "2024-02")
+    gone.unlink()  # behind the store's back: the manifest still lists it
+    with pytest.raises(OSError, match=f"cannot read bar file {gone}"):
+        ktrdr_pipeline.read_bars("SPY", "1m", data_dir=tmp_path)
+
+
 def test_files_written_with_the_earlier_options_read_the_same(tmp_path: Path) -> None:
     """New writes use LZ4 and no Arrow schema in the footer; a partition written before
     (zstd, dictionary, Arrow schema stored) reads back the same bars and metadata next to

@@ -61,6 +61,7 @@ from ..domain.bars import BAR_COLUMNS, FORMAT_VERSION, FetchState, PartitionMeta
 from ..domain.symbols import check_storage_key
 from ..domain.timeframes import TIMEFRAMES, Timeframe
 from ..locking import pid_alive
+from .bar_file import read_bar_file
 from .locks import FilePartitionLock, PartitionLock
 from .manifest import (
     MANIFEST_FILE,
@@ -143,6 +144,11 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"metadata value {value!r} is not JSON serialisable")
+
+
+def _read_bars_table(path: Path) -> pa.Table:
+    """A bar file's bar columns, with the schema's metadata (for :func:`read_bar_file`)."""
+    return pq.read_table(path, columns=SCHEMA.names)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -249,24 +255,15 @@ class BarStore:
         """The partition's bars and its metadata (:meth:`read_meta`) from one read of the
         file; an empty frame and None when it was never written."""
         path = self.path(tf, symbol, period)
-        try:
-            table = pq.read_table(path, columns=SCHEMA.names)
-        except FileNotFoundError:
+        table = read_bar_file(path, _read_bars_table, missing_ok=True)
+        if table is None:
             return empty_bars(), None
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise OSError(f"cannot read bar file {path}: {exc}") from exc
         return _table_to_frame(table), _meta_of(table.schema)
 
     def read_meta(self, tf: str | Timeframe, symbol: str, period: str) -> PartitionMeta | None:
         """The metadata written with the partition, or None when it does not exist."""
-        path = self.path(tf, symbol, period)
-        try:
-            schema = pq.read_schema(path)
-        except FileNotFoundError:
-            return None
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise OSError(f"cannot read bar file {path}: {exc}") from exc
-        return _meta_of(schema)
+        schema = read_bar_file(self.path(tf, symbol, period), pq.read_schema, missing_ok=True)
+        return None if schema is None else _meta_of(schema)
 
     def read_range(self, tf: str | Timeframe, symbol: str, start: datetime | date,
                    end: datetime | date) -> pd.DataFrame:
@@ -469,12 +466,9 @@ class BarStore:
         only when the bar in progress at the fetch must be told apart); None when the
         partition does not exist."""
         timeframe, path, _ = self._validated(tf, symbol, period)
-        try:
-            footer = pq.read_metadata(path)
-        except FileNotFoundError:
+        footer = read_bar_file(path, pq.read_metadata, missing_ok=True)
+        if footer is None:
             return None
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise OSError(f"cannot read bar file {path}: {exc}") from exc
         raw = (footer.metadata or {}).get(META_KEY)
         meta = {} if raw is None else json.loads(raw)
         meta.update(timeframe=timeframe.name, symbol=symbol, period=period)
@@ -648,10 +642,7 @@ class BarStore:
             with self.locked(tf_name, symbol, month):
                 frames, metas = [], []
                 for path in paths:
-                    try:
-                        table = pq.read_table(path, columns=SCHEMA.names)
-                    except (pa.ArrowInvalid, OSError) as exc:
-                        raise OSError(f"cannot read bar file {path}: {exc}") from exc
+                    table = read_bar_file(path, _read_bars_table)
                     frames.append(_table_to_frame(table))
                     metas.append(_meta_of(table.schema))
                 current, meta = self.read_with_meta(tf_name, symbol, month)

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from ..domain.bars import BAR_COLUMNS
 from ..domain.symbols import check_storage_key
 from ..domain.timeframes import TIMEFRAMES, Timeframe, get_timeframe
+from .bar_file import read_bar_file
 from .files import stored_symbols, symbol_periods, timeframe_files
 
 #: Columns one may ask for besides the bar columns (constants of each file's path).
@@ -111,29 +112,24 @@ def _output(as_: str) -> str:
     return as_
 
 
-def _open(path: Path) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise OSError(f"cannot read bar file {path}: {exc}") from exc
-
-
 def _read_file(path: Path, columns: list[str], lo: int | None = None,
                hi: int | None = None) -> pa.Table:
     """One partition's ``ts`` and ``columns``, cut to [lo, hi) when given.
 
     The store's files are sorted by ``ts`` (:meth:`~.parquet.BarStore.write` refuses
     anything else), so the cut is a binary search and a zero-copy slice, not a mask."""
-    try:
+
+    def decode(file: Path) -> pa.Table:
         # the whole file in one read, then decoded from memory: fewer system calls than
         # pyarrow's footer-then-column-chunk reads (about 1 ms less for 12 monthly files
-        # of 1-minute bars, benchmarks/bench_read.py); the files are small (a month)
-        with pa.OSFile(str(path)) as fh:
+        # of 1-minute bars, benchmarks/bench_read.py); the files are small (a month). No
+        # pre-buffering: the bytes are in memory already.
+        with pa.OSFile(str(file)) as fh:
             data = fh.read_buffer()
-        table = pq.ParquetFile(pa.BufferReader(data)).read(columns=["ts", *columns],
-                                                            use_threads=False)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise OSError(f"cannot read bar file {path}: {exc}") from exc
+        return pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(
+            columns=["ts", *columns], use_threads=False)
+
+    table = read_bar_file(path, decode)
     if lo is not None or hi is not None:
         us = table.column("ts").cast(pa.int64()).to_numpy()
         a = int(np.searchsorted(us, lo, side="left")) if lo is not None else 0
@@ -265,7 +261,7 @@ def _newest_files(files: list[tuple[str, Path]], n: int) -> list[tuple[str, Path
         if rows >= n:
             break
         picked.append((period, path))
-        rows += _open(path).metadata.num_rows
+        rows += read_bar_file(path, pq.read_metadata).num_rows
     return picked[::-1]
 
 
