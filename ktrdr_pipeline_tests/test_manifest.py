@@ -488,3 +488,55 @@ def test_an_unreadable_manifest_stops_writes_clearly_and_is_rebuilt(tmp_path: Pa
     assert list(tmp_path.glob(MANIFEST_FILE + ".unreadable-*"))
     write(store, "1m", "AAPL", "2024-04", minute_frame("2024-04-02 14:30", 5))
     assert_agrees(store)
+
+
+def test_kept_read_connections_follow_the_manifest_file(tmp_path: Path) -> None:
+    """Readers keep one SQLite connection per thread and manifest between calls; they
+    still answer from whatever file is at the path now: a deleted manifest (the listing
+    then answers), a rebuilt one (a new file), an older copy put in its place, garbage
+    written over it, another thread, a forked child. At most four are kept per thread."""
+    import multiprocessing
+    import os
+    import shutil
+
+    from ktrdr_pipeline.store import manifest as mf
+
+    store = BarStore(tmp_path)
+    write(store, "1m", "AAPL", "2024-03", minute_frame("2024-03-04 14:30", 5))
+    manifest = SqliteManifest(tmp_path / MANIFEST_FILE)
+    assert [r[:2] for r in manifest.settled_files("1m")] == [("AAPL", "2024-03")]
+    older = tmp_path / "older.sqlite"
+    with sqlite3.connect(manifest.path) as src, sqlite3.connect(older) as dst:
+        src.backup(dst)  # the manifest as it is now: one partition
+    write(store, "1m", "AAPL", "2024-04", minute_frame("2024-04-01 13:30", 5))
+    assert len(manifest.settled_files("1m")) == 2  # same file, new rows
+    for leftover in tmp_path.glob(MANIFEST_FILE + "*"):
+        leftover.unlink()
+    assert manifest.settled_files("1m") is None  # no manifest: not settled
+    assert store.rebuild_manifest() == 2
+    assert len(manifest.settled_files("1m")) == 2  # the rebuilt file
+    shutil.copy(older, tmp_path / "copy.sqlite")
+    os.replace(tmp_path / "copy.sqlite", manifest.path)
+    assert [r[:2] for r in manifest.settled_files("1m")] == [("AAPL", "2024-03")]
+    manifest.path.write_bytes(b"not a database" * 512)  # in place: same inode
+    assert manifest.settled_files("1m") is None
+    assert store.rebuild_manifest() == 2
+    assert len(manifest.settled_files("1m")) == 2
+    answers: list = []
+    thread = threading.Thread(target=lambda: answers.append(manifest.settled_files("1m")))
+    thread.start()
+    thread.join()
+    assert len(answers[0]) == 2
+    queue: multiprocessing.Queue = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(
+        target=lambda: queue.put(manifest.settled_files("1m")))
+    child.start()
+    assert len(queue.get(timeout=60)) == 2
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert len(manifest.settled_files("1m")) == 2  # the parent's kept connection still works
+    for k in range(6):
+        other = BarStore(tmp_path / f"d{k}")
+        write(other, "1m", "SPY", "2024-03", minute_frame("2024-03-04 14:30", 3))
+        assert SqliteManifest(other.data_dir / MANIFEST_FILE).settled_files("1m")
+    assert len(mf._readers.cons) == mf._READERS_PER_THREAD

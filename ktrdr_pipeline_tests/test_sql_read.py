@@ -126,9 +126,10 @@ def test_unreadable_and_missing_files_are_named(tmp_path: Path) -> None:
 
 
 def test_files_written_with_the_earlier_options_read_the_same(tmp_path: Path) -> None:
-    """New writes use LZ4 and no Arrow schema in the footer; a partition written before
-    (zstd, dictionary, Arrow schema stored) reads back the same bars and metadata next to
-    the new ones, through read_bars, the store and the sql views."""
+    """New writes use LZ4, required columns and no Arrow schema in the footer; a partition
+    written before (zstd, dictionary, nullable float columns, Arrow schema stored) reads
+    back the same bars and metadata next to the new ones, through read_bars (pandas and
+    Arrow), latest_bars, the store and the sql views."""
     store = _fill(tmp_path)
     lo, hi = pd.Timestamp("2024-01-01", tz=UTC), pd.Timestamp("2025-01-01", tz=UTC)
     expected = store.read_range("1m", "AAPL", lo, hi)
@@ -137,16 +138,25 @@ def test_files_written_with_the_earlier_options_read_the_same(tmp_path: Path) ->
     assert new.metadata.row_group(0).column(0).compression == "LZ4"  # LZ4_RAW in the file
     assert b"ARROW:schema" not in new.metadata.metadata and b"ktrdr" in new.metadata.metadata
     assert new.schema_arrow.field("ts").type == pa.timestamp("us", tz="UTC")
+    assert all(new.schema.column(i).max_definition_level == 0  # required: no null levels
+               for i in range(len(new.schema)))
     old = store.path("1m", "AAPL", "2024-03")
     table = pq.read_table(old)
+    table = table.cast(pa.schema([f.with_nullable(f.name not in ("ts", "bar_count"))
+                                  for f in table.schema], metadata=table.schema.metadata))
     pq.write_table(table, old, compression="zstd", compression_level=3,
                    use_dictionary=["open", "high", "low", "close", "volume", "wap"],
                    column_encoding={"ts": "DELTA_BINARY_PACKED",
                                     "bar_count": "DELTA_BINARY_PACKED"})
     assert pq.ParquetFile(old).metadata.row_group(0).column(0).compression == "ZSTD"
     assert b"ARROW:schema" in pq.ParquetFile(old).metadata.metadata
+    assert pq.ParquetFile(old).schema.column(1).max_definition_level == 1  # nullable
     pd.testing.assert_frame_equal(ktrdr_pipeline.read_bars("AAPL", "1m", data_dir=tmp_path),
                                   expected)
+    arrow = ktrdr_pipeline.read_bars("AAPL", "1m", data_dir=tmp_path, as_="arrow")
+    assert arrow.column("close").to_pylist() == expected["close"].tolist()
+    last = ktrdr_pipeline.latest_bars("1m", 100, symbols=["AAPL"], data_dir=tmp_path)
+    assert last["close"].tolist() == expected["close"].tolist()[-100:]
     pd.testing.assert_frame_equal(store.read_range("1m", "AAPL", lo, hi), expected)
     assert store.read_meta("1m", "AAPL", "2024-03") == meta
     res = cat.run_query(tmp_path, "SELECT count(*), sum(close) FROM bars_1m "

@@ -15,7 +15,7 @@ WAP (NaN = not available), int64 ``bar_count``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -37,6 +37,8 @@ PATH_COLUMNS = ("symbol", "period")
 ALLOWED_COLUMNS = (*BAR_COLUMNS, *PATH_COLUMNS)
 OUTPUTS = ("pandas", "arrow")
 _TS = pa.timestamp("us", tz="UTC")
+#: Files of before declare the float columns nullable, newer ones required: same values.
+_UNIFY = "default"
 
 
 class BarReadError(ValueError):
@@ -112,24 +114,26 @@ def _output(as_: str) -> str:
     return as_
 
 
+def _file_bytes(path: Path) -> pa.Buffer:
+    """A bar file's bytes, in one read: fewer system calls than pyarrow's footer-then-
+    column-chunk reads (about 1 ms less for 12 monthly files of 1-minute bars,
+    benchmarks/bench_read.py); the files are small (a month)."""
+    return read_bar_file(path, lambda p: pa.py_buffer(p.read_bytes()))
+
+
 def _read_file(path: Path, columns: list[str], lo: int | None = None,
-               hi: int | None = None) -> pa.Table:
-    """One partition's ``ts`` and ``columns``, cut to [lo, hi) when given.
+               hi: int | None = None, data: pa.Buffer | None = None) -> pa.Table:
+    """One partition's ``ts`` and ``columns``, cut to [lo, hi) when given; ``data``: the
+    file's bytes when already read (:func:`_file_bytes`).
 
     The store's files are sorted by ``ts`` (:meth:`~.parquet.BarStore.write` refuses
     anything else), so the cut is a binary search and a zero-copy slice, not a mask."""
-
-    def decode(file: Path) -> pa.Table:
-        # the whole file in one read, then decoded from memory: fewer system calls than
-        # pyarrow's footer-then-column-chunk reads (about 1 ms less for 12 monthly files
-        # of 1-minute bars, benchmarks/bench_read.py); the files are small (a month). No
-        # pre-buffering: the bytes are in memory already.
-        with pa.OSFile(str(file)) as fh:
-            data = fh.read_buffer()
-        return pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(
-            columns=["ts", *columns], use_threads=False)
-
-    table = read_bar_file(path, decode)
+    if data is None:
+        data = _file_bytes(path)
+    # decoded from memory, without pre-buffering (the bytes are there already)
+    table = read_bar_file(path, lambda _: pq.ParquetFile(
+        pa.BufferReader(data), pre_buffer=False).read(columns=["ts", *columns],
+                                                      use_threads=False))
     if lo is not None or hi is not None:
         us = table.column("ts").cast(pa.int64()).to_numpy()
         a = int(np.searchsorted(us, lo, side="left")) if lo is not None else 0
@@ -164,27 +168,49 @@ def _bar_table(files: list[tuple[str, Path]], tf: Timeframe, symbol: str, column
     if not jobs:
         return _empty_table(columns)
 
-    def one(job: tuple[str, Path, int | None, int | None]) -> pa.Table:
-        period, path, cut_lo, cut_hi = job
-        table = _read_file(path, file_cols, cut_lo, cut_hi)
+    # every file's bytes first, in this thread: the decoding threads then make no system
+    # call (one that releases the GIL while another thread runs Python has to wait for it
+    # to be handed back, up to the interpreter's switch interval)
+    jobs = [(*job, _file_bytes(job[1])) for job in jobs]
+
+    def one(job: tuple[str, Path, int | None, int | None, pa.Buffer]) -> pa.Table:
+        period, path, cut_lo, cut_hi, data = job
+        table = _read_file(path, file_cols, cut_lo, cut_hi, data)
         return (_with_path_columns(table, columns, symbol, period)
                 if "period" in columns or "symbol" in columns else table)
 
-    # files decode in parallel, one thread each (faster than one file at a time with
-    # pyarrow's threads per column: the files are small)
-    parts = list(_pool().map(one, jobs)) if len(jobs) > 1 else [one(jobs[0])]
-    return pa.concat_tables(parts)
+    return pa.concat_tables(_decode_shared(one, jobs), promote_options=_UNIFY)
 
 
 _POOL: ThreadPoolExecutor | None = None
+#: Threads decoding files at once, the caller's included.
+_DECODERS = max(1, min(4, os.cpu_count() or 1))
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                   thread_name_prefix="read_bars")
+        _POOL = ThreadPoolExecutor(max_workers=_DECODERS - 1, thread_name_prefix="read_bars")
     return _POOL
+
+
+def _decode_shared(one: Callable[[Any], pa.Table], jobs: list[Any]) -> list[pa.Table]:
+    """``[one(job) for job in jobs]``, the jobs shared out to up to :data:`_DECODERS`
+    threads: the caller decodes every n-th file itself and each pool thread takes one
+    share of the rest (one hand-off per thread, not one per file: waking a sleeping thread
+    costs more than decoding a small file on a busy or virtual machine). pyarrow releases
+    the GIL while it decodes, so the shares run at once."""
+    n = min(_DECODERS, len(jobs))
+    if n < 2:
+        return [one(job) for job in jobs]
+    shares = [jobs[k::n] for k in range(n)]
+    futures = [_pool().submit(lambda share=share: [one(job) for job in share])
+               for share in shares[1:]]
+    done = [[one(job) for job in shares[0]], *(f.result() for f in futures)]
+    parts: list[pa.Table] = [None] * len(jobs)  # type: ignore[list-item]
+    for k, share in enumerate(done):
+        parts[k::n] = share
+    return parts
 
 
 def _empty_table(columns: list[str]) -> pa.Table:
@@ -309,14 +335,15 @@ def latest_bars(timeframe: str | Timeframe, n: int, *, symbols: Sequence[str] | 
             table = _read_file(path, file_cols)
             tables.append(_with_path_columns(table, cols, symbol, period))
             rows += table.num_rows
-        table = pa.concat_tables(tables[::-1]) if tables else _empty_table(cols)
+        table = (pa.concat_tables(tables[::-1], promote_options=_UNIFY) if tables
+                 else _empty_table(cols))
         table = table.slice(max(table.num_rows - n, 0))
         parts.append(table.add_column(0, "symbol", pa.array([symbol] * table.num_rows,
                                                             pa.string())))
     if not parts:
         empty = _empty_table(cols)
         parts = [empty.add_column(0, "symbol", pa.array([], pa.string()))]
-    table = pa.concat_tables(parts)
+    table = pa.concat_tables(parts, promote_options=_UNIFY)
     if as_ == "arrow":
         return table
     frame = _to_pandas(table.select(["ts", *[c for c in table.column_names if c != "ts"]]),
