@@ -201,30 +201,38 @@ def test_write_is_atomic_when_the_writer_fails_midway(tmp_path: Path,
     assert sorted(p.name for p in directory.iterdir()) == ["data.parquet"]
 
 
+_DIE_MID_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    import pandas as pd
+    from ktrdr_pipeline.store import parquet as P
+
+    def die(table, sink):
+        sink.write(b"PAR1" + b"x" * 5000)
+        sink.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    P._write_table = die
+    P.BarStore(sys.argv[1]).write("1m", "AAPL", "2024-03", pd.read_pickle(sys.argv[2]),
+                                  use_rth=True, what_to_show="TRADES")
+""")
+
+
+def kill_mid_write(data_dir: Path, frame: pd.DataFrame) -> None:
+    """A writer process of AAPL's 1-minute March 2024 with ``frame``, killed (SIGKILL) in
+    the middle of writing its temporary file."""
+    pickled = data_dir / "new.pkl"
+    frame.to_pickle(pickled)
+    proc = subprocess.run([sys.executable, "-c", _DIE_MID_WRITE, str(data_dir), str(pickled)],
+                          env=subprocess_env(), timeout=60, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+
 def test_killed_writer_leaves_old_file_and_a_tmp_the_next_write_removes(tmp_path: Path) -> None:
     store = BarStore(tmp_path)
     old = minute_frame("2024-03-04 14:30", 50)
     write(store, "1m", "AAPL", "2024-03", old)
     new = minute_frame("2024-03-05 14:30", 70)
-    pickled = tmp_path / "new.pkl"
-    new.to_pickle(pickled)
-    code = textwrap.dedent("""
-        import os, signal, sys
-        import pandas as pd
-        from ktrdr_pipeline.store import parquet as P
-
-        def die(table, sink):
-            sink.write(b"PAR1" + b"x" * 5000)
-            sink.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        P._write_table = die
-        P.BarStore(sys.argv[1]).write("1m", "AAPL", "2024-03", pd.read_pickle(sys.argv[2]),
-                                      use_rth=True, what_to_show="TRADES")
-    """)
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(pickled)],
-                          env=subprocess_env(), timeout=60, capture_output=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    kill_mid_write(tmp_path, new)
     directory = store.path("1m", "AAPL", "2024-03").parent
     leftovers = [p for p in directory.iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == 1

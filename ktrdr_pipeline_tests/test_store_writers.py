@@ -7,10 +7,8 @@ with a deadline, never for a fixed time."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import textwrap
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +22,7 @@ from ktrdr_pipeline.store.locks import FilePartitionLock, PartitionLock
 from ktrdr_pipeline.store.parquet import BarStore
 
 from .test_locking import WAIT_S, Other, _blocked_in_flock, _wait_for
-from .test_store import minute_frame, subprocess_env, write
+from .test_store import kill_mid_write, minute_frame, subprocess_env, write
 
 REPO = Path(__file__).resolve().parents[1]
 needs_proc_locks = pytest.mark.skipif(not Path("/proc/locks").exists(),
@@ -119,31 +117,11 @@ def test_a_store_takes_any_partition_lock(tmp_path):
 
 
 # -- leftovers of killed writers --------------------------------------------------------------
-_DIE_MID_WRITE = textwrap.dedent("""
-    import os, signal, sys
-    import pandas as pd
-    from ktrdr_pipeline.store import parquet as P
-
-    def die(table, sink):
-        sink.write(b"PAR1" + b"x" * 5000)
-        sink.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    P._write_table = die
-    P.BarStore(sys.argv[1]).write("1m", "AAPL", "2024-03", pd.read_pickle(sys.argv[2]),
-                                  use_rth=True, what_to_show="TRADES")
-""")
-
-
 def test_a_killed_writers_leftover_is_removed_by_a_write_of_another_period(tmp_path):
     store = BarStore(tmp_path)
     old = minute_frame("2024-03-04 14:30", 50)
     write(store, "1m", "AAPL", "2024-03", old)
-    pickled = tmp_path / "new.pkl"
-    minute_frame("2024-03-05 14:30", 70).to_pickle(pickled)
-    proc = subprocess.run([sys.executable, "-c", _DIE_MID_WRITE, str(tmp_path), str(pickled)],
-                          env=subprocess_env(), timeout=60, capture_output=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    kill_mid_write(tmp_path, minute_frame("2024-03-05 14:30", 70))
     march = store.path("1m", "AAPL", "2024-03").parent
     assert len([p for p in march.iterdir() if p.name.endswith(".tmp")]) == 1
     # a temporary file of a live writer (our parent) in a third period stays
