@@ -233,6 +233,32 @@ def test_latest_bars_sql_reads_only_recent_periods(tmp_path: Path) -> None:
         cat.run_query(tmp_path, "SELECT count(*) FROM bars_1m")
 
 
+def test_latest_bars_counts_rows_from_the_manifest(tmp_path: Path, monkeypatch) -> None:
+    """Which files hold a symbol's last n bars comes from the manifest's row counts (no
+    footer opened for it); without a settled manifest, from the footers — same bars."""
+    from ktrdr_pipeline.store import read as rd
+    from ktrdr_pipeline.store.manifest import MANIFEST_FILE
+
+    _fill(tmp_path)
+    want = ktrdr_pipeline.latest_bars("1m", 50, data_dir=tmp_path)
+    footers: list[Path] = []
+    real = pq.read_metadata
+    monkeypatch.setattr(rd.pq, "read_metadata", lambda p, *a, **k: (footers.append(p),
+                                                                     real(p, *a, **k))[1])
+    pd.testing.assert_frame_equal(ktrdr_pipeline.latest_bars("1m", 50, data_dir=tmp_path),
+                                  want)
+    sql = cat.run_query(tmp_path, "SELECT symbol, count(*) FROM latest_bars('1m', 50) "
+                                  "GROUP BY symbol ORDER BY symbol").rows
+    assert footers == []
+    for leftover in tmp_path.glob(MANIFEST_FILE + "*"):
+        leftover.unlink()
+    pd.testing.assert_frame_equal(ktrdr_pipeline.latest_bars("1m", 50, data_dir=tmp_path),
+                                  want)
+    assert footers  # the fallback read the footers
+    assert sql == [("AAPL", 50), ("SPY", 50)]
+    assert want.groupby("symbol").size().to_dict() == {"AAPL": 50, "SPY": 50}
+
+
 # == views only for what a statement names ======================================================
 def _views(con: duckdb.DuckDBPyConnection) -> set[str]:
     return {r[0] for r in con.execute(

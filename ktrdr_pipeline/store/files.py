@@ -159,6 +159,23 @@ def timeframe_files(data_dir: Path | str,
     return out
 
 
+def timeframe_file_rows(data_dir: Path | str,
+                        timeframe: str) -> dict[str, list[tuple[str, str, int | None]]]:
+    """:func:`timeframe_files` with each partition's row count, the file as a path string
+    (a caller picking a few of 24,000 files need not build 24,000 ``Path`` objects): the
+    manifest's rows when it is settled (one query), else None (the caller reads the
+    file's footer)."""
+    listed = _manifest(data_dir).settled_files(timeframe, rows=True)
+    if listed is None:
+        return {sym: [(period, str(path), None) for period, path in files]
+                for sym, files in timeframe_files(data_dir, timeframe).items()}
+    out: dict[str, list[tuple[str, str, int | None]]] = {}
+    root = Path(data_dir).resolve().as_posix()
+    for sym, period, rel, rows in listed:
+        out.setdefault(sym, []).append((period, f"{root}/{rel}", rows))
+    return out
+
+
 def stored_symbols(data_dir: Path | str, timeframe: str) -> list[str]:
     """Symbols with at least one file at ``timeframe``: the manifest's when it is settled,
     else one listing of the timeframe's directory."""

@@ -414,17 +414,19 @@ class SqliteManifest:
             return None
 
     def settled_files(self, timeframe: str, symbols: Sequence[str] | None = None,
-                      periods: Sequence[str] | None = None, *,
-                      limit: int | None = None) -> list[tuple[str, str, str]] | None:
+                      periods: Sequence[str] | None = None, *, limit: int | None = None,
+                      rows: bool = False) -> list[tuple] | None:
         """``(symbol, period, path)`` of the partitions of ``timeframe`` (of ``symbols`` /
         ``periods`` when given), sorted by symbol and period, ``path`` relative to the data
-        directory; None when the manifest is not settled (see :meth:`_settled_select`)."""
+        directory, with the partition's row count last when ``rows``; None when the
+        manifest is not settled (see :meth:`_settled_select`)."""
         where, args = ["timeframe = ?"], [timeframe]
         for column, values in (("symbol", symbols), ("period", periods)):
             if values is not None:
                 where.append(f"{column} IN ({', '.join('?' * len(values))})")
                 args.extend(values)
-        sql = (f"SELECT symbol, period, path FROM partitions WHERE {' AND '.join(where)} "
+        sql = (f"SELECT symbol, period, path{', rows' if rows else ''} FROM partitions "
+               f"WHERE {' AND '.join(where)} "
                "ORDER BY symbol, period" + (f" LIMIT {int(limit)}" if limit else ""))
         return self._settled_select(sql, args)  # type: ignore[return-value]
 

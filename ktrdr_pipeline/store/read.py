@@ -30,7 +30,7 @@ from ..domain.bars import BAR_COLUMNS
 from ..domain.symbols import check_storage_key
 from ..domain.timeframes import TIMEFRAMES, Timeframe, get_timeframe
 from .bar_file import read_bar_file
-from .files import stored_symbols, symbol_periods, timeframe_files
+from .files import stored_symbols, symbol_periods, timeframe_file_rows
 
 #: Columns one may ask for besides the bar columns (constants of each file's path).
 PATH_COLUMNS = ("symbol", "period")
@@ -278,24 +278,27 @@ def read_bars(symbol: str, timeframe: str | Timeframe,
     return table if as_ == "arrow" else _to_pandas(table)
 
 
-def _newest_files(files: list[tuple[str, Path]], n: int) -> list[tuple[str, Path]]:
+def _newest_files(files: list[tuple[str, str, int | None]],
+                  n: int) -> list[tuple[str, Path]]:
     """The newest partitions holding at least ``n`` bars together (all when fewer); row
-    counts from the Parquet footers."""
+    counts from the manifest, else (None) from the Parquet footers."""
     picked: list[tuple[str, Path]] = []
-    rows = 0
-    for period, path in reversed(files):
-        if rows >= n:
+    total = 0
+    for period, file, rows in reversed(files):
+        if total >= n:
             break
+        path = Path(file)
         picked.append((period, path))
-        rows += read_bar_file(path, pq.read_metadata).num_rows
+        total += rows if rows is not None else read_bar_file(path, pq.read_metadata).num_rows
     return picked[::-1]
 
 
 def recent_files(data_dir: Path | str, timeframe: str, n: int) -> list[Path]:
     """Per symbol of ``timeframe``, the files of its newest periods that hold its last
-    ``n`` bars (what ``latest_bars`` reads)."""
+    ``n`` bars (what ``latest_bars`` reads): one manifest query, no file opened, when the
+    manifest is settled."""
     out: list[Path] = []
-    for periods in timeframe_files(data_dir, timeframe).values():
+    for periods in timeframe_file_rows(data_dir, timeframe).values():
         out += [p for _, p in _newest_files(periods, n)]
     return out
 
@@ -314,7 +317,7 @@ def latest_bars(timeframe: str | Timeframe, n: int, *, symbols: Sequence[str] | 
     cols = [c for c in _columns(columns) if c != "symbol"]
     _output(as_)
     root = _data_dir(data_dir)
-    universe = timeframe_files(root, tf.name)  # one manifest query, not one per symbol
+    universe = timeframe_file_rows(root, tf.name)  # one manifest query, not one per symbol
     stored = list(universe)
     if symbols is None:
         wanted = stored
@@ -325,17 +328,19 @@ def latest_bars(timeframe: str | Timeframe, n: int, *, symbols: Sequence[str] | 
             raise BarReadError(f"no {tf.name} bars stored for {', '.join(map(repr, missing))}; "
                                f"symbols with {tf.name} bars: {', '.join(stored) or 'none'}")
     file_cols = [c for c in cols if c not in PATH_COLUMNS]
+    # every symbol's newest files holding its last n bars (counts from the manifest), read
+    # here, then decoded by the decoding threads at once
+    jobs = [(symbol, period, path, _file_bytes(path)) for symbol in wanted
+            for period, path in (_newest_files(universe[symbol], n) if n else [])]
+    decoded = _decode_shared(lambda job: _with_path_columns(
+        _read_file(job[2], file_cols, data=job[3]), cols, job[0], job[1]), jobs)
+    by_symbol: dict[str, list[pa.Table]] = {}
+    for job, table in zip(jobs, decoded, strict=True):
+        by_symbol.setdefault(job[0], []).append(table)
     parts = []
     for symbol in wanted:
-        tables: list[pa.Table] = []
-        rows = 0
-        for period, path in reversed(universe[symbol] if n else []):
-            if rows >= n:
-                break
-            table = _read_file(path, file_cols)
-            tables.append(_with_path_columns(table, cols, symbol, period))
-            rows += table.num_rows
-        table = (pa.concat_tables(tables[::-1], promote_options=_UNIFY) if tables
+        tables = by_symbol.get(symbol, [])
+        table = (pa.concat_tables(tables, promote_options=_UNIFY) if tables
                  else _empty_table(cols))
         table = table.slice(max(table.num_rows - n, 0))
         parts.append(table.add_column(0, "symbol", pa.array([symbol] * table.num_rows,
