@@ -229,15 +229,20 @@ class SqliteManifest:
         return str(self.path)
 
     # -- connections ----------------------------------------------------------------------
-    @contextmanager
-    def _connect(self, *, create: bool = False) -> Iterator[sqlite3.Connection]:
+    def _open(self, *, create: bool = False) -> sqlite3.Connection:
+        """A new connection (autocommit; the file must exist unless ``create``), retried
+        while SQLite reports the file locked."""
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         uri = f"file:{self.path}" + ("" if create else "?mode=rw")
-        con = retry_while_locked(
+        return retry_while_locked(
             lambda: sqlite3.connect(uri, uri=True, timeout=self.timeout_s,
                                     isolation_level=None),
             deadline_s=self.timeout_s, is_locked=is_sqlite_locked)
+
+    @contextmanager
+    def _connect(self, *, create: bool = False) -> Iterator[sqlite3.Connection]:
+        con = self._open(create=create)
         with closing(con):
             con.execute("PRAGMA synchronous = FULL")
             yield con
@@ -368,12 +373,7 @@ class SqliteManifest:
             held[0].close()
             held = None
         if held is None:
-            con = retry_while_locked(
-                lambda: sqlite3.connect(f"file:{self.path}?mode=rw", uri=True,
-                                        timeout=self.timeout_s, isolation_level=None,
-                                        check_same_thread=True),
-                deadline_s=self.timeout_s, is_locked=is_sqlite_locked)
-            held = (con, ident)
+            held = (self._open(), ident)
         try:
             yield held[0]
         except BaseException:
