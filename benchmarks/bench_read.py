@@ -97,6 +97,8 @@ READ_WORKER = textwrap.dedent("""
         frame = pq.read_table(cfg["frame"]).to_pandas()
         lib = Arctic(cfg["uri"]).get_library("bars", create_if_missing=True)
         lib.write(cfg["symbol"], frame)
+        back = lib.read(cfg["symbol"]).data
+        assert len(back) == len(frame) and (back.index == frame.index).all()
         read = lambda: lib.read(cfg["symbol"]).data
     elif kind in ("read_bars", "read_bars_arrow"):
         import ktrdr_pipeline
