@@ -164,14 +164,12 @@ def _bar_table(files: list[tuple[str, Path]], tf: Timeframe, symbol: str, column
             continue  # the period lies outside the range: its file is not opened
         cut_lo = lo if lo is not None and lo > p_lo else None
         cut_hi = hi if hi is not None and hi < p_hi else None
-        jobs.append((period, path, cut_lo, cut_hi))
+        # every file's bytes first, in this thread: the decoding threads then make no
+        # system call (one that releases the GIL while another thread runs Python has to
+        # wait for it to be handed back, up to the interpreter's switch interval)
+        jobs.append((period, path, cut_lo, cut_hi, _file_bytes(path)))
     if not jobs:
         return _empty_table(columns)
-
-    # every file's bytes first, in this thread: the decoding threads then make no system
-    # call (one that releases the GIL while another thread runs Python has to wait for it
-    # to be handed back, up to the interpreter's switch interval)
-    jobs = [(*job, _file_bytes(job[1])) for job in jobs]
 
     def one(job: tuple[str, Path, int | None, int | None, pa.Buffer]) -> pa.Table:
         period, path, cut_lo, cut_hi, data = job
