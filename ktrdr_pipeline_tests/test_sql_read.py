@@ -105,6 +105,32 @@ def test_read_bars_columns_and_path_columns(tmp_path: Path) -> None:
     assert [tuple(r) for r in res.rows] == list(counts.items())
 
 
+@pytest.mark.parametrize("start, end", [
+    (None, None),  # three files joined
+    ("2024-03-01T14:35:00+00:00", "2024-03-01T14:50:00+00:00"),  # a slice of one file
+])
+def test_research_frames_can_be_changed(tmp_path: Path, start, end) -> None:
+    """A frame from read_bars or latest_bars is the caller's to change, as any pandas
+    frame (``df.loc[...] = x``, in-place arithmetic), without touching what the next read
+    returns (Arrow's zero-copy numpy views are read-only: the columns must not be those)."""
+    _fill(tmp_path)
+    first = ktrdr_pipeline.read_bars("AAPL", "1m", start, end, data_dir=tmp_path)
+    again = ktrdr_pipeline.read_bars("AAPL", "1m", start, end, data_dir=tmp_path)
+    stored = again.copy()
+    first.iloc[0] = [1.0, 2.0, 0.5, 1.5, 10.0, 1.2, 3]  # every column, bar_count too
+    first["close"] *= 2
+    first.loc[first.index[-1], "volume"] = 0.0
+    assert first.iloc[0].tolist() == [1.0, 2.0, 0.5, 3.0, 10.0, 1.2, 3]
+    pd.testing.assert_frame_equal(again, stored)  # an earlier answer is its own
+    pd.testing.assert_frame_equal(
+        ktrdr_pipeline.read_bars("AAPL", "1m", start, end, data_dir=tmp_path), stored)
+    last = ktrdr_pipeline.latest_bars("1m", 3, columns=["close", "period"], data_dir=tmp_path)
+    last.loc[0, "close"] = -1.0
+    last.loc[1, "period"] = "changed"
+    assert last["close"].iloc[0] == -1.0 and last["period"].iloc[1] == "changed"
+    assert -1.0 not in ktrdr_pipeline.latest_bars("1m", 3, data_dir=tmp_path)["close"].tolist()
+
+
 def test_unreadable_and_missing_files_are_named(tmp_path: Path) -> None:
     """A file that is not Parquet is the same clear error, naming it, for the research read
     and the store's own reads; a partition never written reads as empty in the store, and

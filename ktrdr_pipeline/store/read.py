@@ -37,6 +37,8 @@ PATH_COLUMNS = ("symbol", "period")
 ALLOWED_COLUMNS = (*BAR_COLUMNS, *PATH_COLUMNS)
 OUTPUTS = ("pandas", "arrow")
 _TS = pa.timestamp("us", tz="UTC")
+_TS_NS = pa.timestamp("ns", tz="UTC")
+_PANDAS_TS = pd.DatetimeTZDtype("ns", "UTC")
 #: Files of before declare the float columns nullable, newer ones required: same values.
 _UNIFY = "default"
 
@@ -117,8 +119,16 @@ def _output(as_: str) -> str:
 def _file_bytes(path: Path) -> pa.Buffer:
     """A bar file's bytes, in one read: fewer system calls than pyarrow's footer-then-
     column-chunk reads (about 1 ms less for 12 monthly files of 1-minute bars,
-    benchmarks/bench_read.py); the files are small (a month)."""
-    return read_bar_file(path, lambda p: pa.py_buffer(p.read_bytes()))
+    benchmarks/bench_read.py); the files are small (a month). The buffer comes from
+    Arrow's memory pool, which keeps its pages between reads: a ``bytes`` of this size is
+    a fresh mapping from the kernel every time, whose first touch costs a page fault per
+    4 KiB (about 400 for a year of minute bars, 0.8 ms when the process has been idle)."""
+
+    def read(p: Path) -> pa.Buffer:
+        with pa.OSFile(str(p)) as fh:
+            return fh.read_buffer()
+
+    return read_bar_file(path, read)
 
 
 def _read_file(path: Path, columns: list[str], lo: int | None = None,
@@ -217,26 +227,44 @@ def _empty_table(columns: list[str]) -> pa.Table:
                      **{c: pa.array([], types.get(c, pa.float64())) for c in columns}})
 
 
+def _writable_numpy(array: pa.Array) -> np.ndarray:
+    """``array``'s values as a numpy array its caller may change, as a pandas frame's column
+    must be (``df.loc[...] = x``): a view of the Arrow buffer when the array owns a mutable
+    one without nulls (a freshly joined or decoded column, seen by nothing else), else a
+    copy (nulls become NaN). Arrow's own ``to_numpy`` views are read-only."""
+    values = array.buffers()[1] if array.null_count == 0 else None
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    if values is not None and values.is_mutable and dtype.kind in "fi":
+        return np.frombuffer(values, dtype=dtype, count=len(array),
+                             offset=array.offset * dtype.itemsize)
+    return array.to_numpy(zero_copy_only=False, writable=True)
+
+
 def _to_pandas(table: pa.Table, index: bool = True) -> pd.DataFrame:
     """A bar frame from an Arrow table of ``ts`` and bar columns (no row-wise work).
 
     The chunks (one per file) are joined first: one copy per column into contiguous
     buffers, which pandas then takes as they are (about a third of the time of converting
-    a 12-chunk column, measured in ``benchmarks/bench_read.py``). ``tz_localize`` of the
-    naive index: about a third of the time of passing a tz-aware dtype to the index."""
+    a 12-chunk column, measured in ``benchmarks/bench_read.py``). The index wraps the
+    joined nanoseconds as they are (``pd.array`` of epoch integers with a UTC dtype):
+    building it from naive times and ``tz_localize`` copies them and takes ~0.9 ms for a
+    year of minute bars under pandas 3, this ~15 µs. Every buffer stays in Arrow's memory
+    pool (no page faults; see :func:`_file_bytes`)."""
     table = table.combine_chunks()
-    us = table.column("ts").cast(pa.int64()).to_numpy()
-    ts = pd.DatetimeIndex((us * 1000).view("datetime64[ns]")).tz_localize(UTC)
+    epoch_ns = table.column("ts").cast(_TS_NS).cast(pa.int64()).to_numpy()
+    times = pd.DatetimeIndex(pd.array(epoch_ns, dtype=_PANDAS_TS, copy=False), name="ts",
+                             copy=False)
     data: dict[str, Any] = {}
     for name in table.column_names[1:]:
         col = table.column(name)
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
             data[name] = col.to_pandas().array  # no index: aligned by position
         else:
-            data[name] = col.to_numpy()
+            data[name] = _writable_numpy(col.chunk(0) if col.num_chunks == 1
+                                         else col.combine_chunks())
     if index:
-        return pd.DataFrame(data, index=ts.rename("ts"), copy=False)
-    return pd.DataFrame({"ts": ts, **data}, copy=False)
+        return pd.DataFrame(data, index=times, copy=False)
+    return pd.DataFrame({"ts": times, **data}, copy=False)
 
 
 def read_bars(symbol: str, timeframe: str | Timeframe,
