@@ -131,6 +131,42 @@ def test_research_frames_can_be_changed(tmp_path: Path, start, end) -> None:
     assert -1.0 not in ktrdr_pipeline.latest_bars("1m", 3, data_dir=tmp_path)["close"].tolist()
 
 
+def test_footers_are_parsed_once_and_a_rewritten_file_afresh(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """read_bars keeps each file's parsed footer, looked up by the footer's own bytes: a
+    second read parses none, a partition rewritten since (other bars, same path) is read
+    as it is now, and no more footers are kept than allowed."""
+    from ktrdr_pipeline.store import read as read_mod
+
+    store = _fill(tmp_path)
+    monkeypatch.setattr(read_mod, "_FOOTERS", {})
+    parsed = []
+    real = pq.ParquetFile
+
+    def counting(source, *, metadata=None, **kw):
+        parsed.append(metadata is None)
+        return real(source, metadata=metadata, **kw)
+
+    monkeypatch.setattr(read_mod.pq, "ParquetFile", counting)
+    every = lambda: store.read_range("1m", "AAPL", pd.Timestamp("2024-01-01", tz=UTC),  # noqa: E731
+                                     pd.Timestamp("2025-01-01", tz=UTC))
+    pd.testing.assert_frame_equal(ktrdr_pipeline.read_bars("AAPL", "1m", data_dir=tmp_path),
+                                  every())
+    assert parsed == [True] * 3
+    parsed.clear()
+    pd.testing.assert_frame_equal(ktrdr_pipeline.read_bars("AAPL", "1m", data_dir=tmp_path),
+                                  every())
+    assert parsed == [False] * 3
+    write(store, "1m", "AAPL", "2024-03", minute_frame("2024-03-04 14:30", 17))
+    parsed.clear()
+    got = ktrdr_pipeline.read_bars("AAPL", "1m", data_dir=tmp_path)
+    pd.testing.assert_frame_equal(got, every())
+    assert parsed.count(True) == 1 and len(got.loc["2024-03-02":"2024-03-31"]) == 17
+    monkeypatch.setattr(read_mod, "_FOOTERS_KEPT", 2)
+    ktrdr_pipeline.read_bars("SPY", "1m", data_dir=tmp_path)
+    assert len(read_mod._FOOTERS) == 2
+
+
 def test_unreadable_and_missing_files_are_named(tmp_path: Path) -> None:
     """A file that is not Parquet is the same clear error, naming it, for the research read
     and the store's own reads; a partition never written reads as empty in the store, and
