@@ -235,21 +235,28 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _decode_shared(one: Callable[[Any], pa.Table], jobs: list[Any]) -> list[pa.Table]:
-    """``[one(job) for job in jobs]``, the jobs shared out to up to :data:`_DECODERS`
-    threads: the caller decodes every n-th file itself and each pool thread takes one
-    share of the rest (one hand-off per thread, not one per file: waking a sleeping thread
-    costs more than decoding a small file on a busy or virtual machine). pyarrow releases
-    the GIL while it decodes, so the shares run at once."""
+    """``[one(job) for job in jobs]``, shared out to up to :data:`_DECODERS` threads, the
+    caller's included: each takes the next job not yet taken until none is left (one
+    hand-off per thread, not one per file: waking a sleeping thread costs more than
+    decoding a small file on a busy or virtual machine; and a thread that starts late or is
+    preempted simply takes fewer files instead of holding the answer back). pyarrow
+    releases the GIL while it decodes, so the threads decode at once."""
     n = min(_DECODERS, len(jobs))
     if n < 2:
         return [one(job) for job in jobs]
-    shares = [jobs[k::n] for k in range(n)]
-    futures = [_pool().submit(lambda share=share: [one(job) for job in share])
-               for share in shares[1:]]
-    done = [[one(job) for job in shares[0]], *(f.result() for f in futures)]
     parts: list[pa.Table] = [None] * len(jobs)  # type: ignore[list-item]
-    for k, share in enumerate(done):
-        parts[k::n] = share
+    untaken = iter(range(len(jobs)))
+
+    def work() -> None:
+        for k in untaken:  # next() on a shared iterator: under the GIL, each job once
+            parts[k] = one(jobs[k])
+
+    helpers = [_pool().submit(work) for _ in range(n - 1)]
+    try:
+        work()
+    finally:
+        for helper in helpers:
+            helper.result()  # a helper's failure is the caller's
     return parts
 
 
