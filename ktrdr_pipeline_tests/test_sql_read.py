@@ -202,6 +202,11 @@ def test_files_written_with_the_earlier_options_read_the_same(tmp_path: Path) ->
     assert new.schema_arrow.field("ts").type == pa.timestamp("us", tz="UTC")
     assert all(new.schema.column(i).max_definition_level == 0  # required: no null levels
                for i in range(len(new.schema)))
+    encodings = {new.metadata.row_group(0).column(i).path_in_schema:
+                 set(new.metadata.row_group(0).column(i).encodings)
+                 for i in range(new.metadata.num_columns)}
+    assert "BYTE_STREAM_SPLIT" in encodings["volume"]  # whole shares: smaller and faster
+    assert "RLE_DICTIONARY" in encodings["close"] and "DELTA_BINARY_PACKED" in encodings["ts"]
     old = store.path("1m", "AAPL", "2024-03")
     table = pq.read_table(old)
     table = table.cast(pa.schema([f.with_nullable(f.name not in ("ts", "bar_count"))
