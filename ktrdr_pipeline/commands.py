@@ -59,7 +59,7 @@ async def load(ctx: PipelineContext, symbol: str, timeframe: str, mode: str = "t
     tf = get_timeframe(timeframe)
     key = parse_symbol(symbol).key
     contract = await ctx.resolver.resolve(ctx.aliases.get(key, symbol), key=key)
-    profile = calendars.profile_for(contract.sec_type)
+    profile = contract.profile
     use_rth = ctx.rth_overrides.get(key, default_use_rth(contract.sec_type))
     head = await ctx.heads.get(contract, contract.what_to_show, use_rth)
     await ctx.connection.ensure_connected()

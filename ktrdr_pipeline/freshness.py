@@ -23,7 +23,7 @@ import pandas as pd
 from .domain import calendars, gaps
 from .domain.bars import FetchState, fetch_state
 from .domain.timeframes import Timeframe
-from .ib.contracts import JsonCache
+from .ib.contracts import JsonCache, cached_profile
 from .loader import default_use_rth, newest_unasked
 from .store.parquet import BarStore
 
@@ -152,7 +152,7 @@ def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timefr
                 out.append(StalePartition(tf.name, symbol, tf.period_key(now), None, None))
                 continue
             use_rth = rth_overrides.get(symbol, default_use_rth(cached["sec_type"]))
-            profile = calendars.profile_for(cached["sec_type"])
+            profile = cached_profile(cached)
             slot = (profile.name, tf.name, use_rth)
             if slot not in cache:
                 cache[slot] = _expected(profile, tf, use_rth, now)

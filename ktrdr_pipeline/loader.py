@@ -197,7 +197,7 @@ async def load_partition(ctx: PipelineContext, symbol: str, timeframe: str | Tim
         stored = empty_bars()  # bars outside it are kept by the merge)
     result.cached_before = len(stored)
     now = ctx.clock()
-    profile = calendars.profile_for(contract.sec_type)
+    profile = contract.profile
     try:
         head = await ctx.heads.get(contract, what, use_rth)
     except IBError as exc:

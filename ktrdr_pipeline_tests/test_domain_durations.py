@@ -86,7 +86,7 @@ def test_naive_end_and_bad_durations_are_refused() -> None:
 @given(end=st.datetimes(min_value=datetime(2010, 1, 1), max_value=datetime(2029, 1, 1),
                         timezones=st.just(UTC)).map(lambda t: t.replace(microsecond=0)),
        sessions=st.integers(1, 30), use_rth=st.booleans(),
-       profile=st.sampled_from(["stock", "future", "fx"]))
+       profile=st.sampled_from(sorted(calendars.PROFILES)))
 def test_n_days_are_exactly_n_sessions(end: datetime, sessions: int, use_rth: bool,
                                        profile: str) -> None:
     start = durations.request_start(profile, end, f"{sessions} D", use_rth)
@@ -101,7 +101,7 @@ def test_n_days_are_exactly_n_sessions(end: datetime, sessions: int, use_rth: bo
 @given(end=st.datetimes(min_value=datetime(2010, 1, 1), max_value=datetime(2029, 1, 1),
                         timezones=st.just(UTC)).map(lambda t: t.replace(microsecond=0)),
        seconds=st.integers(1, 86400), use_rth=st.booleans(),
-       profile=st.sampled_from(["stock", "future", "fx"]))
+       profile=st.sampled_from(sorted(calendars.PROFILES)))
 def test_n_seconds_are_n_trading_seconds(end: datetime, seconds: int, use_rth: bool,
                                          profile: str) -> None:
     start = durations.request_start(profile, end, f"{seconds} S", use_rth)

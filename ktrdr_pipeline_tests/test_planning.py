@@ -19,7 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ktrdr_pipeline.domain import durations, gaps, grid
-from ktrdr_pipeline.domain.calendars import FUTURE, FX, STOCK, HoursProfile, sessions_between
+from ktrdr_pipeline.domain.calendars import (
+    FUTURE,
+    FUTURE_ENERGY_METALS,
+    FX,
+    STOCK,
+    HoursProfile,
+    resolve_profile,
+    sessions_between,
+)
 from ktrdr_pipeline.domain.ib_rules import (
     BAR_SIZE_SECONDS,
     SMALL_BAR_HISTORY,
@@ -113,7 +121,7 @@ def answer_bars(profile, bar_size, start, end, use_rth) -> int:
 def session_bars(profile_name: str, bar_size: str, open_: datetime, close: datetime) -> int:
     if is_daily_or_larger(bar_size):
         return 1
-    tz = {"stock": STOCK, "fx": FX, "future": FUTURE}[profile_name].tz
+    tz = resolve_profile(profile_name).tz
     starts, _ = grid.session_bars(int(open_.timestamp()), int(close.timestamp()),
                                   BAR_SIZE_SECONDS[bar_size], tz)
     return len(starts)
@@ -230,7 +238,7 @@ def check_plan(plan, profile, bar_size, ranges, use_rth, head, now, max_bars,
 
 # --- property tests ------------------------------------------------------------------------
 
-PROFILES = st.sampled_from([STOCK, FX, FUTURE])
+PROFILES = st.sampled_from([STOCK, FX, FUTURE, FUTURE_ENERGY_METALS])
 BAR_SIZES = st.sampled_from(list(BAR_SIZE_SECONDS))
 
 #: How far a scenario reaches, per kind of bar (keeps the exhaustive optimum small).

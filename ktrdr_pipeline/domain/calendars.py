@@ -2,7 +2,7 @@
 
 IB's own word on an instrument's sessions is its contract details' ``tradingHours`` and
 ``liquidHours`` (``docs/ib-facts.md`` §9); they reach about a week ahead, so older history
-and the days ahead come from an exchange calendar library. Three hour profiles cover the
+and the days ahead come from an exchange calendar library. Hour profiles cover the
 product's instruments (§9's table):
 
 - ``stock`` (US stocks, ``US/Eastern``): the NYSE calendar (holidays, half days). Regular
@@ -13,6 +13,32 @@ product's instruments (§9's table):
   two sessions (23 hourly bars a full session) and CME holidays close early (12:00 CT on
   2025-05-26). Liquid hours run from 08:30 to the session's close, cut at an early close —
   IB's ES ``liquidHours`` ``20250522:0830-20250522:1600`` (§9).
+- Other CME Group futures keep that shape (a session from the evening before to the
+  afternoon, a daily one-hour halt, liquid hours from the morning to the close) with
+  their own holiday calendars, chosen by exchange and root (:func:`future_profile`):
+
+  - ``future_energy_metals`` (NYMEX, COMEX: CL, NG, GC, SI, MCL, MGC, …; IB's
+    ``timeZoneId`` ``US/Eastern``): "CMEGlobex_EnergyAndMetals", 18:00–17:00 New York
+    (17:00–16:00 Chicago), liquid from 09:30. Real answers: CLZ2 in December 2021
+    (nautilus_trader, tests/integration_tests/adapters/interactive_brokers/responses/
+    contracts/CLZ2.pkl at 8a651be2): ``tradingHours`` ``20211206:1800-20211207:1700;…``,
+    ``liquidHours`` ``20211206:0930-20211206:1700;…``; NGU7 in March 2024 (ghill2/
+    pyfutures, pyfutures/tests/unit/client/test_protocol.py at 96bdc1dc), Good Friday
+    ``20240329:CLOSED``.
+  - ``future_rates`` (CBOT treasury futures ZT, ZF, ZN, TN, ZB, UB; ``US/Central``):
+    "CME Globex Fixed Income", 17:00–16:00, liquid from 08:30 (IB's answers in 2016 and
+    2017 and its contract pages of 2023 for ZN and ZB: trading 1700-1600, liquid
+    0830-1600).
+  - ``future_fx`` (CME currency futures, IB symbols EUR, GBP, JPY, …; ``US/Central``):
+    "CMEGlobex_FX", 17:00–16:00, liquid from 08:30 (IB's answers for EUR in 2016 and 2017
+    and its 6E contract page of 2023).
+
+  Any other future (CBOT grains, CFE's VIX, …) takes the CME equity hours, which are
+  wrong for it: grains trade 19:00–07:45 and 08:30–13:20 Chicago (IB's ZCH4 answer,
+  pyfutures' test_providers.py at f1c0876c), two sessions a day that this model does not
+  hold. Resolving such a contract logs IB's hours next to the calendar's
+  (``ib.contracts.warn_if_hours_disagree``); its bars load all the same. The early closes
+  of the other calendars on exchange holidays come from the library, not from IB answers.
 - ``fx`` (IDEALPRO, ``US/Eastern``): IB's hours, Sunday 17:15 to Friday 17:00 with a daily
   pause 17:00–17:15 (§9, IB's exchange hours page): a session opens 17:15 the day before
   and closes 17:00 on the weekday it is labelled with. The weekdays come from the
@@ -63,9 +89,6 @@ SCHEDULE_START = "2004-01-02"
 #: before the weekday it closes on, at 17:00.
 FX_OPEN = time(17, 15)
 FX_CLOSE = time(17, 0)
-#: CME equity index futures' liquid hours start at 08:30 US/Central (§9: IB's ES
-#: ``liquidHours`` ``20250522:0830-20250522:1600``) and end with the session.
-FUTURE_LIQUID_OPEN = time(8, 30)
 #: How many days IB's ``tradingHours``/``liquidHours`` reach ("about a week ahead", §9).
 HOURS_STRING_DAYS = 7
 
@@ -73,19 +96,38 @@ HOURS_STRING_DAYS = 7
 @dataclass(frozen=True)
 class HoursProfile:
     """An instrument class's sessions: the calendar (a ``pandas_market_calendars`` name)
-    and the exchange time zone (IB's ``timeZoneId``)."""
+    and the exchange time zone (IB's ``timeZoneId``); for futures, the local time their
+    liquid hours (IB's ``liquidHours``, what ``useRTH=1`` covers) open each session day —
+    they end with the session."""
 
     name: str
     calendar: str
     tz: str
+    liquid_open: time | None = None
 
 
 STOCK = HoursProfile("stock", "NYSE", "US/Eastern")
 FX = HoursProfile("fx", "24/5", "US/Eastern")
-FUTURE = HoursProfile("future", "CME Globex Equity", "US/Central")
-PROFILES = {p.name: p for p in (STOCK, FX, FUTURE)}
+FUTURE = HoursProfile("future", "CME Globex Equity", "US/Central", time(8, 30))
+FUTURE_ENERGY_METALS = HoursProfile("future_energy_metals", "CMEGlobex_EnergyAndMetals",
+                                    "US/Eastern", time(9, 30))
+FUTURE_RATES = HoursProfile("future_rates", "CME Globex Fixed Income", "US/Central",
+                            time(8, 30))
+FUTURE_FX = HoursProfile("future_fx", "CMEGlobex_FX", "US/Central", time(8, 30))
+PROFILES = {p.name: p for p in (STOCK, FX, FUTURE, FUTURE_ENERGY_METALS, FUTURE_RATES,
+                                FUTURE_FX)}
 
 PROFILE_BY_SECTYPE = {"STK": STOCK, "CASH": FX, "FUT": FUTURE, "OPT": STOCK, "IND": STOCK}
+
+#: IB's exchange codes of NYMEX and COMEX futures (energy and metals).
+ENERGY_METALS_EXCHANGES = frozenset({"NYMEX", "COMEX"})
+#: CBOT's treasury futures (IB's symbols), and the codes IB gives CBOT (ECBOT before 2018).
+TREASURY_ROOTS = frozenset({"ZT", "ZF", "ZN", "TN", "ZB", "UB"})
+CBOT_EXCHANGES = frozenset({"CBOT", "ECBOT"})
+#: CME's currency futures as IB names them (6E is symbol EUR on CME, GLOBEX before 2018).
+CURRENCY_FUTURE_ROOTS = frozenset({"EUR", "GBP", "JPY", "AUD", "CAD", "CHF", "MXN", "NZD",
+                                   "M6E", "M6A", "M6B"})
+CME_EXCHANGES = frozenset({"CME", "GLOBEX"})
 
 
 def resolve_profile(profile: HoursProfile | str) -> HoursProfile:
@@ -100,14 +142,31 @@ def resolve_profile(profile: HoursProfile | str) -> HoursProfile:
         ) from None
 
 
-def profile_for(sec_type: str) -> HoursProfile:
+def profile_for(sec_type: str, exchange: str = "", symbol: str = "") -> HoursProfile:
+    """The hours profile of an instrument: by security type, and for futures by exchange
+    and root (IB's ``exchange`` and ``symbol``; see :func:`future_profile`)."""
     try:
-        return PROFILE_BY_SECTYPE[sec_type]
+        profile = PROFILE_BY_SECTYPE[sec_type]
     except KeyError:
         raise ValueError(
             f"no trading calendar for security type {sec_type!r}; "
             f"known: {', '.join(sorted(PROFILE_BY_SECTYPE))}"
         ) from None
+    return future_profile(exchange, symbol) if profile is FUTURE else profile
+
+
+def future_profile(exchange: str, symbol: str) -> HoursProfile:
+    """A future's hours profile from IB's exchange code and root symbol: NYMEX and COMEX
+    energy and metals, CBOT treasuries, CME currencies, and CME's equity index hours for
+    every other future (the module docstring says which are right)."""
+    exchange, symbol = (exchange or "").upper(), (symbol or "").upper()
+    if exchange in ENERGY_METALS_EXCHANGES:
+        return FUTURE_ENERGY_METALS
+    if exchange in CBOT_EXCHANGES and symbol in TREASURY_ROOTS:
+        return FUTURE_RATES
+    if exchange in CME_EXCHANGES and symbol in CURRENCY_FUTURE_ROOTS:
+        return FUTURE_FX
+    return FUTURE
 
 
 @dataclass(frozen=True)
@@ -166,7 +225,7 @@ def _local_epoch(days: pd.DatetimeIndex, at: time, tz: str, shift_days: int = 0)
     return _epoch(naive.tz_localize(tz))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def schedule(profile_name: str) -> Schedule:
     """Every session of the profile from :data:`SCHEDULE_START` (see the module docstring
     for each profile's hours)."""
@@ -178,9 +237,9 @@ def schedule(profile_name: str) -> Schedule:
                         _epoch(sched["post"]))
     sched = _library_schedule(profile.calendar)
     labels = pd.DatetimeIndex(sched.index)
-    if profile is FUTURE:
+    if profile.liquid_open is not None:  # futures
         all_open, all_close = _epoch(sched["market_open"]), _epoch(sched["market_close"])
-        liq_open = _local_epoch(labels, FUTURE_LIQUID_OPEN, profile.tz)
+        liq_open = _local_epoch(labels, profile.liquid_open, profile.tz)
         # cut at an early close (an 08:15 close leaves no liquid hours: an empty session)
         liq_open = np.minimum(np.maximum(liq_open, all_open), all_close)
         return Schedule(_dates(sched), liq_open, all_close.copy(), all_open, all_close)

@@ -61,12 +61,24 @@ class ResolvedContract:
     def what_to_show(self) -> str:
         return default_what_to_show(self.sec_type)
 
+    @property
+    def profile(self) -> calendars.HoursProfile:
+        """The contract's trading sessions (by security type, exchange and root)."""
+        return calendars.profile_for(self.sec_type, self.exchange, self.symbol)
+
     @classmethod
     def from_details(cls, key: str, cd: ContractDetails) -> ResolvedContract:
         c = cd.contract
         return cls(key, c.conId, c.symbol, c.secType, c.exchange, c.currency, c.localSymbol,
                    c.primaryExchange, c.lastTradeDateOrContractMonth, c.multiplier,
                    cd.timeZoneId, c.tradingClass, cd.longName, time.time())
+
+
+def cached_profile(entry: dict[str, Any]) -> calendars.HoursProfile:
+    """The trading sessions of a contract cache entry (a :class:`ResolvedContract` as
+    stored), as :attr:`ResolvedContract.profile` gives them."""
+    return calendars.profile_for(entry["sec_type"], entry.get("exchange", ""),
+                                 entry.get("symbol", ""))
 
 
 class JsonCache:
@@ -114,8 +126,8 @@ def warn_if_hours_disagree(resolved: ResolvedContract, cd: ContractDetails) -> s
     if not cd.tradingHours:
         return None
     try:
-        profile = calendars.profile_for(resolved.sec_type)
-        diff = calendars.hours_disagreement(profile, cd.tradingHours, cd.timeZoneId or None)
+        diff = calendars.hours_disagreement(resolved.profile, cd.tradingHours,
+                                            cd.timeZoneId or None)
     except ValueError as exc:
         diff = f"IB's tradingHours {cd.tradingHours[:200]!r} cannot be compared: {exc}"
     if diff is None:

@@ -50,7 +50,7 @@ class Instrument:
 
     @property
     def profile(self) -> calendars.HoursProfile:
-        return calendars.profile_for(self.sec_type)
+        return calendars.profile_for(self.sec_type, self.exchange, self.symbol)
 
     @property
     def multiplier_value(self) -> float:

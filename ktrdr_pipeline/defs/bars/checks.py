@@ -30,7 +30,7 @@ from ...domain.bars import fetch_state
 from ...domain.symbols import head_timestamp_cache_key
 from ...domain.timeframes import Timeframe
 from ...freshness import behind, completed_starts
-from ...ib.contracts import JsonCache
+from ...ib.contracts import JsonCache, cached_profile
 from ...loader import default_use_rth
 from ...settings import DEFAULT_PARTITIONS_START, pipeline_now
 from ...store.parquet import BarStore
@@ -86,7 +86,7 @@ class PartitionView:
         contract = JsonCache(data_dir / "cache" / "contracts.json", float("inf")).get(symbol)
         self.sec_type = (contract or {}).get("sec_type")
         self.con_id = (contract or {}).get("con_id")
-        self.profile = calendars.profile_for(self.sec_type) if self.sec_type else None
+        self.profile = cached_profile(contract) if self.sec_type else None
         self.use_rth = meta.use_rth if meta is not None else default_use_rth(
             self.sec_type or "STK")
         self.head = None
