@@ -880,6 +880,12 @@ def markdown(res: dict[str, Any]) -> str:
         "in-process, once got a 162 pacing violation. At the real time scale the margin is "
         "30 s for the 600 s rule, but only 0.75 s for the 15 s identical-request rule and "
         "0.1 s for the 2 s same-contract rule.",
+        "- Caveat: the simulator stamps a request when it reads it. Measured with "
+        "benchmarks/probe_pacing_lag.py: grant to socket write at most ~6 ms, but the "
+        "simulator read requests up to 0.9 s late while it formatted several big answers "
+        "on its event loop, more than the 5 % margin of a 6 s window (3 violations in one "
+        "run before the fix); the simulator now formats answers in a thread (read lag at "
+        "most ~0.16 s).",
         "",
     ]
     c = res.get("c")
