@@ -1,6 +1,6 @@
-"""Futures beyond CME's equity index ones: each takes its exchange's calendar (NYMEX and
-COMEX energy and metals, CBOT treasuries, CME currencies), checked against what real IB
-gateways answered.
+"""Futures beyond CME's equity index ones: NYMEX and COMEX energy and metals and CBOT
+treasuries take their own calendars (CME currency futures keep the equity one), checked
+against what real IB gateways answered.
 
 Real answers (``docs/ib-facts.md`` §9a):
 
@@ -33,14 +33,7 @@ from ktrdr_pipeline.defs.bars.jobs import build_bar_job
 from ktrdr_pipeline.defs.bars.sensors import build_tail_fill_sensor
 from ktrdr_pipeline.defs.resources import KtrdrSettings
 from ktrdr_pipeline.domain import calendars
-from ktrdr_pipeline.domain.calendars import (
-    FUTURE,
-    FUTURE_ENERGY_METALS,
-    FUTURE_FX,
-    FUTURE_RATES,
-    FX,
-    STOCK,
-)
+from ktrdr_pipeline.domain.calendars import FUTURE, FUTURE_ENERGY_METALS, FUTURE_RATES, FX, STOCK
 from ktrdr_pipeline.domain.timeframes import get_timeframe
 from ktrdr_pipeline.freshness import stale_partitions
 from ktrdr_pipeline.ib.contracts import ResolvedContract, cached_profile, warn_if_hours_disagree
@@ -94,7 +87,8 @@ def test_a_future_takes_its_exchanges_calendar():
     assert fut("NYMEX", "CL") is fut("NYMEX", "NG") is fut("COMEX", "GC") is FUTURE_ENERGY_METALS
     assert fut("nymex", "mcl") is FUTURE_ENERGY_METALS  # IB's codes, any case
     assert fut("CBOT", "ZN") is fut("ECBOT", "ZB") is FUTURE_RATES  # ECBOT: IB before 2018
-    assert fut("CME", "EUR") is fut("GLOBEX", "JPY") is FUTURE_FX
+    # currency futures: the equity calendar (the library's FX one stops at 2022)
+    assert fut("CME", "EUR") is fut("GLOBEX", "JPY") is FUTURE
     # not modelled: the equity hours (wrong for them; see the module docstring)
     assert fut("CBOT", "ZC") is fut("CFE", "VIX") is FUTURE
     assert calendars.profile_for("FUT") is FUTURE  # nothing known but the type
@@ -113,11 +107,17 @@ def test_energy_hours_agree_with_real_ib_answers():
     # Good Friday 2024: no session (NGU7's answer)
     assert calendars.hours_disagreement(FUTURE_ENERGY_METALS, NGU7_TRADING,
                                         "US/Eastern") is None
-    # the strings IB's answer would be built from, in IB's form and New York time
-    assert calendars.hours_string(FUTURE_ENERGY_METALS, CLZ2_SEEN, False).startswith(
-        CLZ2_TRADING[1:] + ";")
-    assert calendars.hours_string(FUTURE_ENERGY_METALS, CLZ2_SEEN, True).startswith(
-        CLZ2_LIQUID + ";")
+    # the strings the calendar gives (in Chicago time) hold the same sessions
+    for text, ib_text, rth in ((calendars.hours_string(FUTURE_ENERGY_METALS, CLZ2_SEEN, False),
+                                CLZ2_TRADING, False),
+                               (calendars.hours_string(FUTURE_ENERGY_METALS, CLZ2_SEEN, True),
+                                CLZ2_LIQUID, True)):
+        ours, _ = calendars.parse_hours(text, "US/Central")
+        theirs, closed = calendars.parse_hours(ib_text, "US/Eastern")
+        assert set(theirs) <= set(ours) and len(theirs) == 5, rth
+        assert (closed == [date(2021, 12, 5)]) == rth  # Sunday: no liquid hours
+        assert text.startswith("20211205:CLOSED;20211206:0830-20211206:1600;" if rth
+                               else "20211205:1700-20211206:1600;20211206:1700-")
     # the calendars part ways on exchange holidays: MLK day 2025 ends 13:30 Chicago for
     # energy, 12:00 for the equity index futures
     [energy] = calendars.sessions_on_dates(FUTURE_ENERGY_METALS, date(2025, 1, 20),
@@ -147,9 +147,14 @@ def test_simulator_contract_details_follow_each_futures_calendar(tmp_path):
         finally:
             ib.disconnect()
     cl_details = details["CL"]
-    assert cl_details.timeZoneId == "US/Eastern"  # as IB answered for CLZ2
-    assert cl_details.tradingHours.startswith(CLZ2_TRADING[1:] + ";")
-    assert cl_details.liquidHours.startswith(CLZ2_LIQUID + ";")
+    # the same sessions as IB's CLZ2 answer (IB states them in New York time, the
+    # simulator in Chicago time: see calendars' docstring)
+    for text, ib_text in ((cl_details.tradingHours, CLZ2_TRADING),
+                          (cl_details.liquidHours, CLZ2_LIQUID)):
+        ours, _ = calendars.parse_hours(text, cl_details.timeZoneId)
+        theirs, _ = calendars.parse_hours(ib_text, "US/Eastern")
+        assert set(theirs) <= set(ours) and theirs
+    assert cl_details.tradingHours.startswith("20211205:1700-20211206:1600;")
     assert details["GC"].tradingHours == cl_details.tradingHours
     for sym in ("ZN", "EUR"):
         assert details[sym].timeZoneId == "US/Central"
@@ -162,7 +167,7 @@ def test_simulator_contract_details_follow_each_futures_calendar(tmp_path):
         # what the simulator says agrees with the calendar the pipeline picks
         assert warn_if_hours_disagree(resolved, cd) is None
     assert profiles == {"CL": FUTURE_ENERGY_METALS, "GC": FUTURE_ENERGY_METALS,
-                        "ZN": FUTURE_RATES, "EUR": FUTURE_FX, "ES": FUTURE, "ZC": FUTURE}
+                        "ZN": FUTURE_RATES, "EUR": FUTURE, "ES": FUTURE, "ZC": FUTURE}
     # CL's hourly bars: 23 a full session, none in the 17:00-18:00 New York halt
     local = [b.date.astimezone(ET) for b in bars]
     assert local and not [t for t in local if t.hour == 17]

@@ -125,10 +125,17 @@ def test_research_frames_can_be_changed(tmp_path: Path, start, end) -> None:
     pd.testing.assert_frame_equal(
         ktrdr_pipeline.read_bars("AAPL", "1m", start, end, data_dir=tmp_path), stored)
     last = ktrdr_pipeline.latest_bars("1m", 3, columns=["close", "period"], data_dir=tmp_path)
+    stored_last = last.copy()
     last.loc[0, "close"] = -1.0
     last.loc[1, "period"] = "changed"
+    moved = pd.Timestamp("2030-01-01", tz=UTC)
+    last.loc[2, "ts"] = moved  # ts is a column here
+    last.iloc[3] = last.iloc[4]  # a whole row, ts included
     assert last["close"].iloc[0] == -1.0 and last["period"].iloc[1] == "changed"
-    assert -1.0 not in ktrdr_pipeline.latest_bars("1m", 3, data_dir=tmp_path)["close"].tolist()
+    assert last["ts"].iloc[2] == moved and last.iloc[3].equals(last.iloc[4])
+    pd.testing.assert_frame_equal(
+        ktrdr_pipeline.latest_bars("1m", 3, columns=["close", "period"], data_dir=tmp_path),
+        stored_last)
 
 
 def test_footers_are_parsed_once_and_a_rewritten_file_afresh(tmp_path: Path,
@@ -165,6 +172,30 @@ def test_footers_are_parsed_once_and_a_rewritten_file_afresh(tmp_path: Path,
     monkeypatch.setattr(read_mod, "_FOOTERS_KEPT", 2)
     ktrdr_pipeline.read_bars("SPY", "1m", data_dir=tmp_path)
     assert len(read_mod._FOOTERS) == 2
+    # and no more footer bytes than allowed (a 5-second month's footer is ~18 KB)
+    monkeypatch.setattr(read_mod, "_FOOTERS_KEPT", 1024)
+    one = max(map(len, read_mod._FOOTERS))
+    monkeypatch.setattr(read_mod, "_FOOTER_BYTES_KEPT", 8 * one + one // 2)
+    ktrdr_pipeline.read_bars("AAPL", "1m", data_dir=tmp_path)
+    assert 0 < sum(map(len, read_mod._FOOTERS)) <= 8 * one + one // 2
+
+
+def test_decoding_threads_keep_order_and_raise_a_failure() -> None:
+    """Files shared out to several threads: the answers keep the jobs' order and a failure
+    in any thread is raised to the caller, whichever thread met it (how many files the
+    others decoded meanwhile depends on scheduling, so it is not asserted)."""
+    from ktrdr_pipeline.store import read as read_mod
+
+    def one(k: int) -> int:
+        if k in (5, 6):
+            raise OSError(f"cannot read bar file {k}")
+        return k * 10
+
+    assert read_mod._decode_shared(lambda k: k * 10, list(range(40))) == [
+        k * 10 for k in range(40)]
+    with pytest.raises(OSError, match="bar file [56]"):
+        read_mod._decode_shared(one, list(range(400)))
+    assert read_mod._decode_shared(lambda k: k, [7]) == [7]  # the pool still serves
 
 
 def test_unreadable_and_missing_files_are_named(tmp_path: Path) -> None:

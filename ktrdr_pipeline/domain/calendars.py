@@ -14,31 +14,34 @@ product's instruments (§9's table):
   2025-05-26). Liquid hours run from 08:30 to the session's close, cut at an early close —
   IB's ES ``liquidHours`` ``20250522:0830-20250522:1600`` (§9).
 - Other CME Group futures keep that shape (a session from the evening before to the
-  afternoon, a daily one-hour halt, liquid hours from the morning to the close) with
-  their own holiday calendars, chosen by exchange and root (:func:`future_profile`):
+  afternoon, a daily one-hour halt, liquid hours from 08:30 Chicago to the close) with
+  their own holiday calendars, chosen by exchange and root (:func:`future_profile`;
+  ``docs/ib-facts.md`` §9a has the answers):
 
-  - ``future_energy_metals`` (NYMEX, COMEX: CL, NG, GC, SI, MCL, MGC, …; IB's
-    ``timeZoneId`` ``US/Eastern``): "CMEGlobex_EnergyAndMetals", 18:00–17:00 New York
-    (17:00–16:00 Chicago), liquid from 09:30. Real answers: CLZ2 in December 2021
-    (nautilus_trader, tests/integration_tests/adapters/interactive_brokers/responses/
-    contracts/CLZ2.pkl at 8a651be2): ``tradingHours`` ``20211206:1800-20211207:1700;…``,
-    ``liquidHours`` ``20211206:0930-20211206:1700;…``; NGU7 in March 2024 (ghill2/
-    pyfutures, pyfutures/tests/unit/client/test_protocol.py at 96bdc1dc), Good Friday
-    ``20240329:CLOSED``.
-  - ``future_rates`` (CBOT treasury futures ZT, ZF, ZN, TN, ZB, UB; ``US/Central``):
-    "CME Globex Fixed Income", 17:00–16:00, liquid from 08:30 (IB's answers in 2016 and
-    2017 and its contract pages of 2023 for ZN and ZB: trading 1700-1600, liquid
-    0830-1600).
-  - ``future_fx`` (CME currency futures, IB symbols EUR, GBP, JPY, …; ``US/Central``):
-    "CMEGlobex_FX", 17:00–16:00, liquid from 08:30 (IB's answers for EUR in 2016 and 2017
-    and its 6E contract page of 2023).
+  - ``future_energy_metals`` (NYMEX, COMEX: CL, NG, GC, SI, MCL, MGC, …):
+    "CMEGlobex_EnergyAndMetals", 17:00–16:00 Chicago. IB states these contracts in New
+    York time — CLZ2 in December 2021 (nautilus_trader, tests/integration_tests/adapters/
+    interactive_brokers/responses/contracts/CLZ2.pkl at 8a651be2): ``timeZoneId``
+    ``US/Eastern``, ``tradingHours`` ``20211206:1800-20211207:1700;…``, ``liquidHours``
+    ``20211206:0930-20211206:1700;…``; NGU7 in March 2024 (ghill2/pyfutures, pyfutures/
+    tests/unit/client/test_protocol.py at 96bdc1dc), Good Friday ``20240329:CLOSED`` —
+    the same instants. The profile keeps Chicago time: the grid of 2-, 3-, 4- and 8-hour
+    bars counts from local midnight, and whether IB counts from New York's or Chicago's
+    for these contracts is unverified, so the grid their stored bars were validated on
+    stays (the simulator answers them in Chicago time).
+  - ``future_rates`` (CBOT treasury futures ZT, ZF, ZN, TN, ZB, UB): "CME Globex Fixed
+    Income", 17:00–16:00 Chicago (IB's answers of 2016 and 2017 and its contract pages of
+    2023 for ZN and ZB: trading 1700-1600, liquid 0830-1600).
 
-  Any other future (CBOT grains, CFE's VIX, …) takes the CME equity hours, which are
-  wrong for it: grains trade 19:00–07:45 and 08:30–13:20 Chicago (IB's ZCH4 answer,
-  pyfutures' test_providers.py at f1c0876c), two sessions a day that this model does not
-  hold. Resolving such a contract logs IB's hours next to the calendar's
+  CME's currency futures (IB's EUR, GBP, JPY, …: 1700-1600, liquid 0830-1600 in IB's
+  answers) keep the equity calendar: the library's "CMEGlobex_FX" is "accurate 2020-2022
+  inclusive" by its own account and has no holiday early closes after that. Any other
+  future (CBOT grains, CFE's VIX, …) takes the CME equity hours too, which are wrong for
+  it: grains trade 19:00–07:45 and 08:30–13:20 Chicago (IB's ZCH4 answer, pyfutures'
+  test_providers.py at f1c0876c), two sessions a day that this model does not hold.
+  Resolving such a contract logs IB's hours next to the calendar's
   (``ib.contracts.warn_if_hours_disagree``); its bars load all the same. The early closes
-  of the other calendars on exchange holidays come from the library, not from IB answers.
+  of every calendar on exchange holidays come from the library, not from IB answers.
 - ``fx`` (IDEALPRO, ``US/Eastern``): IB's hours, Sunday 17:15 to Friday 17:00 with a daily
   pause 17:00–17:15 (§9, IB's exchange hours page): a session opens 17:15 the day before
   and closes 17:00 on the weekday it is labelled with. The weekdays come from the
@@ -110,12 +113,10 @@ STOCK = HoursProfile("stock", "NYSE", "US/Eastern")
 FX = HoursProfile("fx", "24/5", "US/Eastern")
 FUTURE = HoursProfile("future", "CME Globex Equity", "US/Central", time(8, 30))
 FUTURE_ENERGY_METALS = HoursProfile("future_energy_metals", "CMEGlobex_EnergyAndMetals",
-                                    "US/Eastern", time(9, 30))
+                                    "US/Central", time(8, 30))
 FUTURE_RATES = HoursProfile("future_rates", "CME Globex Fixed Income", "US/Central",
                             time(8, 30))
-FUTURE_FX = HoursProfile("future_fx", "CMEGlobex_FX", "US/Central", time(8, 30))
-PROFILES = {p.name: p for p in (STOCK, FX, FUTURE, FUTURE_ENERGY_METALS, FUTURE_RATES,
-                                FUTURE_FX)}
+PROFILES = {p.name: p for p in (STOCK, FX, FUTURE, FUTURE_ENERGY_METALS, FUTURE_RATES)}
 
 PROFILE_BY_SECTYPE = {"STK": STOCK, "CASH": FX, "FUT": FUTURE, "OPT": STOCK, "IND": STOCK}
 
@@ -124,10 +125,6 @@ ENERGY_METALS_EXCHANGES = frozenset({"NYMEX", "COMEX"})
 #: CBOT's treasury futures (IB's symbols), and the codes IB gives CBOT (ECBOT before 2018).
 TREASURY_ROOTS = frozenset({"ZT", "ZF", "ZN", "TN", "ZB", "UB"})
 CBOT_EXCHANGES = frozenset({"CBOT", "ECBOT"})
-#: CME's currency futures as IB names them (6E is symbol EUR on CME, GLOBEX before 2018).
-CURRENCY_FUTURE_ROOTS = frozenset({"EUR", "GBP", "JPY", "AUD", "CAD", "CHF", "MXN", "NZD",
-                                   "M6E", "M6A", "M6B"})
-CME_EXCHANGES = frozenset({"CME", "GLOBEX"})
 
 
 def resolve_profile(profile: HoursProfile | str) -> HoursProfile:
@@ -157,15 +154,13 @@ def profile_for(sec_type: str, exchange: str = "", symbol: str = "") -> HoursPro
 
 def future_profile(exchange: str, symbol: str) -> HoursProfile:
     """A future's hours profile from IB's exchange code and root symbol: NYMEX and COMEX
-    energy and metals, CBOT treasuries, CME currencies, and CME's equity index hours for
-    every other future (the module docstring says which are right)."""
+    energy and metals, CBOT treasuries, and CME's equity index hours for every other
+    future (the module docstring says for which that is right)."""
     exchange, symbol = (exchange or "").upper(), (symbol or "").upper()
     if exchange in ENERGY_METALS_EXCHANGES:
         return FUTURE_ENERGY_METALS
     if exchange in CBOT_EXCHANGES and symbol in TREASURY_ROOTS:
         return FUTURE_RATES
-    if exchange in CME_EXCHANGES and symbol in CURRENCY_FUTURE_ROOTS:
-        return FUTURE_FX
     return FUTURE
 
 

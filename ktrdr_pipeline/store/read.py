@@ -132,9 +132,13 @@ def _file_bytes(path: Path) -> pa.Buffer:
     return read_bar_file(path, read)
 
 
-#: Parsed footers by their bytes (:func:`_parquet_file`), at most :data:`_FOOTERS_KEPT`.
+#: Parsed footers by their bytes (:func:`_parquet_file`): at most :data:`_FOOTERS_KEPT` of
+#: them and :data:`_FOOTER_BYTES_KEPT` bytes of footers (a parsed footer takes about eight
+#: times its bytes: ~16 KB for a month of minute bars, ~140 KB for a month of 5-second
+#: bars with its row group per day), so at most ~32 MB of a research process's memory.
 _FOOTERS: dict[bytes, pq.FileMetaData] = {}
 _FOOTERS_KEPT = 1024
+_FOOTER_BYTES_KEPT = 4 << 20
 _FOOTERS_LOCK = threading.Lock()
 _MAGIC = b"PAR1"
 
@@ -156,10 +160,14 @@ def _parquet_file(data: pa.Buffer) -> pq.ParquetFile:
             footer = data.slice(size - 8 - length, length).to_pybytes()
     metadata = _FOOTERS.get(footer) if footer is not None else None
     parquet = pq.ParquetFile(pa.BufferReader(data), metadata=metadata, pre_buffer=False)
-    if footer is not None and metadata is None:
+    if footer is not None and metadata is None and len(footer) <= _FOOTER_BYTES_KEPT // 8:
         with _FOOTERS_LOCK:  # decoding threads add at once
-            while len(_FOOTERS) >= _FOOTERS_KEPT:  # oldest first (dicts keep insertion order)
-                del _FOOTERS[next(iter(_FOOTERS))]
+            kept = sum(map(len, _FOOTERS))
+            while _FOOTERS and (len(_FOOTERS) >= _FOOTERS_KEPT
+                                or kept + len(footer) > _FOOTER_BYTES_KEPT):
+                oldest = next(iter(_FOOTERS))  # dicts keep insertion order
+                kept -= len(oldest)
+                del _FOOTERS[oldest]
             _FOOTERS[footer] = parquet.metadata
     return parquet
 
@@ -240,23 +248,37 @@ def _decode_shared(one: Callable[[Any], pa.Table], jobs: list[Any]) -> list[pa.T
     hand-off per thread, not one per file: waking a sleeping thread costs more than
     decoding a small file on a busy or virtual machine; and a thread that starts late or is
     preempted simply takes fewer files instead of holding the answer back). pyarrow
-    releases the GIL while it decodes, so the threads decode at once."""
+    releases the GIL while it decodes, so the threads decode at once. The first failure
+    stops every thread at its current file and is raised (the caller's own first)."""
     n = min(_DECODERS, len(jobs))
     if n < 2:
         return [one(job) for job in jobs]
     parts: list[pa.Table] = [None] * len(jobs)  # type: ignore[list-item]
+    taking = threading.Lock()  # hands out each job once (no reliance on the GIL)
     untaken = iter(range(len(jobs)))
+    failed = threading.Event()  # after a failure nobody takes another job
 
     def work() -> None:
-        for k in untaken:  # next() on a shared iterator: under the GIL, each job once
-            parts[k] = one(jobs[k])
+        while not failed.is_set():
+            with taking:
+                k = next(untaken, None)
+            if k is None:
+                return
+            try:
+                parts[k] = one(jobs[k])
+            except BaseException:
+                failed.set()
+                raise
 
     helpers = [_pool().submit(work) for _ in range(n - 1)]
     try:
         work()
-    finally:
-        for helper in helpers:
-            helper.result()  # a helper's failure is the caller's
+    except BaseException:
+        for helper in helpers:  # they stop at their current file; the caller's error wins
+            helper.exception()
+        raise
+    for helper in helpers:
+        helper.result()  # a helper's failure is the caller's
     return parts
 
 
@@ -268,15 +290,22 @@ def _empty_table(columns: list[str]) -> pa.Table:
 
 def _writable_numpy(array: pa.Array) -> np.ndarray:
     """``array``'s values as a numpy array its caller may change, as a pandas frame's column
-    must be (``df.loc[...] = x``): a view of the Arrow buffer when the array owns a mutable
-    one without nulls (a freshly joined or decoded column, seen by nothing else), else a
-    copy (nulls become NaN). Arrow's own ``to_numpy`` views are read-only."""
+    must be (``df.loc[...] = x``): a view of the Arrow buffer when it is mutable and holds
+    no nulls, else a copy (nulls become NaN). Arrow's own ``to_numpy`` views are read-only.
+
+    The view writes into the Arrow buffer: pass only arrays nothing else will read (here:
+    columns just decoded from a file's bytes, or joined or cast from those, of a table
+    about to be dropped)."""
     values = array.buffers()[1] if array.null_count == 0 else None
     dtype = np.dtype(array.type.to_pandas_dtype())
     if values is not None and values.is_mutable and dtype.kind in "fi":
         return np.frombuffer(values, dtype=dtype, count=len(array),
                              offset=array.offset * dtype.itemsize)
     return array.to_numpy(zero_copy_only=False, writable=True)
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _to_pandas(table: pa.Table, index: bool = True) -> pd.DataFrame:
@@ -287,10 +316,12 @@ def _to_pandas(table: pa.Table, index: bool = True) -> pd.DataFrame:
     a 12-chunk column, measured in ``benchmarks/bench_read.py``). The index wraps the
     joined nanoseconds as they are (``pd.array`` of epoch integers with a UTC dtype):
     building it from naive times and ``tz_localize`` copies them and takes ~0.9 ms for a
-    year of minute bars under pandas 3, this ~15 µs. Every buffer stays in Arrow's memory
-    pool (no page faults; see :func:`_file_bytes`)."""
+    year of minute bars under pandas 3, this ~15 µs. The numeric buffers stay in Arrow's
+    memory pool (no page faults; see :func:`_file_bytes`), and every column is the
+    caller's to change (:func:`_writable_numpy`), ``ts`` included where it is a column
+    (``index=False``)."""
     table = table.combine_chunks()
-    epoch_ns = table.column("ts").cast(_TS_NS).cast(pa.int64()).to_numpy()
+    epoch_ns = _writable_numpy(_one_chunk(table.column("ts").cast(_TS_NS).cast(pa.int64())))
     times = pd.DatetimeIndex(pd.array(epoch_ns, dtype=_PANDAS_TS, copy=False), name="ts",
                              copy=False)
     data: dict[str, Any] = {}
@@ -299,8 +330,7 @@ def _to_pandas(table: pa.Table, index: bool = True) -> pd.DataFrame:
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
             data[name] = col.to_pandas().array  # no index: aligned by position
         else:
-            data[name] = _writable_numpy(col.chunk(0) if col.num_chunks == 1
-                                         else col.combine_chunks())
+            data[name] = _writable_numpy(_one_chunk(col))
     if index:
         return pd.DataFrame(data, index=times, copy=False)
     return pd.DataFrame({"ts": times, **data}, copy=False)
