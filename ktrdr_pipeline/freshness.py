@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -114,19 +113,6 @@ def _expected(profile: calendars.HoursProfile, tf: Timeframe, use_rth: bool,
     return _Expected(last, period, starts[inside], ends[inside])
 
 
-class _ContractsSnapshot(JsonCache):
-    """The resolver's contract cache read once (it was re-read per symbol: half of an
-    evaluation's time at 2,000 symbols). Entries never expire here: a contract's security
-    type does not change."""
-
-    def __init__(self, path: Path):
-        super().__init__(path, float("inf"))
-        self._data = super()._load()
-
-    def _load(self) -> dict[str, Any]:
-        return self._data
-
-
 def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timeframe],
                      now: datetime, rth_overrides: dict[str, bool] | None = None,
                      wants: Callable[[str, str], bool] = lambda symbol, tf: True,
@@ -138,7 +124,10 @@ def stale_partitions(data_dir: Path, symbols: list[str], timeframes: list[Timefr
     comes from the store's manifest (one query per timeframe); a Parquet file is read only
     for a partition whose inner gaps could decide (see :func:`tail_behind`)."""
     store = BarStore(data_dir)
-    contracts = _ContractsSnapshot(data_dir / "cache" / "contracts.json")
+    # the resolver's contract cache, read once (it was re-read per symbol: half of an
+    # evaluation's time at 2,000 symbols); entries never expire here: a contract's
+    # security type and exchange do not change
+    contracts = JsonCache(data_dir / "cache" / "contracts.json", float("inf")).values()
     rth_overrides = rth_overrides or {}
     cache: dict[tuple[str, str, bool], _Expected | None] = {}
     out: list[StalePartition] = []

@@ -28,7 +28,7 @@ from ktrdr_pipeline.domain.planning import (
 )
 from ktrdr_pipeline.domain.symbols import SymbolError, parse_symbol
 from ktrdr_pipeline.ib.connection import IBConnection, ResetWindow
-from ktrdr_pipeline.ib.contracts import ContractResolver, HeadTimestamps
+from ktrdr_pipeline.ib.contracts import ContractResolver, HeadTimestamps, JsonCache
 from ktrdr_pipeline.ib.errors import (
     ContractNotFound,
     ErrorKind,
@@ -358,6 +358,24 @@ def test_symbol_forms():
     assert (spec.symbol, spec.sec_type, spec.exchange, spec.expiry) == ("ES", "FUT", "CME",
                                                                         "202612")
     assert parse_symbol("BRK.B").key == "BRK.B"
+
+
+def test_json_cache_values_are_its_unexpired_entries(tmp_path, caplog):
+    cache = JsonCache(tmp_path / "cache" / "contracts.json", ttl_s=60)
+    assert cache.values() == {}  # no file yet
+    cache.put("AAPL", {"sec_type": "STK"})
+    cache.put("ES", {"sec_type": "FUT"})
+    raw = json.loads(cache.path.read_text())
+    raw["ES"]["stored_at"] -= 61  # older than the expiry
+    cache.path.write_text(json.dumps(raw))
+    assert cache.values() == {"AAPL": {"sec_type": "STK"}}
+    assert cache.get("ES") is None and cache.get("AAPL") == {"sec_type": "STK"}
+    assert JsonCache(cache.path, float("inf")).values() == {
+        "AAPL": {"sec_type": "STK"}, "ES": {"sec_type": "FUT"}}
+    cache.path.write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert cache.values() == {}
+    assert "unreadable" in caplog.text
 
 
 def test_discovery_priority_cache_and_batch(gateway, tmp_path):

@@ -98,8 +98,17 @@ class JsonCache:
             return {}
 
     def get(self, key: str) -> Any | None:
-        entry = self._load().get(key)
-        if not entry or time.time() - entry.get("stored_at", 0) > self.ttl_s:
+        return self._fresh(self._load().get(key), time.time())
+
+    def values(self) -> dict[str, Any]:
+        """Every unexpired entry's value by key, from one read of the file (for a caller
+        that looks up many keys: one read, not one per key)."""
+        now = time.time()
+        fresh = {key: self._fresh(entry, now) for key, entry in self._load().items()}
+        return {key: value for key, value in fresh.items() if value is not None}
+
+    def _fresh(self, entry: dict[str, Any] | None, now: float) -> Any | None:
+        if not entry or now - entry.get("stored_at", 0) > self.ttl_s:
             return None
         return entry["value"]
 
