@@ -378,6 +378,30 @@ def test_json_cache_values_are_its_unexpired_entries(tmp_path, caplog):
     assert "unreadable" in caplog.text
 
 
+def _put_keys(path: str, prefix: str, n: int) -> None:
+    cache = JsonCache(Path(path), ttl_s=60)
+    for k in range(n):
+        cache.put(f"{prefix}{k}", k)
+
+
+def test_json_cache_writers_in_two_processes_keep_each_others_keys(tmp_path):
+    """Two processes storing different keys at once (two loads resolving their symbols):
+    each put reads, adds and rewrites the file, under the cache's lock, so no key is
+    lost (without the lock most runs lose some)."""
+    import multiprocessing
+
+    path = tmp_path / "cache" / "contracts.json"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_put_keys, args=(str(path), p, 60)) for p in "AB"]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    kept = JsonCache(path, ttl_s=60).values()
+    assert sorted(kept) == sorted(f"{p}{k}" for p in "AB" for k in range(60))
+
+
 def test_discovery_priority_cache_and_batch(gateway, tmp_path):
     async def go():
         conn = await _connected(gateway)

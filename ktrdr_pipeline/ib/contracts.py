@@ -23,6 +23,7 @@ from ib_async import Contract, ContractDetails
 from ..domain import calendars
 from ..domain.pacing import head_timestamp_pacing_key
 from ..domain.symbols import SymbolError, SymbolSpec, head_timestamp_cache_key, parse_symbol
+from ..locking import exclusive_file_lock
 from .connection import IBConnection
 from .errors import ContractNotFound, ErrorKind, IBError
 from .fetch import default_what_to_show
@@ -82,7 +83,8 @@ def cached_profile(entry: dict[str, Any]) -> calendars.HoursProfile:
 
 
 class JsonCache:
-    """A small JSON file of entries with an expiry, written atomically."""
+    """A small JSON file of entries with an expiry, written atomically. Writers take turns
+    (a lock file next to it), so two processes storing different keys at once keep both."""
 
     def __init__(self, path: Path, ttl_s: float):
         self.path = path
@@ -113,17 +115,18 @@ class JsonCache:
         return entry["value"]
 
     def put(self, key: str, value: Any) -> None:
-        data = self._load()
-        data[key] = {"stored_at": time.time(), "value": value}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with exclusive_file_lock(self.path.with_name(self.path.name + ".lock")):
+            data = self._load()  # read under the lock: another writer's keys are kept
+            data[key] = {"stored_at": time.time(), "value": value}
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name,
+                                       suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(data, fh, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
 
 def warn_if_hours_disagree(resolved: ResolvedContract, cd: ContractDetails) -> str | None:
