@@ -81,6 +81,15 @@ def _universe(tmp_path):
     return path
 
 
+def _ib_sessions_held(text: str, tz: str, ib_text: str) -> list[date]:
+    """Assert that every session of IB's answer ``ib_text`` (New York time) is a session
+    of ``text`` (an hours string in ``tz``); returns the answer's CLOSED dates."""
+    ours, _ = calendars.parse_hours(text, tz)
+    theirs, closed = calendars.parse_hours(ib_text, "US/Eastern")
+    assert len(theirs) == 5 and set(theirs) <= set(ours), (text, ib_text)
+    return closed
+
+
 def test_a_future_takes_its_exchanges_calendar():
     fut = lambda exchange, symbol: calendars.profile_for("FUT", exchange, symbol)  # noqa: E731
     assert fut("CME", "ES") is fut("CME", "NQ") is fut("CBOT", "YM") is FUTURE
@@ -112,9 +121,7 @@ def test_energy_hours_agree_with_real_ib_answers():
                                 CLZ2_TRADING, False),
                                (calendars.hours_string(FUTURE_ENERGY_METALS, CLZ2_SEEN, True),
                                 CLZ2_LIQUID, True)):
-        ours, _ = calendars.parse_hours(text, "US/Central")
-        theirs, closed = calendars.parse_hours(ib_text, "US/Eastern")
-        assert set(theirs) <= set(ours) and len(theirs) == 5, rth
+        closed = _ib_sessions_held(text, "US/Central", ib_text)
         assert (closed == [date(2021, 12, 5)]) == rth  # Sunday: no liquid hours
         assert text.startswith("20211205:CLOSED;20211206:0830-20211206:1600;" if rth
                                else "20211205:1700-20211206:1600;20211206:1700-")
@@ -151,9 +158,7 @@ def test_simulator_contract_details_follow_each_futures_calendar(tmp_path):
     # simulator in Chicago time: see calendars' docstring)
     for text, ib_text in ((cl_details.tradingHours, CLZ2_TRADING),
                           (cl_details.liquidHours, CLZ2_LIQUID)):
-        ours, _ = calendars.parse_hours(text, cl_details.timeZoneId)
-        theirs, _ = calendars.parse_hours(ib_text, "US/Eastern")
-        assert set(theirs) <= set(ours) and theirs
+        _ib_sessions_held(text, cl_details.timeZoneId, ib_text)
     assert cl_details.tradingHours.startswith("20211205:1700-20211206:1600;")
     assert details["GC"].tradingHours == cl_details.tradingHours
     for sym in ("ZN", "EUR"):
